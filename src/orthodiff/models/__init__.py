@@ -1,0 +1,1 @@
+"""models (filled in by later issues)."""

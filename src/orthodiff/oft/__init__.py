@@ -1,0 +1,26 @@
+"""Orthogonal finetuning: layers, injection, merging, COFT projection, state dicts."""
+
+from .cayley import cayley, project_generator, skew_from_triangle
+from .energy import count_parameters, hyperspherical_energy, oft_parameter_count
+from .layer import (
+    DEFAULT_TARGETS,
+    OFTConfig,
+    OFTConv2d,
+    OFTLayer,
+    OFTLinear,
+    inject_oft,
+    load_oft_state_dict,
+    merge_oft,
+    oft_layers,
+    oft_state_dict,
+    project_coft,
+    set_oft_enabled,
+    unmerge_oft,
+)
+
+__all__ = [
+    "DEFAULT_TARGETS", "OFTConfig", "OFTConv2d", "OFTLayer", "OFTLinear", "cayley", "count_parameters",
+    "hyperspherical_energy", "inject_oft", "load_oft_state_dict", "merge_oft", "oft_layers",
+    "oft_parameter_count", "oft_state_dict", "project_coft", "project_generator", "set_oft_enabled",
+    "skew_from_triangle", "unmerge_oft",
+]

@@ -1,0 +1,1 @@
+"""pipelines (filled in by later issues)."""

@@ -1,0 +1,324 @@
+"""OFT core: orthogonality, identity at init, dense reference, merge, energy, COFT, state dicts."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from orthodiff.oft import (
+    OFTConfig,
+    cayley,
+    count_parameters,
+    hyperspherical_energy,
+    inject_oft,
+    load_oft_state_dict,
+    merge_oft,
+    oft_layers,
+    oft_state_dict,
+    project_coft,
+    set_oft_enabled,
+    skew_from_triangle,
+    unmerge_oft,
+)
+
+
+def reference_rotation(generator: torch.Tensor, b: int, num_blocks: int) -> torch.Tensor:
+    """Dense block-diagonal R written independently: Q from the triangle, R = (I+Q) inv(I-Q)."""
+    blocks = []
+    for i in range(num_blocks):
+        g = generator[min(i, len(generator) - 1)].double()
+        q = torch.zeros(b, b, dtype=torch.float64)
+        k = 0
+        for row in range(b):
+            for col in range(row + 1, b):
+                q[row, col], q[col, row] = g[k], -g[k]
+                k += 1
+        eye = torch.eye(b, dtype=torch.float64)
+        blocks.append((eye + q) @ torch.linalg.inv(eye - q))
+    return torch.block_diag(*blocks)
+
+
+def randomize(model: nn.Module, scale: float = 0.1, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in oft_layers(model):
+            layer.oft_generator.copy_(torch.randn(layer.oft_generator.shape, generator=gen) * scale)
+
+
+class Wrap(nn.Module):
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+CONVS = {
+    "3x3 pad 1": dict(in_channels=4, out_channels=6, kernel_size=3, padding=1),
+    "1x3": dict(in_channels=4, out_channels=5, kernel_size=(1, 3), padding=(0, 1)),
+    "3x3 stride 2 dilation 2": dict(in_channels=2, out_channels=3, kernel_size=3, stride=2, padding=2, dilation=2),
+    "1x1": dict(in_channels=8, out_channels=4, kernel_size=1),
+}
+
+
+def test_exact_cayley_is_orthogonal():
+    q = skew_from_triangle(torch.randn(8, 16 * 15 // 2), 16)
+    r = cayley(q)
+    assert r.dtype == torch.float32
+    assert (r.mT @ r - torch.eye(16)).abs().max() < 1e-5
+    assert torch.equal(cayley(torch.zeros(3, 5, 5)), torch.eye(5).expand(3, 5, 5))
+
+
+def test_neumann_approximates_the_same_rotation_not_its_transpose():
+    q = skew_from_triangle(torch.randn(4, 32 * 31 // 2, dtype=torch.float64) * 0.01, 32)
+    exact, approx = cayley(q), cayley(q, neumann_terms=5)
+    err = (approx - exact).norm() / (exact - torch.eye(32)).norm()
+    transposed = (approx - exact.mT).norm() / (exact - torch.eye(32)).norm()
+    # Truncation error is O(||Q||^5) relative to the O(||Q||) adaptation.
+    assert err < 1e-4, f"Neumann relative error {err:.2e}"
+    assert transposed > 1.5, "Neumann path approximates R^T (PEFT's sign bug)"
+    orth = (approx.mT @ approx - torch.eye(32)).abs().max()
+    assert orth < 1e-4, f"Neumann orthogonality error {orth:.2e}"
+
+
+@pytest.mark.parametrize("shape", list(CONVS))
+def test_conv_identity_at_init_and_dense_reference(shape):
+    conv = nn.Conv2d(**CONVS[shape])
+    x = torch.randn(2, conv.in_channels, 9, 11)
+    expected = conv(x)
+    model = Wrap(conv)
+    n = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+    inject_oft(model, OFTConfig(block_size=n // 2 if n % 2 == 0 else n, targets=["layer"]))
+    assert torch.equal(model(x), expected), "OFT conv must be the identity at zero init"
+
+    randomize(model, 0.2)
+    layer = model.layer
+    dense = reference_rotation(layer.oft_generator.detach(), layer.block_size, layer.num_blocks)
+    w = conv.weight.double().reshape(conv.out_channels, -1) @ dense
+    ref = F.conv2d(x.double(), w.reshape(conv.weight.shape), conv.bias.double(), conv.stride, conv.padding, conv.dilation)
+    assert (model(x).double() - ref).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("block_share", [False, True])
+def test_linear_identity_dense_reference_and_merge(block_share):
+    lin = nn.Linear(48, 20)
+    x = torch.randn(3, 7, 48)
+    expected = lin(x)
+    model = Wrap(lin)
+    assert inject_oft(model, OFTConfig(block_size=12, block_share=block_share, targets=["layer"])) == ["layer"]
+    assert torch.equal(model(x), expected)
+    assert count_parameters(model) == (1 if block_share else 4) * 12 * 11 // 2
+
+    randomize(model, 0.3)
+    layer = model.layer
+    dense = reference_rotation(layer.oft_generator.detach(), 12, 4)
+    ref = x.double() @ (lin.weight.double() @ dense).T + lin.bias.double()
+    unmerged = model(x)
+    assert (unmerged.double() - ref).abs().max() < 1e-5
+
+    weight_before = lin.weight.clone()
+    merge_oft(model)
+    assert (model(x) - unmerged).abs().max() < 1e-5
+    unmerge_oft(model)
+    assert (lin.weight - weight_before).abs().max() < 1e-6
+    assert (model(x) - unmerged).abs().max() < 1e-5
+
+
+def test_conv_merge_equals_unmerged():
+    model = Wrap(nn.Conv2d(3, 8, 3, padding=1))
+    inject_oft(model, OFTConfig(num_blocks=3, targets=["layer"]))
+    randomize(model, 0.3)
+    x = torch.randn(2, 3, 8, 8)
+    unmerged = model(x)
+    merge_oft(model)
+    assert (model(x) - unmerged).abs().max() < 1e-5
+
+
+def test_gram_matrix_and_energy_preserved_low_rank_is_not():
+    lin = nn.Linear(64, 40)
+    w = lin.weight.detach().clone()
+    model = Wrap(lin)
+    inject_oft(model, OFTConfig(block_size=16, targets=["layer"]))
+    randomize(model, 0.5)
+    merge_oft(model)
+    w_oft = lin.weight.detach()
+    assert (w_oft - w).abs().max() > 1e-2, "the adaptation must actually change W"
+    assert (w_oft @ w_oft.T - w @ w.T).abs().max() < 1e-5
+    he, he_oft = hyperspherical_energy(w), hyperspherical_energy(w_oft)
+    assert abs(he_oft - he) / he < 1e-5
+
+    low_rank = w + 0.5 * torch.randn(40, 2) @ torch.randn(2, 64) / 8
+    assert abs(hyperspherical_energy(low_rank) - he) / he > 1e-3
+
+
+def test_hyperspherical_energy_matches_direct_sum():
+    w = torch.randn(5, 7, dtype=torch.float64)
+    unit = w / w.norm(dim=1, keepdim=True)
+    direct = sum(1 / (unit[i] - unit[j]).norm() for i in range(5) for j in range(5) if i != j)
+    assert abs(hyperspherical_energy(w) - direct) < 1e-9
+
+
+def test_gradcheck_float64():
+    model = Wrap(nn.Linear(12, 5))
+    inject_oft(model, OFTConfig(block_size=4, targets=["layer"]))
+    model.double()
+    randomize(model, 0.2)
+    layer = model.layer
+    x = torch.randn(3, 12, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda g, x: _forward_with(layer, g, x), (layer.oft_generator.detach().clone().requires_grad_(), x))
+
+    conv_model = Wrap(nn.Conv2d(2, 3, 3, padding=1))
+    inject_oft(conv_model, OFTConfig(block_size=6, targets=["layer"]))
+    conv_model.double()
+    randomize(conv_model, 0.2)
+    conv = conv_model.layer
+    xc = torch.randn(1, 2, 4, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda g, x: _forward_with(conv, g, x), (conv.oft_generator.detach().clone().requires_grad_(), xc))
+
+
+def _forward_with(layer, generator, x):
+    original = layer.oft_generator
+    del layer.oft_generator
+    layer.oft_generator = generator
+    try:
+        return layer(x)
+    finally:
+        del layer.oft_generator
+        layer.oft_generator = original
+
+
+@pytest.mark.parametrize("cayley_mode", ["exact", "neumann"])
+def test_coft_bound_holds_after_100_steps_at_large_lr(cayley_mode):
+    torch.manual_seed(0)
+    eps = 1e-3
+    model = nn.Sequential(nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 8))
+    inject_oft(model, OFTConfig(block_size=8, coft=True, eps=eps, cayley=cayley_mode, targets=["0", "2"]))
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=10.0)
+    x, y = torch.randn(64, 32), torch.randn(64, 8)
+    worst = 0.0
+    for _ in range(100):
+        loss = F.mse_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        project_coft(model)
+        for layer in oft_layers(model):
+            q = skew_from_triangle(layer.oft_generator.detach().double(), 8)
+            exact_distance = (cayley(q) - torch.eye(8, dtype=torch.float64)).norm(dim=(-2, -1))
+            float32_distance = (layer.rotation() - torch.eye(8)).norm(dim=(-2, -1))
+            worst = max(worst, exact_distance.max().item(), float32_distance.max().item())
+    assert worst <= eps, f"max ||R_i - I||_F = {worst:.9g} > eps = {eps}"
+    assert worst > 0.9 * eps, "a large learning rate should push blocks to the boundary"
+
+
+def test_project_coft_is_noop_for_plain_oft():
+    model = Wrap(nn.Linear(16, 4))
+    inject_oft(model, OFTConfig(block_size=4, eps=1e-6, targets=["layer"]))
+    randomize(model, 1.0)
+    before = model.layer.oft_generator.detach().clone()
+    project_coft(model)
+    assert torch.equal(model.layer.oft_generator, before)
+
+
+def test_switching_to_neumann_keeps_outputs():
+    model = Wrap(nn.Linear(64, 16))
+    inject_oft(model, OFTConfig(block_size=16, targets=["layer"]))
+    randomize(model, 0.01)
+    x = torch.randn(10, 64)
+    base = model.layer.base_layer(x)
+    exact = model(x)
+    model.layer.neumann_terms = 5
+    neumann = model(x)
+    assert (neumann - exact).norm() < 1e-3 * (exact - base).norm()
+
+
+def test_dropout_acts_in_train_mode_only():
+    torch.manual_seed(0)
+    model = Wrap(nn.Linear(64, 16))
+    inject_oft(model, OFTConfig(block_size=8, dropout=0.9, targets=["layer"]))
+    randomize(model, 0.5)
+    x = torch.randn(10, 64)
+    model.eval()
+    eval_out = model(x)
+    assert torch.equal(eval_out, model(x))
+    model.train()
+    train_outs = [model(x) for _ in range(5)]
+    assert all((t - eval_out).abs().max() > 1e-3 for t in train_outs)
+    assert (train_outs[0] - train_outs[1]).abs().max() > 1e-3, "dropout masks must be resampled"
+
+
+def test_disable_and_autocast_keep_float32_rotation():
+    model = Wrap(nn.Linear(32, 8))
+    inject_oft(model, OFTConfig(block_size=8, targets=["layer"]))
+    randomize(model, 0.3)
+    x = torch.randn(4, 32)
+    set_oft_enabled(model, False)
+    assert torch.equal(model(x), model.layer.base_layer(x))
+    set_oft_enabled(model, True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        r = model.layer.rotation()
+        out = model(x)
+    assert r.dtype == torch.float32
+    assert (r.mT @ r - torch.eye(8)).abs().max() < 1e-5
+    assert (out.float() - model(x)).abs().max() < 0.05
+
+
+def test_inject_freezes_everything_else_and_state_dict_round_trip():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    inject_oft(model, OFTConfig(block_size=4, targets=["0", "2"]))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"0.oft_generator", "2.oft_generator"}
+    randomize(model, 0.2)
+    state = oft_state_dict(model)
+    assert set(state) == trainable
+
+    fresh = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    fresh.load_state_dict({k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if "oft_" not in k})
+    inject_oft(fresh, OFTConfig(block_size=4, targets=["0", "2"]))
+    load_oft_state_dict(fresh, state)
+    x = torch.randn(3, 16)
+    assert torch.equal(fresh(x), model(x))
+
+    with pytest.raises(KeyError, match="2.oft_generator"):
+        load_oft_state_dict(fresh, {"0.oft_generator": state["0.oft_generator"]})
+    with pytest.raises(ValueError, match="0.oft_generator"):
+        load_oft_state_dict(fresh, {**state, "0.oft_generator": torch.zeros(2, 3)})
+    with pytest.raises(KeyError, match="9.oft_generator"):
+        load_oft_state_dict(fresh, {**state, "9.oft_generator": torch.zeros(1)})
+
+
+def test_bad_inputs_give_clear_errors():
+    model = nn.Sequential(nn.Linear(30, 4), nn.LayerNorm(4))
+    with pytest.raises(ValueError, match=r"0.*valid block sizes: \[1, 2, 3, 5, 6, 10, 15, 30\]"):
+        inject_oft(model, OFTConfig(block_size=4, targets=["0"]))
+    with pytest.raises(ValueError, match=r"'to_qq'.*similar.*to_q"):
+        inject_oft(nn.ModuleDict({"to_q": nn.Linear(4, 4)}), OFTConfig(block_size=2, targets=["to_qq"]))
+    with pytest.raises(TypeError, match="LayerNorm"):
+        inject_oft(model, OFTConfig(block_size=2, targets=["1"]))
+    assert isinstance(model[0], nn.Linear), "a failed injection must leave the model unchanged"
+    with pytest.raises(ValueError, match="not both"):
+        OFTConfig(block_size=2, num_blocks=2)
+
+
+def test_target_matching_follows_peft_convention():
+    model = nn.ModuleDict({"attn": nn.ModuleDict({"to_q": nn.Linear(4, 4), "xto_q": nn.Linear(4, 4)})})
+    assert inject_oft(model, OFTConfig(block_size=2, targets=["to_q"])) == ["attn.to_q"]
+    model = nn.ModuleDict({"attn": nn.ModuleDict({"to_q": nn.Linear(4, 4), "to_k": nn.Linear(4, 4)})})
+    assert inject_oft(model, OFTConfig(block_size=2, targets=["re:attn\\.to_[qk]"])) == ["attn.to_q", "attn.to_k"]
+
+
+SD15_FREE_PARAMETERS = {2: 26.35e6, 4: 13.14e6, 8: 6.54e6, 16: 3.24e6}  # BRIEF.md, independent count
+
+
+@pytest.mark.parametrize("r", [2, 4, 8, 16])
+def test_sd15_target_count_and_free_parameters(r):
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(cross_attention_dim=768)  # diffusers' defaults are SD 1.5's UNet
+    names = inject_oft(unet, OFTConfig(num_blocks=r))
+    assert len(names) == 144
+    free = count_parameters(unet)
+    assert round(free / 1e6, 2) == SD15_FREE_PARAMETERS[r] / 1e6  # the brief's figures carry 2 decimals
