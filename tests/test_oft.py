@@ -165,8 +165,10 @@ def test_gradcheck_float64():
     model.double()
     randomize(model, 0.2)
     layer = model.layer
-    x = torch.randn(3, 12, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda g, x: _forward_with(layer, g, x), (layer.oft_generator.detach().clone().requires_grad_(), x))
+    for rows in (3, 9):  # fewer / more rows than output features: input- and weight-rotating forward
+        x = torch.randn(rows, 12, dtype=torch.float64, requires_grad=True)
+        generator = layer.oft_generator.detach().clone().requires_grad_()
+        assert torch.autograd.gradcheck(lambda g, x: _forward_with(layer, g, x), (generator, x))
 
     conv_model = Wrap(nn.Conv2d(2, 3, 3, padding=1))
     inject_oft(conv_model, OFTConfig(block_size=6, targets=["layer"]))

@@ -31,7 +31,8 @@ the same scene at every resolution.
 Colours are far apart in RGB and at least 28 grey levels apart (so Canny finds weak
 edges between any two shapes), and a colour is only drawn on a background at least
 ``MIN_CONTRAST`` grey levels away from it (so a shape's outline is a strong Canny edge).
-Shapes in one scene have distinct colours and keep at least ``MIN_VISIBLE`` of their area.
+Shapes in one scene have distinct colours; each shows its centre and at least
+``MIN_VISIBLE`` of its area.
 
 Each scene comes from one integer seed. Split ``s`` uses seeds ``SPLIT_SEEDS[s] + i``
 for i in range(n), so splits are disjoint and val/test do not change when --n grows.
@@ -66,14 +67,15 @@ SEG_CLASSES = ("background",) + SHAPES
 COLORS = {
     "red": (255, 55, 45),
     "green": (40, 210, 60),
-    "blue": (0, 40, 235),
-    "yellow": (240, 225, 30),
+    "blue": (0, 45, 240),
+    "yellow": (235, 220, 20),
     "purple": (140, 30, 200),
     "orange": (255, 165, 0),
 }
 BACKGROUNDS = {
     "white": (255, 255, 255),
-    "gray": (128, 128, 128),
+    "light gray": (200, 200, 200),
+    "dark gray": (60, 60, 60),
     "black": (0, 0, 0),
 }
 
@@ -83,7 +85,9 @@ NUM_LANDMARKS = 5
 DEPTH_STEP = 0.2
 SIZE_RANGE = (11.0, 18.0)  # circumradius in pixels of the 64-pixel frame
 MAX_ROTATION = 30.0  # degrees; square/cross repeat every 90, triangle every 120
-MIN_CONTRAST = 40  # grey levels between a shape colour and its background
+# Grey levels between a shape colour and its background. Sobel turns a step of d grey
+# levels into a gradient of 4d, so d > 200 / 4 makes the outline a strong Canny edge.
+MIN_CONTRAST = 52
 MIN_VISIBLE = 0.5  # fraction of a shape's own area that must stay unoccluded
 CANNY_THRESHOLDS = (100, 200)
 SPLIT_SEEDS = {"train": 0, "val": 1_000_000_000, "test": 2_000_000_000}
@@ -95,10 +99,10 @@ FOLDERS = {"file_name": "images", "seg": "seg", "depth": "depth", "canny": "cann
 _ARM = 0.36  # half-width of a cross's arm, as a fraction of its size
 _S = math.sqrt(0.5)
 _T = math.sqrt(3) / 2
+_ANGLES = np.linspace(0, 2 * np.pi, 48, endpoint=False)  # a 48-gon is within 0.04 px of a circle
 # Unit outlines (size 1, rotation 0, y pointing down) and their landmarks 1-4.
 _OUTLINES = {
-    "circle": np.stack([np.sin(np.linspace(0, 2 * np.pi, 48, endpoint=False)),
-                        -np.cos(np.linspace(0, 2 * np.pi, 48, endpoint=False))], 1),
+    "circle": np.stack([np.sin(_ANGLES), -np.cos(_ANGLES)], 1),
     "square": np.array([(-_S, -_S), (_S, -_S), (_S, _S), (-_S, _S)]),
     "triangle": np.array([(0, -1), (_T, 0.5), (-_T, 0.5)]),
     "cross": np.array([(-_ARM, -1), (_ARM, -1), (_ARM, -_ARM), (1, -_ARM), (1, _ARM),
@@ -128,6 +132,8 @@ def allowed_colors(background: str, colors=tuple(COLORS)) -> tuple[str, ...]:
 
 @dataclass
 class Scene:
+    """One rendered scene and its ground truth (see the module docstring for encodings)."""
+
     image: np.ndarray  # (H, W, 3) uint8 RGB
     seg: np.ndarray  # (H, W) uint8, index into SEG_CLASSES
     depth: np.ndarray  # (H, W) float32, 1.0 = background, smaller = nearer
@@ -184,8 +190,10 @@ def _visible_fractions(masks: list) -> list:
 def _check_names(kind: str, names, vocabulary) -> tuple:
     names = tuple(names)
     unknown = [n for n in names if n not in vocabulary]
-    if unknown or not names:
-        raise ValueError(f"unknown {kind} {unknown or names!r}: choose from {list(vocabulary)}")
+    if unknown:
+        raise ValueError(f"unknown {kind} {unknown}: choose from {list(vocabulary)}")
+    if not names:
+        raise ValueError(f"no {kind} names given: choose from {list(vocabulary)}")
     return names
 
 
@@ -200,23 +208,35 @@ def caption_for(shapes: list, background: str) -> str:
     return f"{listed} on {_article(background)} {background} background"
 
 
+def _centres_visible(shapes: list, masks: list) -> bool:
+    """Whether the 3x3 pixels around every shape's centre show that shape."""
+    for z, shape in enumerate(shapes[:-1]):
+        x, y = (int(round(c)) for c in shape["center"])
+        if any(m[y - 1:y + 2, x - 1:x + 2].any() for m in masks[z + 1:]):
+            return False
+    return True
+
+
 def _sample_layout(rng: np.random.Generator, kinds: list, colors: list) -> list:
-    """Centres, sizes and rotations in the 64-pixel frame; resampled until no shape is
-    more than half hidden (the best of 100 tries if that never happens)."""
-    best, best_visible = None, -1.0
+    """Centres, sizes and rotations in the 64-pixel frame, resampled until every shape
+    shows its centre and at least MIN_VISIBLE of its area, so none is hidden or reduced
+    to a frame around another (the best of 100 tries if that never happens)."""
+    best, best_score = None, (False, -1.0)
     for _ in range(100):
         layout = []
         for z, (kind, color) in enumerate(zip(kinds, colors)):
             size = round(float(rng.uniform(*SIZE_RANGE)), 2)
             lo, hi = size + 1.0, REFERENCE_SIZE - 2.0 - size  # keep the whole shape inside
             center = [round(float(rng.uniform(lo, hi)), 2), round(float(rng.uniform(lo, hi)), 2)]
-            rotation = 0.0 if kind == "circle" else round(float(rng.uniform(-MAX_ROTATION, MAX_ROTATION)), 2)
+            rotation = 0.0 if kind == "circle" else round(
+                float(rng.uniform(-MAX_ROTATION, MAX_ROTATION)), 2)
             layout.append({"kind": kind, "color": color, "center": center, "size": size,
                            "rotation": rotation, "z": z})
-        visible = min(_visible_fractions(_masks(layout, REFERENCE_SIZE)))
-        if visible > best_visible:
-            best, best_visible = layout, visible
-        if visible >= MIN_VISIBLE:
+        masks = _masks(layout, REFERENCE_SIZE)
+        score = (_centres_visible(layout, masks), min(_visible_fractions(masks)))
+        if score > best_score:
+            best, best_score = layout, score
+        if score[0] and score[1] >= MIN_VISIBLE:
             break
     return best
 
@@ -385,22 +405,25 @@ def write_dataset(out: Path, n_train: int, *, n_val: int | None = None,
     Returns False (and writes nothing) when `out` already holds this exact dataset.
     A different shapes dataset there is replaced only with `overwrite`; a non-empty
     folder that is not a shapes dataset is never touched."""
+    split_seeds("train", n_train)
     n_val = default_eval_size(n_train) if n_val is None else n_val
     n_test = default_eval_size(n_train) if n_test is None else n_test
-    for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
+    sizes = {"train": n_train, "val": n_val, "test": n_test}
+    for split, n in sizes.items():
         split_seeds(split, n)
-    # Validates names and size before anything touches the disk.
-    make_scene(0, size=size, shapes=shapes, colors=colors, backgrounds=backgrounds)
-    info = dataset_info(n_train, n_val, n_test, size=size, shapes=tuple(shapes),
-                        colors=tuple(colors), backgrounds=tuple(backgrounds))
+    vocabulary = {"shapes": tuple(shapes), "colors": tuple(colors),
+                  "backgrounds": tuple(backgrounds)}
+    make_scene(0, size=size, **vocabulary)  # validates names and size before any writing
+    info = dataset_info(n_train, n_val, n_test, size=size, **vocabulary)
     out = Path(out)
     info_path = out / "info.json"
+    old = None
     if info_path.is_file():
         try:
             old = json.loads(info_path.read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{info_path} is not valid JSON ({error}); delete {out} "
-                             "or choose another --out") from None
+        except json.JSONDecodeError:
+            pass
+    if isinstance(old, dict) and old.get("generator") == info["generator"]:
         complete = old.pop("complete", False)
         if old == info and complete:
             print(f"{out} already holds this shapes dataset; nothing to do")
@@ -413,14 +436,13 @@ def write_dataset(out: Path, n_train: int, *, n_val: int | None = None,
         for split in SPLIT_SEEDS:  # remove only what this generator wrote
             shutil.rmtree(out / split, ignore_errors=True)
     elif out.exists() and any(out.iterdir()):
-        raise ValueError(f"{out} is not empty and holds no shapes dataset (no info.json); "
-                         "choose an empty or new --out folder")
+        raise ValueError(f"{out} is not empty and holds no shapes dataset (no info.json "
+                         "written by this generator); choose an empty or new --out folder")
     out.mkdir(parents=True, exist_ok=True)
     # Written first with complete=false, so an interrupted run is recognised and redone.
     info_path.write_text(json.dumps({**info, "complete": False}, indent=2) + "\n")
-    for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
-        write_split(out / split, split, n, size=size, shapes=shapes, colors=colors,
-                    backgrounds=backgrounds, progress=progress)
+    for split, n in sizes.items():
+        write_split(out / split, split, n, size=size, progress=progress, **vocabulary)
     info_path.write_text(json.dumps({**info, "complete": True}, indent=2) + "\n")
     return True
 
@@ -431,8 +453,8 @@ def read_metadata(split_dir: Path) -> list[dict]:
     split_dir = Path(split_dir)
     path = split_dir / "metadata.jsonl"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found; write the shapes world with "
-                                "`python -m orthodiff.data.shapes --out DIR --n N` (see data/README.md)")
+        raise FileNotFoundError(f"{path} not found; write the shapes world with `python -m "
+                                "orthodiff.data.shapes --out DIR --n N` (see data/README.md)")
     records = []
     with open(path) as lines:
         for number, line in enumerate(lines, 1):

@@ -82,6 +82,23 @@ def block_layout(in_features: int, config: OFTConfig, name: str = "layer") -> tu
     return r, in_features // r
 
 
+def blockwise_matmul(rows: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """rows @ diag(blocks): block i of every row (M, r*b) times blocks[i] (b, b).
+
+    One batched matmul over the r blocks; the dense block-diagonal matrix is never
+    built. Without autograd it writes through a transposed `out`, saving the copy
+    back to (M, r*b) layout.
+    """
+    r, b, _ = blocks.shape
+    blocks_first = rows.view(-1, r, b).transpose(0, 1)
+    blocks = blocks.to(rows.dtype)
+    if torch.is_grad_enabled() and (rows.requires_grad or blocks.requires_grad):
+        return torch.bmm(blocks_first, blocks).transpose(0, 1).reshape(rows.shape)
+    out = rows.new_empty(rows.shape[0], r, b)
+    torch.bmm(blocks_first, blocks, out=out.transpose(0, 1))
+    return out.view(rows.shape)
+
+
 class OFTLayer(nn.Module):
     """Frozen base layer + orthogonal rotation of its input space.
 
@@ -128,8 +145,7 @@ class OFTLayer(nn.Module):
 
     def _rotate_weight(self, weight: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
         """W R blockwise on the flattened (out, in_features) weight, in R's float32/64."""
-        w = weight.reshape(weight.shape[0], self.num_blocks, 1, self.block_size).to(rotation.dtype)
-        return (w @ rotation).reshape(weight.shape)
+        return blockwise_matmul(weight.reshape(weight.shape[0], -1).to(rotation.dtype), rotation).view(weight.shape)
 
     @torch.no_grad()
     def merge(self):
@@ -147,17 +163,52 @@ class OFTLayer(nn.Module):
             self.merged = False
 
 
+class _OFTLinearFunction(torch.autograd.Function):
+    """y = W R x + bias with a hand-written backward.
+
+    Forward rotates whichever is smaller: the input rows (input-centric, M <= out) or
+    the weight (out x in, cheaper when there are more rows than output features, as
+    in a UNet's self-attention). Backward does not form the frozen weight's gradient
+    (autograd through W R would, a full extra GEMM): with h = g W,
+    dx = h R and dR_i = h_i^T x_i, both blockwise.
+    """
+
+    @staticmethod
+    def forward(ctx, x, rotation, weight, bias):
+        rows = x.reshape(-1, x.shape[-1])
+        ctx.save_for_backward(rows, rotation, weight)
+        if rows.shape[0] > weight.shape[0]:
+            y = F.linear(rows, blockwise_matmul(weight, rotation).to(rows.dtype), bias)
+        else:
+            y = F.linear(blockwise_matmul(rows, rotation.mT), weight, bias)
+        return y.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        rows, rotation, weight = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])
+        h = g @ weight.to(g.dtype)  # the frozen layer's own input gradient, W^T g
+        r, b, _ = rotation.shape
+        grad_x = grad_rotation = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = blockwise_matmul(h, rotation).view(*grad.shape[:-1], r * b)
+        if ctx.needs_input_grad[1]:
+            h_blocks = h.view(-1, r, b).permute(1, 2, 0)  # (r, b, M)
+            grad_rotation = torch.bmm(h_blocks, rows.view(-1, r, b).to(h.dtype).transpose(0, 1)).to(rotation.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_weight = (g.T @ blockwise_matmul(rows, rotation.mT).to(g.dtype)).to(weight.dtype)
+        if ctx.needs_input_grad[3]:
+            grad_bias = g.sum(0)
+        return grad_x, grad_rotation, grad_weight, grad_bias
+
+
 class OFTLinear(OFTLayer):
     def __init__(self, base_layer: nn.Linear, config: OFTConfig, name: str = "layer"):
         super().__init__(base_layer, base_layer.in_features, config, name)
 
     def adapted_forward(self, x, rotation):
-        # Input-centric: y = W (R x). Blocks of x are rotated by one batched matmul over
-        # the r blocks; the dense in x in block-diagonal matrix is never built.
-        lead = x.shape[:-1]
-        blocks = x.reshape(-1, self.num_blocks, self.block_size).transpose(0, 1)  # (r, M, b)
-        rotated = torch.bmm(blocks, rotation.mT.to(x.dtype))
-        return self.base_layer(rotated.transpose(0, 1).reshape(*lead, -1))
+        return _OFTLinearFunction.apply(x, rotation, self.base_layer.weight, self.base_layer.bias)
 
 
 class OFTConv2d(OFTLayer):
