@@ -1,0 +1,312 @@
+"""Train the shapes-world evaluators ("oracles") and ship them under assets/oracles.
+
+    python scripts/train_oracles.py                  # all four, on one CPU thread
+    python scripts/train_oracles.py --only segmenter --out /tmp/oracles
+
+Each oracle trains from scratch on fresh scenes rendered in memory by make_scene (train
+split seeds; step s uses the scenes s * batch ... (s + 1) * batch - 1, so no scene is seen
+twice and nothing is written to disk), with a fixed seed for initialisation and
+augmentation. The augmentation blurs, adds noise and jitters colours on about half the
+images (see `degrade`), because generated images from a tiny diffusion model are a bit
+soft; targets stay the exact ground truth.
+
+Checkpoints go to ~/.cache/orthodiff/oracles/<name>.pt (atomic: temp file + os.replace)
+every --save-every steps; a rerun resumes from them, and one whose recipe differs starts
+over. Then each oracle is written in float16 to <out>/<name>/ (save_pretrained), loaded
+back, and measured on --n-test held-out test-split scenes, clean and degraded; the figures,
+the command, seed, steps and training times go to <out>/metrics.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from orthodiff.data import shapes as sw
+from orthodiff.data.shapes import MAX_SHAPES, NUM_LANDMARKS, make_scene, split_seeds
+from orthodiff.eval.metrics import depth_rmse, frechet_distance
+from orthodiff.eval.oracles import (OFFSET_SCALE, ORACLE_CLASSES, ORACLES, images_to_tensor,
+                                    load_oracle, measure, scene_labels)
+
+# Steps are sized so all four train in about 20 minutes on one CPU thread.
+RECIPES = {
+    "segmenter": {"config": {"widths": [16, 32, 64, 96, 128]}, "steps": 900, "batch": 32,
+                  "lr": 3e-3},
+    "depth": {"config": {"widths": [16, 32, 64, 96, 128]}, "steps": 900, "batch": 32,
+              "lr": 3e-3},
+    "keypoints": {"config": {"widths": [16, 32, 64, 96, 128]}, "steps": 900, "batch": 32,
+                  "lr": 3e-3},
+    "classifier": {"config": {"widths": [24, 48, 96, 192]}, "steps": 900, "batch": 32,
+                   "lr": 3e-3},
+}
+WARMUP = 0.05  # fraction of steps with a linear warm-up, then cosine decay to zero
+HEAT_SIGMA = 1.0  # pixels, the centre heatmap's Gaussian
+DEGRADE = {"p": 0.5, "blur_sigma": (0.3, 1.2), "noise": (0.0, 0.05), "gain": 0.07, "shift": 0.04}
+TEST_DEGRADE = {"blur_sigma": 0.8, "noise": 0.02}  # the fixed degradation of the 2nd test
+
+
+def degrade(images: torch.Tensor, generator: torch.Generator, p: float = DEGRADE["p"]) -> torch.Tensor:
+    """Blur (Gaussian, sigma in DEGRADE["blur_sigma"] pixels), add Gaussian noise and jitter
+    each channel's gain and offset, each independently on a fraction p of the images."""
+    n = len(images)
+
+    def pick():
+        return torch.rand(n, generator=generator) < p
+
+    def uniform(low, high):
+        return low + (high - low) * torch.rand(n, generator=generator)
+
+    sigma = torch.where(pick(), uniform(*DEGRADE["blur_sigma"]), torch.zeros(n))
+    images = blur(images, sigma)
+    noise = torch.where(pick(), uniform(*DEGRADE["noise"]), torch.zeros(n))
+    images = images + noise[:, None, None, None] * torch.randn(images.shape, generator=generator)
+    jitter = pick()[:, None, None, None]
+    gain = 1 + DEGRADE["gain"] * (2 * torch.rand(n, 3, 1, 1, generator=generator) - 1)
+    shift = DEGRADE["shift"] * (2 * torch.rand(n, 3, 1, 1, generator=generator) - 1)
+    images = torch.where(jitter, images * gain + shift, images)
+    return images.clamp(0, 1)
+
+
+def blur(images: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Per-image separable Gaussian blur (sigma (N,) in pixels, 0 = unchanged)."""
+    x = torch.arange(-3, 4, dtype=images.dtype)
+    kernel = torch.exp(-x ** 2 / (2 * sigma.clamp_min(1e-3)[:, None] ** 2))
+    kernel = kernel / kernel.sum(1, keepdim=True)  # sigma 0 -> a delta
+    n, c, h, w = images.shape
+    weight = kernel.repeat_interleave(c, 0)[:, None]  # (N * C, 1, 7)
+    x = F.pad(images.reshape(1, n * c, h, w), (3, 3, 3, 3), mode="replicate")
+    x = F.conv2d(x, weight[:, :, None, :], groups=n * c)
+    x = F.conv2d(x, weight[:, :, :, None], groups=n * c)
+    return x.reshape(n, c, h, w)
+
+
+def keypoint_targets(scenes) -> dict[str, torch.Tensor]:
+    """Centre heatmap (1 at each centre's nearest pixel, a Gaussian around it), and on the
+    3x3 pixels around each centre the landmark offsets / OFFSET_SCALE and the depth."""
+    n, size = len(scenes), scenes[0].image.shape[0]
+    ys, xs = np.mgrid[:size, :size]
+    heat = np.zeros((n, size, size), np.float32)
+    offsets = np.zeros((n, 2 * NUM_LANDMARKS, size, size), np.float32)
+    depth = np.zeros((n, size, size), np.float32)
+    region = np.zeros((n, size, size), bool)
+    for i, scene in enumerate(scenes):
+        for z in np.flatnonzero(scene.landmark_mask.any(1)):
+            points = scene.landmarks[z]
+            cx, cy = (int(round(float(v))) for v in points[0])
+            heat[i] = np.maximum(heat[i], np.exp(-((xs - cx) ** 2 + (ys - cy) ** 2)
+                                                 / (2 * HEAT_SIGMA ** 2)))
+            near = (abs(xs - cx) <= 1) & (abs(ys - cy) <= 1)
+            region[i] |= near
+            grid = np.stack([xs[near], ys[near]], 1)  # (9, 2) pixel (x, y)
+            offsets[i][:, near] = ((points[None] - grid[:, None]) / OFFSET_SCALE).reshape(
+                len(grid), -1).T
+            depth[i][near] = sw.shape_depth(int(z))
+    return {"heat": torch.from_numpy(heat), "offsets": torch.from_numpy(offsets),
+            "depth": torch.from_numpy(depth), "region": torch.from_numpy(region)}
+
+
+def focal_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """CenterNet's penalty-reduced focal loss, normalised by the number of centres."""
+    positive = target >= 1 - 1e-6
+    log_p, log_not_p = F.logsigmoid(logits), F.logsigmoid(-logits)
+    p = log_p.exp()
+    loss = torch.where(positive, (1 - p) ** 2 * -log_p, (1 - target) ** 4 * p ** 2 * -log_not_p)
+    return loss.sum() / positive.sum().clamp_min(1)
+
+
+def batch_targets(name: str, scenes) -> dict:
+    if name == "segmenter":
+        return {"seg": torch.from_numpy(np.stack([s.seg for s in scenes])).long()}
+    if name == "depth":
+        return {"depth": torch.from_numpy(np.stack([s.depth for s in scenes]))}
+    if name == "keypoints":
+        return keypoint_targets(scenes)
+    return {k: torch.from_numpy(v) for k, v in scene_labels(scenes).items()}
+
+
+def loss_of(name: str, model, images: torch.Tensor, targets: dict) -> torch.Tensor:
+    if name == "segmenter":
+        return F.cross_entropy(model(images), targets["seg"])
+    if name == "depth":
+        return F.mse_loss(model(images), targets["depth"])
+    if name == "keypoints":
+        maps = model(images)
+        region = targets["region"][:, None]
+        count = region.sum().clamp_min(1)
+        offsets = ((maps[:, 2:] - targets["offsets"]).abs() * region).sum() / count
+        depth = ((maps[:, 1:2] - targets["depth"][:, None]).abs() * region).sum() / count
+        return focal_loss(maps[:, 0], targets["heat"]) + 5 * offsets / (2 * NUM_LANDMARKS) + depth
+    logits = model(images)
+    loss = sum(F.binary_cross_entropy_with_logits(logits[h], targets[h].float())
+               for h in model.MULTI_LABEL)
+    return (loss + F.cross_entropy(logits["background"], targets["background"])
+            + F.cross_entropy(logits["count"], targets["count"] - 1))
+
+
+def learning_rate(step: int, steps: int, peak: float) -> float:
+    warmup = max(1, int(WARMUP * steps))
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+def save_atomic(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save(obj, temporary)
+    os.replace(temporary, path)
+
+
+def train_oracle(name: str, recipe: dict, seed: int, cache: Path, save_every: int,
+                 progress: bool = True):
+    """Train (or resume) one oracle; returns (model, training seconds)."""
+    torch.manual_seed(seed)
+    model = ORACLE_CLASSES[name](**recipe["config"]).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe["lr"], weight_decay=1e-4)
+    checkpoint_path = cache / f"{name}.pt"
+    start, elapsed = 0, 0.0
+    identity = {"recipe": recipe, "seed": seed}
+    if checkpoint_path.is_file():
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        if checkpoint["identity"] == identity:
+            model.load_state_dict(checkpoint["model"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            start, elapsed = checkpoint["step"], checkpoint["elapsed"]
+            print(f"{name}: resuming from {checkpoint_path} at step {start}")
+        else:
+            print(f"{name}: {checkpoint_path} holds another recipe; starting over")
+    steps, batch = recipe["steps"], recipe["batch"]
+    train_seeds = split_seeds("train", steps * batch)
+    model.train()
+    bar = tqdm(range(start, steps), desc=name, initial=start, total=steps, disable=not progress)
+    began = time.perf_counter()
+    for step in bar:
+        scenes = [make_scene(s) for s in train_seeds[step * batch:(step + 1) * batch]]
+        # One generator per step, so a resumed run draws the same augmentation.
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        images = degrade(images_to_tensor(np.stack([s.image for s in scenes])), generator)
+        loss = loss_of(name, model, images.contiguous(memory_format=torch.channels_last),
+                       batch_targets(name, scenes))
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, steps, recipe["lr"])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        if (step + 1) % save_every == 0 or step + 1 == steps:
+            save_atomic({"identity": identity, "model": model.state_dict(),
+                         "optimizer": optimizer.state_dict(), "step": step + 1,
+                         "elapsed": elapsed + time.perf_counter() - began}, checkpoint_path)
+    bar.close()
+    elapsed += time.perf_counter() - began
+    return model.to(memory_format=torch.contiguous_format).eval(), elapsed
+
+
+def depth_ambiguity(scenes) -> dict:
+    """What no depth estimator can beat: shapes that do not overlap can be stacked in any
+    order without changing a pixel, so the best guess of their depth is the mean over
+    the z-orders that render the same image (all equally likely under the generator).
+    Returns that predictor's RMSE and the fraction of scenes whose z-order is unique."""
+    best, unique = [], 0
+    for scene in scenes:
+        size = scene.image.shape[0]
+        masks = sw._masks(scene.shapes, size)
+        candidates = []
+        for order in itertools.permutations(range(len(masks))):
+            painted = np.full((size, size), -1)
+            depth = np.ones((size, size))
+            for z, shape in enumerate(order):  # order[z] is the shape drawn z-th
+                painted[masks[shape]] = shape
+                depth[masks[shape]] = sw.shape_depth(z)
+            candidates.append((painted, depth))
+        truth = candidates[0][0]  # the identity permutation is the real scene
+        same = [depth for painted, depth in candidates if np.array_equal(painted, truth)]
+        unique += len(same) == 1
+        best.append(np.mean(same, 0))
+    truth = np.stack([s.depth for s in scenes])
+    return {**depth_rmse(np.stack(best), truth), "unique_z_order": unique / len(scenes)}
+
+
+def measure_all(name: str, model, scenes) -> dict:
+    generator = torch.Generator().manual_seed(0)
+    clean = images_to_tensor(np.stack([s.image for s in scenes]))
+    noisy = blur(clean, torch.full((len(clean),), TEST_DEGRADE["blur_sigma"]))
+    noisy = (noisy + TEST_DEGRADE["noise"] * torch.randn(noisy.shape, generator=generator)).clamp(0, 1)
+    return {"clean": measure(name, model, scenes, clean),
+            "degraded": measure(name, model, scenes, noisy)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("assets/oracles"))
+    parser.add_argument("--cache", type=Path, default=Path("~/.cache/orthodiff/oracles"))
+    parser.add_argument("--only", default=",".join(ORACLES), help="comma-separated names")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n-test", type=int, default=1000, help="held-out test scenes")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--steps", type=int, help="override every recipe's steps (smoke runs)")
+    parser.add_argument("--save-every", type=int, default=50, help="checkpoint period (steps)")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    names = [n.strip() for n in args.only.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(ORACLES))
+    if unknown or not names:
+        parser.error(f"--only: unknown oracles {unknown}; choose from {list(ORACLES)}")
+    torch.set_num_threads(args.threads)
+    cache = args.cache.expanduser()
+
+    test_scenes = [make_scene(s) for s in split_seeds("test", args.n_test)]
+    metrics_path = args.out / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    metrics.update({
+        "command": shlex.join(["python", "scripts/train_oracles.py", *(argv if argv is not None else sys.argv[1:])]),
+        "seed": args.seed, "threads": args.threads, "torch": torch.__version__,
+        "input": "float RGB (N, 3, 64, 64) in [0, 1]",
+        "augmentation": DEGRADE, "test_degradation": TEST_DEGRADE,
+        "test": {"split": "test", "n": args.n_test,
+                 "seeds": [split_seeds("test", args.n_test)[0], split_seeds("test", args.n_test)[-1]]},
+    })
+    metrics.setdefault("oracles", {})
+    for name in names:
+        recipe = dict(RECIPES[name], steps=args.steps or RECIPES[name]["steps"])
+        model, seconds = train_oracle(name, recipe, args.seed, cache, args.save_every,
+                                      not args.no_progress)
+        model.half().save_pretrained(args.out / name)  # float16 keeps assets small
+        shipped = load_oracle(name, args.out)  # measure exactly what ships
+        metrics["oracles"][name] = {**recipe, "train_seconds": round(seconds, 1),
+                                    "scenes_seen": recipe["steps"] * recipe["batch"],
+                                    "parameters": sum(p.numel() for p in shipped.parameters()),
+                                    **measure_all(name, shipped, test_scenes)}
+        if name == "depth":
+            metrics["oracles"][name]["ambiguity_floor"] = depth_ambiguity(test_scenes)
+        if name == "classifier":
+            val_scenes = [make_scene(s) for s in split_seeds("val", args.n_test)]
+            features = [shipped.features(images_to_tensor(np.stack([s.image for s in scenes])))
+                        for scenes in (test_scenes, val_scenes)]
+            metrics["oracles"][name]["fid_test_vs_val"] = frechet_distance(*features)
+        print(f"{name}: {json.dumps(metrics['oracles'][name]['clean'])}")
+        args.out.mkdir(parents=True, exist_ok=True)
+        metrics["total_train_seconds"] = round(sum(
+            m["train_seconds"] for m in metrics["oracles"].values()), 1)
+        temporary = metrics_path.with_name("metrics.json.tmp")
+        temporary.write_text(json.dumps(metrics, indent=2) + "\n")
+        os.replace(temporary, metrics_path)
+    print(f"wrote {', '.join(names)} and metrics.json to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,350 @@
+"""Evaluator networks ("oracles") for the shapes world.
+
+They stand in for the real evaluators of the controllable-generation protocol, trained
+on the shapes world's exact ground truth (scripts/train_oracles.py makes them):
+
+    segmenter   ShapeSegmenter         SegFormer / UperNet: per-pixel SEG_CLASSES ids
+    depth       ShapeDepthEstimator    DPT: per-pixel depth in the dataset's encoding
+    keypoints   ShapeKeypointDetector  the landmark detector: 5 landmarks per shape
+    classifier  ShapeClassifier        CLIP: which shapes, colours, background, count;
+                                       its penultimate features are the FID feature space
+
+Input convention, one for all four: float images in [0, 1], shape (N, 3, 64, 64), RGB,
+as `images_to_tensor` makes from uint8 (N, 64, 64, 3) arrays. A uint8 tensor or values
+outside [0, 1] (a [-1, 1] decoder output, say) raise an error rather than scoring
+garbage. The oracles were trained with mild blur, noise and colour jitter, so they also
+read the slightly soft images a tiny diffusion model generates.
+
+Each is a diffusers model (`save_pretrained` / `from_pretrained`, a self-describing
+folder), and each has a plain `predict` that switches to eval mode and returns numpy.
+
+Landmark slots. The dataset numbers shapes by z-order, but the image shows z-order only
+where shapes overlap (two shapes apart from each other can be drawn in either order and
+give the same pixels). So the detector returns an unordered set of up to MAX_SHAPES
+shapes; it sorts them by its own depth estimate at each centre, which is the z-order
+whenever the image determines it, and metrics.landmark_error matches predicted shapes to
+true ones before measuring, so the slot order never changes a score.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import ConfigMixin, ModelMixin
+from diffusers.configuration_utils import register_to_config
+from torch import nn
+
+from orthodiff.data.shapes import (BACKGROUNDS, COLORS, MAX_SHAPES, NUM_LANDMARKS,
+                                   REFERENCE_SIZE, SEG_CLASSES, SHAPES)
+from orthodiff.eval.metrics import (classifier_scores, depth_rmse, landmark_scores,
+                                    segmentation_scores)
+
+IMAGE_SIZE = REFERENCE_SIZE
+PAIRS = tuple((color, kind) for color in COLORS for kind in SHAPES)  # index c * 4 + k
+ORACLES = ("segmenter", "depth", "keypoints", "classifier")
+DEFAULT_PATH = Path("assets/oracles")
+TRAIN_COMMAND = "python scripts/train_oracles.py"
+# Landmark offsets are predicted in units of this many pixels, so targets are about +-1.
+OFFSET_SCALE = 16.0
+
+
+def images_to_tensor(images) -> torch.Tensor:
+    """uint8 RGB images (N, H, W, 3) or one (H, W, 3) -> float (N, 3, H, W) in [0, 1]."""
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.shape[-1] != 3 or images.ndim not in (3, 4):
+        raise ValueError(f"expected uint8 RGB images (N, H, W, 3), got {images.dtype} "
+                         f"{images.shape}")
+    images = images[None] if images.ndim == 3 else images
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255
+
+
+def check_images(images) -> torch.Tensor:
+    """The oracles' input, validated: float (N, 3, 64, 64) with values in [0, 1]."""
+    if not torch.is_tensor(images):
+        raise TypeError(f"expected a float tensor (N, 3, {IMAGE_SIZE}, {IMAGE_SIZE}) in "
+                        f"[0, 1], got {type(images).__name__}; use images_to_tensor")
+    if not images.is_floating_point():
+        raise ValueError(f"expected float images in [0, 1], got {images.dtype}; "
+                         "divide uint8 images by 255 (images_to_tensor does)")
+    if images.ndim != 4 or tuple(images.shape[1:]) != (3, IMAGE_SIZE, IMAGE_SIZE):
+        raise ValueError(f"expected images (N, 3, {IMAGE_SIZE}, {IMAGE_SIZE}), got "
+                         f"{tuple(images.shape)}")
+    low, high = images.min().item(), images.max().item()
+    if low < -1e-3 or high > 1 + 1e-3:  # tolerate rounding, not another convention
+        raise ValueError(f"expected images in [0, 1], got values in [{low:.3f}, {high:.3f}]"
+                         " (for [-1, 1] images pass (x + 1) / 2)")
+    return images
+
+
+def _conv(in_channels: int, out_channels: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 3, stride, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
+
+
+class _UNet(nn.Module):
+    """Two 3x3 convs per level, max-pool down, nearest-neighbour up, skips concatenated.
+    Five levels take 64 px to a 4x4 bottleneck, so every output pixel sees the whole
+    image: a shape's kind and its depth order are decided by the entire scene."""
+
+    def __init__(self, out_channels: int, widths):
+        super().__init__()
+        self.down = nn.ModuleList()
+        channels = 3
+        for width in widths:
+            self.down.append(nn.Sequential(_conv(channels, width), _conv(width, width)))
+            channels = width
+        self.up = nn.ModuleList()
+        for width in reversed(widths[:-1]):
+            self.up.append(nn.Sequential(_conv(channels + width, width), _conv(width, width)))
+            channels = width
+        self.head = nn.Conv2d(channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for level, block in enumerate(self.down):
+            x = block(F.max_pool2d(x, 2) if level else x)
+            skips.append(x)
+        for block, skip in zip(self.up, reversed(skips[:-1])):
+            x = block(torch.cat([F.interpolate(x, scale_factor=2.0), skip], 1))
+        return self.head(x)
+
+
+class _Oracle(ModelMixin, ConfigMixin):
+    """Shared by the four: `predict` runs `_predict` in eval mode without gradients on the
+    model's device and dtype, and restores the training flag afterwards."""
+
+    def predict(self, images: torch.Tensor):
+        images = check_images(images).to(self.device, self.dtype)
+        training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                return self._predict(images)
+        finally:
+            self.train(training)
+
+
+class ShapeSegmenter(_Oracle):
+    """Per-pixel class over SEG_CLASSES (0 = background, then SHAPES)."""
+
+    @register_to_config
+    def __init__(self, widths=(16, 32, 64, 96, 128), num_classes: int = len(SEG_CLASSES)):
+        super().__init__()
+        self.unet = _UNet(num_classes, tuple(widths))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (N, 3, 64, 64) in [0, 1] -> class logits (N, num_classes, 64, 64)."""
+        return self.unet(images)
+
+    def _predict(self, images):
+        return self(images).argmax(1).to(torch.uint8).cpu().numpy()
+
+    def predict(self, images: torch.Tensor) -> np.ndarray:
+        """Images (N, 3, 64, 64) in [0, 1] -> (N, 64, 64) uint8 class ids."""
+        return super().predict(images)
+
+
+class ShapeDepthEstimator(_Oracle):
+    """Per-pixel depth as the dataset encodes it: 1.0 background, shapes at 0.8, 0.6, 0.4
+    by z-order (nearer is smaller). Trained on squared error, so where the image does not
+    show the order (shapes that do not overlap) it predicts the mean over the orders the
+    image allows, which is what minimizes RMSE."""
+
+    @register_to_config
+    def __init__(self, widths=(16, 32, 64, 96, 128)):
+        super().__init__()
+        self.unet = _UNet(1, tuple(widths))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (N, 3, 64, 64) in [0, 1] -> depth (N, 64, 64), not clamped."""
+        return self.unet(images)[:, 0]
+
+    def _predict(self, images):
+        return self(images).clamp(0, 1).float().cpu().numpy()
+
+    def predict(self, images: torch.Tensor) -> np.ndarray:
+        """Images (N, 3, 64, 64) in [0, 1] -> (N, 64, 64) float32 depth in [0, 1]."""
+        return super().predict(images)
+
+
+class ShapeKeypointDetector(_Oracle):
+    """Centre-heatmap detector (CenterNet style) for the 5 landmarks of every shape.
+
+    Output channels per pixel: a centre-heatmap logit, the shape's depth, and for each of
+    the 5 landmarks its (x, y) offset from this pixel in units of OFFSET_SCALE pixels.
+    Offsets and depth are trained on the 3x3 pixels around each centre. Decoding keeps
+    heatmap peaks (3x3 local maxima) above `peak_threshold`, at most MAX_SHAPES, and
+    reads each landmark as the heat-weighted mean of `pixel + offset` over the peak's
+    3x3 neighbourhood, which gives sub-pixel positions."""
+
+    @register_to_config
+    def __init__(self, widths=(16, 32, 64, 96, 128), peak_threshold: float = 0.3):
+        super().__init__()
+        self.unet = _UNet(2 + 2 * NUM_LANDMARKS, tuple(widths))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (N, 3, 64, 64) in [0, 1] -> raw maps (N, 2 + 2 * NUM_LANDMARKS, 64, 64):
+        heatmap logit, depth, then offsets (x0, y0, x1, y1, ...) / OFFSET_SCALE."""
+        return self.unet(images)
+
+    def _predict(self, images):
+        maps = self(images).float()
+        n, _, height, width = maps.shape
+        heat = torch.sigmoid(maps[:, :1])
+        peaks = heat * (heat == F.max_pool2d(heat, 3, 1, 1))
+        scores, index = peaks.flatten(1).topk(MAX_SHAPES, dim=1)  # (N, MAX_SHAPES)
+        ys, xs = torch.meshgrid(torch.arange(height, device=maps.device),
+                                torch.arange(width, device=maps.device), indexing="ij")
+        grid = torch.stack([xs, ys]).to(maps).repeat(NUM_LANDMARKS, 1, 1)  # (10, H, W)
+        points = grid + maps[:, 2:] * OFFSET_SCALE  # every pixel's guess of every landmark
+        values = torch.cat([points, maps[:, 1:2]], 1)  # ... and of its shape's depth
+        pooled = F.avg_pool2d(values * heat, 3, 1, 1) / F.avg_pool2d(heat, 3, 1, 1).clamp_min(1e-6)
+        picked = pooled.flatten(2).gather(2, index[:, None].expand(-1, pooled.shape[1], -1))
+        landmarks = picked[:, :-1].permute(0, 2, 1).reshape(n, MAX_SHAPES, NUM_LANDMARKS, 2)
+        present = scores >= self.config.peak_threshold
+        depth = torch.where(present, picked[:, -1], -torch.inf)
+        order = depth.argsort(dim=1, descending=True)  # deepest first = z-order
+        landmarks = landmarks.gather(1, order[:, :, None, None].expand_as(landmarks))
+        present = present.gather(1, order)
+        landmarks = landmarks * present[:, :, None, None]
+        mask = present[:, :, None].expand(-1, -1, NUM_LANDMARKS)
+        return landmarks.cpu().numpy(), mask.cpu().numpy()
+
+    def predict(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Images (N, 3, 64, 64) in [0, 1] -> landmarks (N, MAX_SHAPES, NUM_LANDMARKS, 2)
+        float32 pixel (x, y) and mask (N, MAX_SHAPES, NUM_LANDMARKS) bool. Detected shapes
+        come first, sorted deepest first (the z-order where the image shows it); absent
+        slots are zeros with mask False. Compare with metrics.landmark_error, which
+        matches shapes, not slots."""
+        return super().predict(images)
+
+
+class ShapeClassifier(_Oracle):
+    """Scene classifier: a strided CNN, global average and max pooling, one hidden layer
+    (the features), then five heads:
+
+        kinds       multi-label over SHAPES (4)          which kinds are present
+        colors      multi-label over COLORS (6)          which colours are present
+        pairs       multi-label over PAIRS (24)          which (colour, kind) shapes
+        background  one of BACKGROUNDS (4)
+        count       one of 1..MAX_SHAPES shapes (3)
+
+    `features` is the FID feature space of this world (like Inception's pool features)."""
+
+    HEADS = {"kinds": len(SHAPES), "colors": len(COLORS), "pairs": len(PAIRS),
+             "background": len(BACKGROUNDS), "count": MAX_SHAPES}
+    MULTI_LABEL = ("kinds", "colors", "pairs")
+
+    @register_to_config
+    def __init__(self, widths=(24, 48, 96, 192), feature_dim: int = 256):
+        super().__init__()
+        layers, channels = [], 3
+        for width in widths:  # each level halves the side: 64 -> 4 pixels with 4 widths
+            layers += [_conv(channels, width), _conv(width, width, stride=2)]
+            channels = width
+        self.encoder = nn.Sequential(*layers)
+        self.embed = nn.Sequential(nn.Linear(2 * channels, feature_dim), nn.ReLU(inplace=True))
+        self.heads = nn.ModuleDict({name: nn.Linear(feature_dim, size)
+                                    for name, size in self.HEADS.items()})
+
+    def _features(self, images):
+        x = self.encoder(images)
+        return self.embed(torch.cat([x.mean((2, 3)), x.amax((2, 3))], 1))
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Images (N, 3, 64, 64) in [0, 1] -> {head: logits (N, size)}, see HEADS."""
+        features = self._features(images)
+        return {name: head(features) for name, head in self.heads.items()}
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (N, 3, 64, 64) in [0, 1] -> (N, feature_dim) float32 features, in eval
+        mode without gradients (the FID/KID feature extractor)."""
+        images = check_images(images).to(self.device, self.dtype)
+        training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                return self._features(images).float()
+        finally:
+            self.train(training)
+
+    def _predict(self, images):
+        logits = self(images)
+        out = {name: (logits[name] > 0).cpu().numpy() for name in self.MULTI_LABEL}
+        out["background"] = logits["background"].argmax(1).cpu().numpy()
+        out["count"] = logits["count"].argmax(1).cpu().numpy() + 1
+        return out
+
+    def predict(self, images: torch.Tensor) -> dict[str, np.ndarray]:
+        """Images (N, 3, 64, 64) in [0, 1] -> {"kinds": (N, 4) bool, "colors": (N, 6) bool,
+        "pairs": (N, 24) bool, "background": (N,) index into BACKGROUNDS,
+        "count": (N,) number of shapes}, the same layout as `scene_labels`."""
+        return super().predict(images)
+
+
+ORACLE_CLASSES = {"segmenter": ShapeSegmenter, "depth": ShapeDepthEstimator,
+                  "keypoints": ShapeKeypointDetector, "classifier": ShapeClassifier}
+
+
+def scene_labels(scenes) -> dict[str, np.ndarray]:
+    """Classifier targets of a list of Scenes, in ShapeClassifier.predict's layout."""
+    labels = {"kinds": np.zeros((len(scenes), len(SHAPES)), bool),
+              "colors": np.zeros((len(scenes), len(COLORS)), bool),
+              "pairs": np.zeros((len(scenes), len(PAIRS)), bool),
+              "background": np.zeros(len(scenes), np.int64),
+              "count": np.zeros(len(scenes), np.int64)}
+    colors = list(COLORS)
+    for i, scene in enumerate(scenes):
+        for shape in scene.shapes:
+            labels["kinds"][i, SHAPES.index(shape["kind"])] = True
+            labels["colors"][i, colors.index(shape["color"])] = True
+            labels["pairs"][i, PAIRS.index((shape["color"], shape["kind"]))] = True
+        labels["background"][i] = list(BACKGROUNDS).index(scene.background)
+        labels["count"][i] = len(scene.shapes)
+    return labels
+
+
+def load_oracle(name: str, path=DEFAULT_PATH, device="cpu") -> _Oracle:
+    """One oracle from `path`/`name` (a save_pretrained folder), in float32 eval mode."""
+    if name not in ORACLE_CLASSES:
+        raise ValueError(f"unknown oracle {name!r}: choose from {list(ORACLE_CLASSES)}")
+    folder = Path(path) / name
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"oracle folder {folder} not found (or has no config.json); "
+                                f"make it with `{TRAIN_COMMAND} --out {Path(path)}`")
+    model = ORACLE_CLASSES[name].from_pretrained(folder, torch_dtype=torch.float32)
+    return model.to(device).eval()
+
+
+def load_oracles(path=DEFAULT_PATH, device="cpu", names=ORACLES) -> dict[str, _Oracle]:
+    """{name: oracle} for the shipped evaluators under `path` (assets/oracles)."""
+    return {name: load_oracle(name, path, device) for name in names}
+
+
+def measure(name: str, model: _Oracle, scenes, images: torch.Tensor | None = None,
+            batch_size: int = 250) -> dict:
+    """Score oracle `name` against the ground truth of `scenes` (a list of Scenes), on
+    their own images or on `images` (N, 3, 64, 64) in [0, 1] (degraded copies, say).
+    segmenter: segmentation_scores; depth: depth_rmse; keypoints: landmark_scores;
+    classifier: classifier_scores."""
+    if images is None:
+        images = images_to_tensor(np.stack([s.image for s in scenes]))
+    outputs = [model.predict(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
+    if name == "segmenter":
+        return segmentation_scores(np.concatenate(outputs), np.stack([s.seg for s in scenes]),
+                                   len(SEG_CLASSES))
+    if name == "depth":
+        return depth_rmse(np.concatenate(outputs), np.stack([s.depth for s in scenes]))
+    if name == "keypoints":
+        return landmark_scores(np.concatenate([o[0] for o in outputs]),
+                               np.concatenate([o[1] for o in outputs]),
+                               np.stack([s.landmarks for s in scenes]),
+                               np.stack([s.landmark_mask for s in scenes]))
+    if name == "classifier":
+        pred = {head: np.concatenate([o[head] for o in outputs]) for head in outputs[0]}
+        return classifier_scores(pred, scene_labels(scenes))
+    raise ValueError(f"unknown oracle {name!r}: choose from {list(ORACLE_CLASSES)}")
