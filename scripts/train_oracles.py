@@ -20,6 +20,7 @@ the command, seed, steps and training times go to <out>/metrics.json.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import math
@@ -40,16 +41,16 @@ from orthodiff.eval.metrics import depth_rmse, frechet_distance
 from orthodiff.eval.oracles import (OFFSET_SCALE, ORACLE_CLASSES, ORACLES, images_to_tensor,
                                     load_oracle, measure, scene_labels)
 
-# Steps are sized so all four train in about 20 minutes on one CPU thread.
+# The segmenter trains first; the other three start from its U-Net (all but the output
+# layer), as real evaluators start from a pretrained backbone: telling the four kinds
+# apart is the slow part to learn, and this way it is learned once. Steps are sized so
+# all four train in about 20 minutes on one CPU thread.
+UNET = {"widths": [16, 32, 64, 96, 128]}
 RECIPES = {
-    "segmenter": {"config": {"widths": [16, 32, 64, 96, 128]}, "steps": 900, "batch": 32,
-                  "lr": 3e-3},
-    "depth": {"config": {"widths": [16, 32, 64, 96, 128]}, "steps": 900, "batch": 32,
-              "lr": 3e-3},
-    "keypoints": {"config": {"widths": [16, 32, 64, 96, 128]}, "steps": 900, "batch": 32,
-                  "lr": 3e-3},
-    "classifier": {"config": {"widths": [24, 48, 96, 192]}, "steps": 900, "batch": 32,
-                   "lr": 3e-3},
+    "segmenter": {"config": UNET, "init": None, "steps": 550, "batch": 32, "lr": 3e-3},
+    "depth": {"config": UNET, "init": "segmenter", "steps": 300, "batch": 32, "lr": 2e-3},
+    "keypoints": {"config": UNET, "init": "segmenter", "steps": 350, "batch": 32, "lr": 2e-3},
+    "classifier": {"config": UNET, "init": "segmenter", "steps": 300, "batch": 32, "lr": 2e-3},
 }
 WARMUP = 0.05  # fraction of steps with a linear warm-up, then cosine decay to zero
 HEAT_SIGMA = 1.0  # pixels, the centre heatmap's Gaussian
@@ -126,6 +127,15 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return loss.sum() / positive.sum().clamp_min(1)
 
 
+def color_map(scene) -> np.ndarray:
+    """(H, W) int64: 0 background, 1 + index in COLORS of the shape seen at each pixel
+    (shapes are drawn without anti-aliasing, so a pixel shows its shape's exact colour)."""
+    ids = np.zeros(scene.seg.shape, np.int64)
+    for shape in scene.shapes:
+        ids[(scene.image == sw.COLORS[shape["color"]]).all(-1)] = 1 + list(sw.COLORS).index(shape["color"])
+    return ids
+
+
 def batch_targets(name: str, scenes) -> dict:
     if name == "segmenter":
         return {"seg": torch.from_numpy(np.stack([s.seg for s in scenes])).long()}
@@ -133,7 +143,9 @@ def batch_targets(name: str, scenes) -> dict:
         return {"depth": torch.from_numpy(np.stack([s.depth for s in scenes]))}
     if name == "keypoints":
         return keypoint_targets(scenes)
-    return {k: torch.from_numpy(v) for k, v in scene_labels(scenes).items()}
+    return {**{k: torch.from_numpy(v) for k, v in scene_labels(scenes).items()},
+            "kind_map": torch.from_numpy(np.stack([s.seg for s in scenes])).long(),
+            "color_map": torch.from_numpy(np.stack([color_map(s) for s in scenes]))}
 
 
 def loss_of(name: str, model, images: torch.Tensor, targets: dict) -> torch.Tensor:
@@ -149,8 +161,10 @@ def loss_of(name: str, model, images: torch.Tensor, targets: dict) -> torch.Tens
         depth = ((maps[:, 1:2] - targets["depth"][:, None]).abs() * region).sum() / count
         return focal_loss(maps[:, 0], targets["heat"]) + 5 * offsets / (2 * NUM_LANDMARKS) + depth
     logits = model(images)
-    loss = sum(F.binary_cross_entropy_with_logits(logits[h], targets[h].float())
-               for h in model.MULTI_LABEL)
+    loss = (F.cross_entropy(logits["kind_map"], targets["kind_map"])
+            + F.cross_entropy(logits["color_map"], targets["color_map"]))
+    loss = loss + sum(F.binary_cross_entropy_with_logits(logits[h], targets[h].float())
+                      for h in model.MULTI_LABEL)
     return (loss + F.cross_entropy(logits["background"], targets["background"])
             + F.cross_entropy(logits["count"], targets["count"] - 1))
 
@@ -169,31 +183,50 @@ def save_atomic(obj, path: Path) -> None:
     os.replace(temporary, path)
 
 
+@functools.lru_cache(maxsize=None)
+def train_scene(seed: int):
+    """Scenes are rendered once per run and shared by the oracles that train on them."""
+    return make_scene(seed)
+
+
+def checkpoint_path(cache: Path, name: str) -> Path:
+    return cache / f"{name}.pt"
+
+
 def train_oracle(name: str, recipe: dict, seed: int, cache: Path, save_every: int,
-                 progress: bool = True):
-    """Train (or resume) one oracle; returns (model, training seconds)."""
+                 parent: dict | None = None, progress: bool = True):
+    """Train (or resume) one oracle. `parent`, the final checkpoint of the oracle named by
+    recipe["init"], gives the starting U-Net. Returns (model, checkpoint dict)."""
     torch.manual_seed(seed)
-    model = ORACLE_CLASSES[name](**recipe["config"]).to(memory_format=torch.channels_last)
+    model = ORACLE_CLASSES[name](**recipe["config"])
+    identity = {"recipe": recipe, "seed": seed, "parent": parent and parent["identity"]}
+    if parent is not None:
+        backbone = {k: v for k, v in parent["model"].items()
+                    if k.startswith("unet.") and not k.startswith("unet.head.")}
+        missing, unexpected = model.load_state_dict(backbone, strict=False)
+        assert not unexpected and all(not k.startswith("unet.") or k.startswith("unet.head.")
+                                      for k in missing), (missing, unexpected)
+    model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe["lr"], weight_decay=1e-4)
-    checkpoint_path = cache / f"{name}.pt"
+    path = checkpoint_path(cache, name)
     start, elapsed = 0, 0.0
-    identity = {"recipe": recipe, "seed": seed}
-    if checkpoint_path.is_file():
-        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+    if path.is_file():
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
         if checkpoint["identity"] == identity:
             model.load_state_dict(checkpoint["model"])
             optimizer.load_state_dict(checkpoint["optimizer"])
             start, elapsed = checkpoint["step"], checkpoint["elapsed"]
-            print(f"{name}: resuming from {checkpoint_path} at step {start}")
+            print(f"{name}: resuming from {path} at step {start}")
         else:
-            print(f"{name}: {checkpoint_path} holds another recipe; starting over")
+            print(f"{name}: {path} holds another recipe; starting over")
     steps, batch = recipe["steps"], recipe["batch"]
     train_seeds = split_seeds("train", steps * batch)
     model.train()
     bar = tqdm(range(start, steps), desc=name, initial=start, total=steps, disable=not progress)
     began = time.perf_counter()
+    checkpoint = None
     for step in bar:
-        scenes = [make_scene(s) for s in train_seeds[step * batch:(step + 1) * batch]]
+        scenes = [train_scene(s) for s in train_seeds[step * batch:(step + 1) * batch]]
         # One generator per step, so a resumed run draws the same augmentation.
         generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
         images = degrade(images_to_tensor(np.stack([s.image for s in scenes])), generator)
@@ -207,12 +240,27 @@ def train_oracle(name: str, recipe: dict, seed: int, cache: Path, save_every: in
         if step % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % save_every == 0 or step + 1 == steps:
-            save_atomic({"identity": identity, "model": model.state_dict(),
-                         "optimizer": optimizer.state_dict(), "step": step + 1,
-                         "elapsed": elapsed + time.perf_counter() - began}, checkpoint_path)
+            checkpoint = {"identity": identity, "model": model.state_dict(),
+                          "optimizer": optimizer.state_dict(), "step": step + 1,
+                          "elapsed": elapsed + time.perf_counter() - began}
+            save_atomic(checkpoint, path)
     bar.close()
-    elapsed += time.perf_counter() - began
-    return model.to(memory_format=torch.contiguous_format).eval(), elapsed
+    if checkpoint is None:  # nothing left to train: the loaded checkpoint is final
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    model = model.to(memory_format=torch.contiguous_format).eval()
+    return model, checkpoint
+
+
+def final_checkpoint(cache: Path, name: str, recipe: dict, seed: int) -> dict:
+    """The finished checkpoint of `name` (the parent of a warm-started oracle)."""
+    path = checkpoint_path(cache, name)
+    if path.is_file():
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        if (checkpoint["identity"]["recipe"] == recipe and checkpoint["identity"]["seed"] == seed
+                and checkpoint["step"] == recipe["steps"]):
+            return checkpoint
+    raise FileNotFoundError(f"no finished {name} checkpoint for this recipe in {path}; "
+                            f"train it first (--only {name})")
 
 
 def depth_ambiguity(scenes) -> dict:
@@ -280,10 +328,19 @@ def main(argv=None) -> int:
                  "seeds": [split_seeds("test", args.n_test)[0], split_seeds("test", args.n_test)[-1]]},
     })
     metrics.setdefault("oracles", {})
-    for name in names:
+    finished = {}
+    for name in [n for n in ORACLES if n in names]:  # parents before children
         recipe = dict(RECIPES[name], steps=args.steps or RECIPES[name]["steps"])
-        model, seconds = train_oracle(name, recipe, args.seed, cache, args.save_every,
-                                      not args.no_progress)
+        parent_name = recipe["init"]
+        parent = None
+        if parent_name is not None:
+            parent = finished.get(parent_name) or final_checkpoint(
+                cache, parent_name, dict(RECIPES[parent_name], steps=args.steps or
+                                         RECIPES[parent_name]["steps"]), args.seed)
+        model, checkpoint = train_oracle(name, recipe, args.seed, cache, args.save_every,
+                                         parent, not args.no_progress)
+        finished[name] = checkpoint
+        seconds = checkpoint["elapsed"]
         model.half().save_pretrained(args.out / name)  # float16 keeps assets small
         shipped = load_oracle(name, args.out)  # measure exactly what ships
         metrics["oracles"][name] = {**recipe, "train_seconds": round(seconds, 1),

@@ -324,3 +324,22 @@ def test_sd15_target_count_and_free_parameters(r):
     assert len(names) == 144
     free = count_parameters(unet)
     assert round(free / 1e6, 2) == SD15_FREE_PARAMETERS[r] / 1e6  # the brief's figures carry 2 decimals
+
+
+def test_tiny_unet_inject_merge_and_conv_targets():
+    from orthodiff.models.tiny_sd import build_unet
+
+    torch.manual_seed(0)
+    unet = build_unet(channels=(32, 64, 64), cross_attention_dim=32, attention_head_dim=16).eval()
+    x, t, text = torch.randn(2, 4, 16, 16), torch.tensor([10, 500]), torch.randn(2, 7, 32)
+    with torch.no_grad():
+        base = unet(x, t, text).sample
+    names = inject_oft(unet, OFTConfig(num_blocks=4, targets=["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "conv1"]))
+    assert sum(n.endswith("conv1") for n in names) > 0
+    with torch.no_grad():
+        assert torch.equal(unet(x, t, text).sample, base)
+        randomize(unet, 0.05)
+        adapted = unet(x, t, text).sample
+        assert (adapted - base).abs().max() > 1e-3
+        merge_oft(unet)
+        assert (unet(x, t, text).sample - adapted).abs().max() < 1e-4

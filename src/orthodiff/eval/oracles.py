@@ -103,29 +103,35 @@ class _UNet(nn.Module):
             channels = width
         self.head = nn.Conv2d(channels, out_channels, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (output map, bottleneck features)."""
         skips = []
         for level, block in enumerate(self.down):
             x = block(F.max_pool2d(x, 2) if level else x)
             skips.append(x)
+        bottleneck = x
         for block, skip in zip(self.up, reversed(skips[:-1])):
             x = block(torch.cat([F.interpolate(x, scale_factor=2.0), skip], 1))
-        return self.head(x)
+        return self.head(x), bottleneck
 
 
 class _Oracle(ModelMixin, ConfigMixin):
-    """Shared by the four: `predict` runs `_predict` in eval mode without gradients on the
-    model's device and dtype, and restores the training flag afterwards."""
+    """Shared by the four: `predict` runs `_predict` on checked images."""
 
-    def predict(self, images: torch.Tensor):
+    def _inference(self, function, images):
+        """function(images) in eval mode, without gradients, on the model's device and
+        dtype; the training flag is restored afterwards."""
         images = check_images(images).to(self.device, self.dtype)
         training = self.training
         self.eval()
         try:
             with torch.no_grad():
-                return self._predict(images)
+                return function(images)
         finally:
             self.train(training)
+
+    def predict(self, images: torch.Tensor):
+        return self._inference(self._predict, images)
 
 
 class ShapeSegmenter(_Oracle):
@@ -138,7 +144,7 @@ class ShapeSegmenter(_Oracle):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Images (N, 3, 64, 64) in [0, 1] -> class logits (N, num_classes, 64, 64)."""
-        return self.unet(images)
+        return self.unet(images)[0]
 
     def _predict(self, images):
         return self(images).argmax(1).to(torch.uint8).cpu().numpy()
@@ -161,7 +167,7 @@ class ShapeDepthEstimator(_Oracle):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Images (N, 3, 64, 64) in [0, 1] -> depth (N, 64, 64), not clamped."""
-        return self.unet(images)[:, 0]
+        return self.unet(images)[0][:, 0]
 
     def _predict(self, images):
         return self(images).clamp(0, 1).float().cpu().numpy()
@@ -189,7 +195,7 @@ class ShapeKeypointDetector(_Oracle):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Images (N, 3, 64, 64) in [0, 1] -> raw maps (N, 2 + 2 * NUM_LANDMARKS, 64, 64):
         heatmap logit, depth, then offsets (x0, y0, x1, y1, ...) / OFFSET_SCALE."""
-        return self.unet(images)
+        return self.unet(images)[0]
 
     def _predict(self, images):
         maps = self(images).float()
@@ -224,8 +230,7 @@ class ShapeKeypointDetector(_Oracle):
 
 
 class ShapeClassifier(_Oracle):
-    """Scene classifier: a strided CNN, global average and max pooling, one hidden layer
-    (the features), then five heads:
+    """Scene classifier with five heads:
 
         kinds       multi-label over SHAPES (4)          which kinds are present
         colors      multi-label over COLORS (6)          which colours are present
@@ -233,44 +238,50 @@ class ShapeClassifier(_Oracle):
         background  one of BACKGROUNDS (4)
         count       one of 1..MAX_SHAPES shapes (3)
 
-    `features` is the FID feature space of this world (like Inception's pool features)."""
+    A U-Net (the segmenter's architecture) maps every pixel to a kind (background +
+    SHAPES) and a colour (background + COLORS); it is trained on those two maps as well
+    as on the heads, because image-level labels alone teach a small CNN shape kinds far
+    too slowly (in 300 steps one learned colours and counts, no kinds). Pooled over the
+    image, the maps give the share of the image each kind, colour and (colour, kind)
+    pair covers; with the pooled bottleneck they feed one hidden layer, `features`,
+    which the heads read. `features` is this world's FID feature space (like
+    Inception's pool features)."""
 
     HEADS = {"kinds": len(SHAPES), "colors": len(COLORS), "pairs": len(PAIRS),
              "background": len(BACKGROUNDS), "count": MAX_SHAPES}
     MULTI_LABEL = ("kinds", "colors", "pairs")
 
     @register_to_config
-    def __init__(self, widths=(24, 48, 96, 192), feature_dim: int = 256):
+    def __init__(self, widths=(16, 32, 64, 96, 128), feature_dim: int = 256):
         super().__init__()
-        layers, channels = [], 3
-        for width in widths:  # each level halves the side: 64 -> 4 pixels with 4 widths
-            layers += [_conv(channels, width), _conv(width, width, stride=2)]
-            channels = width
-        self.encoder = nn.Sequential(*layers)
-        self.embed = nn.Sequential(nn.Linear(2 * channels, feature_dim), nn.ReLU(inplace=True))
+        self.unet = _UNet(len(SEG_CLASSES) + 1 + len(COLORS), tuple(widths))
+        shares = len(SEG_CLASSES) + 1 + len(COLORS) + len(PAIRS)
+        self.embed = nn.Sequential(nn.Linear(2 * widths[-1] + shares, feature_dim),
+                                   nn.ReLU(inplace=True))
         self.heads = nn.ModuleDict({name: nn.Linear(feature_dim, size)
                                     for name, size in self.HEADS.items()})
 
     def _features(self, images):
-        x = self.encoder(images)
-        return self.embed(torch.cat([x.mean((2, 3)), x.amax((2, 3))], 1))
+        maps, bottleneck = self.unet(images)
+        kind_map, color_map = maps.split([len(SEG_CLASSES), 1 + len(COLORS)], 1)
+        kind, color = kind_map.softmax(1), color_map.softmax(1)
+        # PAIRS order: colour-major, kind-minor; classes 0 of both maps are background.
+        pairs = (color[:, 1:, None] * kind[:, None, 1:]).flatten(1, 2).mean((2, 3))
+        pooled = [bottleneck.mean((2, 3)), bottleneck.amax((2, 3)), kind.mean((2, 3)),
+                  color.mean((2, 3)), pairs]
+        return self.embed(torch.cat(pooled, 1)), kind_map, color_map
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Images (N, 3, 64, 64) in [0, 1] -> {head: logits (N, size)}, see HEADS."""
-        features = self._features(images)
-        return {name: head(features) for name, head in self.heads.items()}
+        """Images (N, 3, 64, 64) in [0, 1] -> {head: logits (N, size)} (see HEADS), plus
+        "kind_map" (N, 1 + 4, 64, 64) and "color_map" (N, 1 + 6, 64, 64) pixel logits."""
+        features, kind_map, color_map = self._features(images)
+        return {**{name: head(features) for name, head in self.heads.items()},
+                "kind_map": kind_map, "color_map": color_map}
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Images (N, 3, 64, 64) in [0, 1] -> (N, feature_dim) float32 features, in eval
         mode without gradients (the FID/KID feature extractor)."""
-        images = check_images(images).to(self.device, self.dtype)
-        training = self.training
-        self.eval()
-        try:
-            with torch.no_grad():
-                return self._features(images).float()
-        finally:
-            self.train(training)
+        return self._inference(lambda x: self._features(x)[0].float(), images)
 
     def _predict(self, images):
         logits = self(images)
