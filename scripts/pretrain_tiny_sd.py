@@ -8,8 +8,10 @@ text encoder + UNet (v-prediction, min-SNR weighting, EMA, sample grids) -> expo
 of the EMA weights as a diffusers StableDiffusionPipeline folder in fp16.
 """
 
+import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -133,7 +135,7 @@ def encode_latents(vae, images: torch.Tensor, cache: Path) -> tuple[torch.Tensor
 
 def train_unet(cfg, tokenizer, moments, scaling_factor, captions, cache: Path):
     text_encoder = build_text_encoder(cfg.text_encoder.hidden, cfg.text_encoder.layers, cfg.text_encoder.heads)
-    unet = build_unet(cfg.unet.channels, cfg.text_encoder.hidden, cfg.unet.attention_head_dim)
+    unet = build_unet(cfg.unet.channels, cfg.text_encoder.hidden, cfg.unet.attention_heads)
     models = torch.nn.ModuleDict({"unet": unet, "text_encoder": text_encoder})
     ema = AveragedModel(models, multi_avg_fn=get_ema_multi_avg_fn(cfg.unet.ema_decay), use_buffers=True)
     opt = torch.optim.AdamW(models.parameters(), lr=cfg.unet.lr, weight_decay=0.01)
@@ -197,6 +199,21 @@ def make_pipeline(vae, ema_models, tokenizer, scaling_factor):
     )
 
 
+def export_pipeline(pipe, tokenizer_dir: Path, out_dir: Path):
+    """fp16 safetensors (the size budget), loadable by plain `from_pretrained(out_dir)`."""
+    pipe.to(torch.float16).save_pretrained(out_dir, safe_serialization=True)
+    pipe.to(torch.float32)
+    # transformers loads a checkpoint in its saved dtype unless the config names one, while
+    # diffusers casts to float32: without this the text encoder (fp16) and UNet (fp32) clash.
+    config_path = out_dir / "text_encoder" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["dtype"] = config["torch_dtype"] = "float32"
+    config_path.write_text(json.dumps(config, indent=2))
+    # The slow CLIPTokenizer of transformers 4.x reads vocab.json + merges.txt, not tokenizer.json.
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(tokenizer_dir / name, out_dir / "tokenizer" / name)
+
+
 SAMPLE_PROMPTS = [
     "a red circle on a white background", "a blue square on a black background",
     "a green triangle on a light gray background", "a yellow cross on a dark gray background",
@@ -234,7 +251,7 @@ def main(cfg: DictConfig):
                        height=64, width=64, generator=torch.Generator().manual_seed(0)).images
         save_grid(samples * 2 - 1, cache / f"samples_{step:06d}.png")
         print(f"step {step}: samples in {cache}/samples_{step:06d}.png", flush=True)
-    pipe.to(torch.float16).save_pretrained(out_dir, safe_serialization=True)
+    export_pipeline(pipe, tokenizer_dir, out_dir)
     print(f"done in {time.time() - start:.0f}s this run; pipeline in {out_dir}; config:\n{OmegaConf.to_yaml(cfg)}")
 
 

@@ -39,18 +39,22 @@ from orthodiff.data import shapes as sw
 from orthodiff.data.shapes import MAX_SHAPES, NUM_LANDMARKS, make_scene, split_seeds
 from orthodiff.eval.metrics import depth_rmse, frechet_distance
 from orthodiff.eval.oracles import (OFFSET_SCALE, ORACLE_CLASSES, ORACLES, images_to_tensor,
-                                    load_oracle, measure, scene_labels)
+                                    load_oracle, measure)
 
-# The segmenter trains first; the other three start from its U-Net (all but the output
-# layer), as real evaluators start from a pretrained backbone: telling the four kinds
+# The segmenter trains first; the other three start from its U-Net (the classifier's
+# kind map even from its output layer), as real evaluators start from a pretrained backbone: telling the four kinds
 # apart is the slow part to learn, and this way it is learned once. Steps are sized so
 # all four train in about 20 minutes on one CPU thread.
 UNET = {"widths": [16, 32, 64, 96, 128]}
 RECIPES = {
-    "segmenter": {"config": UNET, "init": None, "steps": 550, "batch": 32, "lr": 3e-3},
-    "depth": {"config": UNET, "init": "segmenter", "steps": 300, "batch": 32, "lr": 2e-3},
-    "keypoints": {"config": UNET, "init": "segmenter", "steps": 350, "batch": 32, "lr": 2e-3},
-    "classifier": {"config": UNET, "init": "segmenter", "steps": 300, "batch": 32, "lr": 2e-3},
+    "segmenter": {"config": UNET, "init": None, "steps": 550, "batch": 32, "lr": 3e-3,
+                  "head_lr": 1.0},
+    "depth": {"config": UNET, "init": "segmenter", "steps": 300, "batch": 32, "lr": 1e-3,
+              "head_lr": 10.0},
+    "keypoints": {"config": UNET, "init": "segmenter", "steps": 350, "batch": 32, "lr": 1e-3,
+                  "head_lr": 10.0},
+    "classifier": {"config": UNET, "init": "segmenter", "steps": 300, "batch": 32, "lr": 1e-3,
+                   "head_lr": 10.0},
 }
 WARMUP = 0.05  # fraction of steps with a linear warm-up, then cosine decay to zero
 HEAT_SIGMA = 1.0  # pixels, the centre heatmap's Gaussian
@@ -128,11 +132,13 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def color_map(scene) -> np.ndarray:
-    """(H, W) int64: 0 background, 1 + index in COLORS of the shape seen at each pixel
-    (shapes are drawn without anti-aliasing, so a pixel shows its shape's exact colour)."""
-    ids = np.zeros(scene.seg.shape, np.int64)
+    """(H, W) int64 over BACKGROUNDS then COLORS: the background's index on background
+    pixels, 4 + the shape colour's index where a shape is seen (shapes are drawn without
+    anti-aliasing, so a pixel shows its shape's exact colour)."""
+    ids = np.full(scene.seg.shape, list(sw.BACKGROUNDS).index(scene.background), np.int64)
     for shape in scene.shapes:
-        ids[(scene.image == sw.COLORS[shape["color"]]).all(-1)] = 1 + list(sw.COLORS).index(shape["color"])
+        seen = (scene.image == sw.COLORS[shape["color"]]).all(-1)
+        ids[seen] = len(sw.BACKGROUNDS) + list(sw.COLORS).index(shape["color"])
     return ids
 
 
@@ -143,8 +149,7 @@ def batch_targets(name: str, scenes) -> dict:
         return {"depth": torch.from_numpy(np.stack([s.depth for s in scenes]))}
     if name == "keypoints":
         return keypoint_targets(scenes)
-    return {**{k: torch.from_numpy(v) for k, v in scene_labels(scenes).items()},
-            "kind_map": torch.from_numpy(np.stack([s.seg for s in scenes])).long(),
+    return {"kind_map": torch.from_numpy(np.stack([s.seg for s in scenes])).long(),
             "color_map": torch.from_numpy(np.stack([color_map(s) for s in scenes]))}
 
 
@@ -160,13 +165,9 @@ def loss_of(name: str, model, images: torch.Tensor, targets: dict) -> torch.Tens
         offsets = ((maps[:, 2:] - targets["offsets"]).abs() * region).sum() / count
         depth = ((maps[:, 1:2] - targets["depth"][:, None]).abs() * region).sum() / count
         return focal_loss(maps[:, 0], targets["heat"]) + 5 * offsets / (2 * NUM_LANDMARKS) + depth
-    logits = model(images)
-    loss = (F.cross_entropy(logits["kind_map"], targets["kind_map"])
-            + F.cross_entropy(logits["color_map"], targets["color_map"]))
-    loss = loss + sum(F.binary_cross_entropy_with_logits(logits[h], targets[h].float())
-                      for h in model.MULTI_LABEL)
-    return (loss + F.cross_entropy(logits["background"], targets["background"])
-            + F.cross_entropy(logits["count"], targets["count"] - 1))
+    maps = model(images)
+    return (F.cross_entropy(maps["kind_map"], targets["kind_map"])
+            + F.cross_entropy(maps["color_map"], targets["color_map"]))
 
 
 def learning_rate(step: int, steps: int, peak: float) -> float:
@@ -200,14 +201,22 @@ def train_oracle(name: str, recipe: dict, seed: int, cache: Path, save_every: in
     torch.manual_seed(seed)
     model = ORACLE_CLASSES[name](**recipe["config"])
     identity = {"recipe": recipe, "seed": seed, "parent": parent and parent["identity"]}
-    if parent is not None:
-        backbone = {k: v for k, v in parent["model"].items()
-                    if k.startswith("unet.") and not k.startswith("unet.head.")}
-        missing, unexpected = model.load_state_dict(backbone, strict=False)
-        assert not unexpected and all(not k.startswith("unet.") or k.startswith("unet.head.")
-                                      for k in missing), (missing, unexpected)
+    if parent is not None:  # every parent tensor whose name and shape match
+        own = model.state_dict()
+        start_from = {k: v for k, v in parent["model"].items()
+                      if k in own and own[k].shape == v.shape}
+        model.load_state_dict(start_from, strict=False)
     model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe["lr"], weight_decay=1e-4)
+    # Output layers (and the classifier's colour network) learn head_lr times
+    # faster: with Adam a weight moves about lr per step, and a fresh output layer on top
+    # of normalized features needs weights of order one, hundreds of steps at lr alone.
+    head = [n.startswith("unet.head.") or not n.startswith("unet.")
+            for n, _ in model.named_parameters()]
+    parameters = list(model.parameters())
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for p, h in zip(parameters, head) if not h], "scale": 1.0},
+         {"params": [p for p, h in zip(parameters, head) if h], "scale": recipe["head_lr"]}],
+        lr=recipe["lr"], weight_decay=1e-4)
     path = checkpoint_path(cache, name)
     start, elapsed = 0, 0.0
     if path.is_file():
@@ -233,7 +242,7 @@ def train_oracle(name: str, recipe: dict, seed: int, cache: Path, save_every: in
         loss = loss_of(name, model, images.contiguous(memory_format=torch.channels_last),
                        batch_targets(name, scenes))
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, steps, recipe["lr"])
+            group["lr"] = group["scale"] * learning_rate(step, steps, recipe["lr"])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

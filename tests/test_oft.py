@@ -330,7 +330,7 @@ def test_tiny_unet_inject_merge_and_conv_targets():
     from orthodiff.models.tiny_sd import build_unet
 
     torch.manual_seed(0)
-    unet = build_unet(channels=(32, 64, 64), cross_attention_dim=32, attention_head_dim=16).eval()
+    unet = build_unet(channels=(32, 64, 64), cross_attention_dim=32, attention_heads=2).eval()
     x, t, text = torch.randn(2, 4, 16, 16), torch.tensor([10, 500]), torch.randn(2, 7, 32)
     with torch.no_grad():
         base = unet(x, t, text).sample

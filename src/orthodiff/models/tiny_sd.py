@@ -43,14 +43,15 @@ def build_text_encoder(hidden=64, layers=3, heads=4, vocab_size=49408) -> CLIPTe
     ))
 
 
-def build_unet(channels=(64, 96, 96), cross_attention_dim=64, attention_head_dim=32, sample_size=16,
+def build_unet(channels=(64, 96, 96), cross_attention_dim=64, attention_heads=2, sample_size=16,
                latent_channels=4) -> UNet2DConditionModel:
     return UNet2DConditionModel(
         sample_size=sample_size, in_channels=latent_channels, out_channels=latent_channels,
         block_out_channels=tuple(channels), layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=cross_attention_dim, attention_head_dim=attention_head_dim, norm_num_groups=32,
+        # diffusers' UNet reads `attention_head_dim` as the number of heads (SD 1.5's 8 = 8 heads).
+        cross_attention_dim=cross_attention_dim, attention_head_dim=attention_heads, norm_num_groups=32,
     )
 
 
@@ -82,7 +83,7 @@ def build_clip_tokenizer(bpe_gz: Path, out_dir: Path) -> CLIPTokenizer:
     first 48894 merges joined, then <|startoftext|> and <|endoftext|>: 49408 tokens.
     """
     lines = gzip.open(bpe_gz, "rt", encoding="utf-8").read().split("\n")
-    merges = lines[1 : 49152 - 256 - 2 + 1]
+    merges = [m for m in lines[1 : 49152 - 256 - 2 + 1] if m]
     symbols = list(_bytes_to_unicode().values())
     vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
