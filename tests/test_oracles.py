@@ -1,3 +1,4 @@
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -9,11 +10,12 @@ import torch
 from orthodiff.data.shapes import MAX_SHAPES, NUM_LANDMARKS, make_scene, split_seeds
 from orthodiff.eval.metrics import (classifier_scores, depth_rmse, frechet_distance,
                                     landmark_error, landmark_scores, segmentation_scores)
-from orthodiff.eval.oracles import (ORACLES, ShapeClassifier, ShapeSegmenter, check_images,
+from orthodiff.eval.oracles import (ORACLES, ShapeClassifier, ShapeKeypointDetector, check_images,
                                     images_to_tensor, load_oracle, load_oracles, measure,
                                     scene_labels)
 
-ASSETS = Path(__file__).resolve().parents[1] / "assets" / "oracles"
+ROOT = Path(__file__).resolve().parents[1]
+ASSETS = ROOT / "assets" / "oracles"
 METRICS = json.loads((ASSETS / "metrics.json").read_text())
 TEST_SCENES = [make_scene(seed) for seed in split_seeds("test", 200)]
 
@@ -25,54 +27,78 @@ def oracles():
 
 
 # --- the shipped oracles score held-out scenes as metrics.json says ------------------
+# "clean" is over all n test scenes; "clean_first_200" is the same measurement on the 200
+# scenes re-scored here, so the comparison is like with like (the margins absorb numeric
+# drift across machines, not sampling noise).
+
+def _recorded(name):
+    return METRICS["oracles"][name]["clean_first_200"]
+
 
 def test_segmenter_scores_held_out_scenes_as_recorded(oracles):
-    recorded = METRICS["oracles"]["segmenter"]["clean"]
+    assert METRICS["oracles"]["segmenter"]["clean"]["mIoU"] >= 0.90  # the floor
     scores = measure("segmenter", oracles["segmenter"], TEST_SCENES)
-    assert recorded["mIoU"] >= 0.90  # the floor the oracle was trained to
-    assert scores["mIoU"] >= recorded["mIoU"] - 0.02
-    assert scores["aAcc"] >= recorded["aAcc"] - 0.02
+    assert scores["mIoU"] >= _recorded("segmenter")["mIoU"] - 0.02
+    assert scores["aAcc"] >= _recorded("segmenter")["aAcc"] - 0.02
 
 
 def test_classifier_scores_held_out_scenes_as_recorded(oracles):
-    recorded = METRICS["oracles"]["classifier"]["clean"]
+    assert METRICS["oracles"]["classifier"]["clean"]["pairs_exact"] >= 0.95  # the floor
     scores = measure("classifier", oracles["classifier"], TEST_SCENES)
-    assert recorded["pairs_exact"] >= 0.95
     for key in ("pairs_exact", "kinds_exact", "colors_exact", "background_acc", "count_acc"):
-        assert scores[key] >= recorded[key] - 0.02, key
+        assert scores[key] >= _recorded("classifier")[key] - 0.02, key
 
 
 def test_depth_estimator_rmse_is_no_worse_than_recorded(oracles):
     depth = METRICS["oracles"]["depth"]
     scores = measure("depth", oracles["depth"], TEST_SCENES)
-    assert scores["rmse"] <= 1.1 * depth["clean"]["rmse"]
+    assert scores["rmse"] <= 1.1 * _recorded("depth")["rmse"]
     assert depth["ambiguity_floor"]["rmse"] <= depth["clean"]["rmse"]  # nothing beats it
     prediction = oracles["depth"].predict(images_to_tensor(TEST_SCENES[0].image))
     assert prediction.shape == (1, 64, 64) and prediction.dtype == np.float32
 
 
 def test_keypoint_detector_error_is_no_worse_than_recorded(oracles):
-    recorded = METRICS["oracles"]["keypoints"]["clean"]
     scores = measure("keypoints", oracles["keypoints"], TEST_SCENES)
-    assert scores["error"] <= 1.1 * recorded["error"]
-    assert scores["detected"] >= recorded["detected"] - 0.02
+    assert scores["error"] <= 1.1 * _recorded("keypoints")["error"]
+    assert scores["detected"] >= _recorded("keypoints")["detected"] - 0.02
     landmarks, mask = oracles["keypoints"].predict(images_to_tensor(TEST_SCENES[0].image))
-    assert landmarks.shape == (1, MAX_SHAPES, NUM_LANDMARKS, 2) and mask.shape == (1, MAX_SHAPES, NUM_LANDMARKS)
+    assert landmarks.shape == (1, MAX_SHAPES, NUM_LANDMARKS, 2)
+    assert mask.shape == (1, MAX_SHAPES, NUM_LANDMARKS)
     assert not landmarks[~mask].any()  # absent slots are zeros
 
 
-def test_classifier_features_separate_real_from_shifted_images(oracles):
+def _train_script():
+    path = ROOT / "scripts" / "train_oracles.py"
+    spec = importlib.util.spec_from_file_location("train_oracles", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_keypoint_decoding_of_exact_maps_recovers_the_landmarks_in_z_order():
+    scenes = TEST_SCENES[:50]
+    targets = _train_script().keypoint_targets(scenes)
+    maps = torch.cat([targets["shape"][:, None].float() * 20 - 10, targets["depth"][:, None],
+                      targets["offsets"]], 1)
+    detector = ShapeKeypointDetector()
+    detector.forward = lambda images: maps  # decode the training targets themselves
+    landmarks, mask = detector.predict(images_to_tensor(np.stack([s.image for s in scenes])))
+    truth = np.stack([s.landmarks for s in scenes]), np.stack([s.landmark_mask for s in scenes])
+    np.testing.assert_array_equal(mask, truth[1])  # exact depths give the z-order slots
+    np.testing.assert_allclose(landmarks, truth[0], atol=1e-3)
+
+
+def test_classifier_features_tell_a_shifted_world_from_the_real_one(oracles):
     classifier = oracles["classifier"]
-    images = images_to_tensor(np.stack([s.image for s in TEST_SCENES]))
-    features = classifier.features(images)
-    assert features.shape == (200, classifier.config.feature_dim)
-    same = frechet_distance(features[:100], features[100:])
-    blurred = frechet_distance(features[:100], classifier.features(_box_blur(images[100:])))
-    assert blurred > 2 * same
-
-
-def _box_blur(images):
-    return torch.nn.functional.avg_pool2d(images, 5, 1, 2, count_include_pad=False)
+    test = classifier.features(images_to_tensor(np.stack([s.image for s in TEST_SCENES])))
+    val = images_to_tensor(np.stack([make_scene(seed).image for seed in split_seeds("val", 200)]))
+    assert test.shape == (200, 2 * classifier.config.widths[-1] + 5 + 10 + 24)
+    same_world = frechet_distance(test, classifier.features(val))
+    # Red and blue swapped: a world of wrong colours. (Blur is no test: the features were
+    # trained to shrug it off, like the maps they pool.)
+    swapped = frechet_distance(test, classifier.features(val[:, [2, 1, 0]]))
+    assert swapped > 3 * same_world
 
 
 def test_oracles_refuse_other_input_conventions(oracles):
@@ -85,7 +111,7 @@ def test_oracles_refuse_other_input_conventions(oracles):
         check_images(image[:, :, :32])
 
 
-def test_predict_restores_the_training_flag_and_features_need_no_grad(oracles):
+def test_predict_restores_the_training_flag(oracles):
     segmenter = oracles["segmenter"]
     segmenter.train()
     try:
@@ -114,7 +140,7 @@ def test_loader_names_the_missing_folder_and_the_script(tmp_path):
 
 
 def test_save_and_load_round_trip(tmp_path):
-    model = ShapeClassifier(widths=(4, 8), feature_dim=8).eval()
+    model = ShapeClassifier(widths=(4, 8), color_width=4).eval()
     model.save_pretrained(tmp_path / "classifier")
     loaded = load_oracle("classifier", tmp_path)
     images = images_to_tensor(np.stack([s.image for s in TEST_SCENES[:4]]))

@@ -106,8 +106,9 @@ def landmark_scores(pred, pred_mask, target, target_mask, match: bool = True) ->
       spurious  predicted shapes without a true partner, per image"""
     pred, target = _numpy(pred).astype(np.float64), _numpy(target).astype(np.float64)
     pred_mask, target_mask = _numpy(pred_mask).astype(bool), _numpy(target_mask).astype(bool)
-    if pred.ndim == 3:
-        pred, pred_mask, target, target_mask = pred[None], pred_mask[None], target[None], target_mask[None]
+    if pred.ndim == 3:  # one image
+        pred, pred_mask = pred[None], pred_mask[None]
+        target, target_mask = target[None], target_mask[None]
     if pred.shape != target.shape or pred_mask.shape != target_mask.shape:
         raise ValueError(f"shapes differ: pred {pred.shape} / {pred_mask.shape}, "
                          f"target {target.shape} / {target_mask.shape}")

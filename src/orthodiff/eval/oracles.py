@@ -6,8 +6,8 @@ on the shapes world's exact ground truth (scripts/train_oracles.py makes them):
     segmenter   ShapeSegmenter         SegFormer / UperNet: per-pixel SEG_CLASSES ids
     depth       ShapeDepthEstimator    DPT: per-pixel depth in the dataset's encoding
     keypoints   ShapeKeypointDetector  the landmark detector: 5 landmarks per shape
-    classifier  ShapeClassifier        CLIP: which shapes, colours, background, count;
-                                       its penultimate features are the FID feature space
+    classifier  ShapeClassifier        CLIP: which (colour, kind) shapes, background,
+                                       count; its `features` are the FID feature space
 
 Input convention, one for all four: float images in [0, 1], shape (N, 3, 64, 64), RGB,
 as `images_to_tensor` makes from uint8 (N, 64, 64, 3) arrays. A uint8 tensor or values
@@ -38,7 +38,7 @@ from diffusers.configuration_utils import register_to_config
 from torch import nn
 
 from orthodiff.data.shapes import (BACKGROUNDS, COLORS, MAX_SHAPES, NUM_LANDMARKS,
-                                   REFERENCE_SIZE, SEG_CLASSES, SHAPES)
+                                   REFERENCE_SIZE, SEG_CLASSES, SHAPES, shape_depth)
 from orthodiff.eval.metrics import (classifier_scores, depth_rmse, landmark_scores,
                                     segmentation_scores)
 
@@ -47,6 +47,7 @@ PAIRS = tuple((color, kind) for color in COLORS for kind in SHAPES)  # index c *
 ORACLES = ("segmenter", "depth", "keypoints", "classifier")
 DEFAULT_PATH = Path("assets/oracles")
 TRAIN_COMMAND = "python scripts/train_oracles.py"
+DEPTH_LEVELS = (1.0,) + tuple(shape_depth(z) for z in range(MAX_SHAPES))  # background first
 # Landmark offsets are predicted in units of this many pixels, so targets are about +-1.
 OFFSET_SCALE = 16.0
 
@@ -156,66 +157,93 @@ class ShapeSegmenter(_Oracle):
 
 class ShapeDepthEstimator(_Oracle):
     """Per-pixel depth as the dataset encodes it: 1.0 background, shapes at 0.8, 0.6, 0.4
-    by z-order (nearer is smaller). Trained on squared error, so where the image does not
-    show the order (shapes that do not overlap) it predicts the mean over the orders the
-    image allows, which is what minimizes RMSE."""
+    by z-order (nearer is smaller). The network classifies each pixel into these
+    DEPTH_LEVELS and reports the expected depth under its probabilities: trained with
+    cross-entropy the probabilities are calibrated, so where the image does not show
+    the order (shapes that do not overlap can be stacked either way) the expectation is
+    the mean over the orders the image allows, which is what minimizes RMSE. (Direct
+    regression with squared error learned more slowly: RMSE 0.058 against 0.045 after
+    the same 300 steps.)"""
 
     @register_to_config
     def __init__(self, widths=(16, 32, 64, 96, 128)):
         super().__init__()
-        self.unet = _UNet(1, tuple(widths))
+        self.unet = _UNet(len(DEPTH_LEVELS), tuple(widths))
+        self.register_buffer("levels", torch.tensor(DEPTH_LEVELS), persistent=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Images (N, 3, 64, 64) in [0, 1] -> depth (N, 64, 64), not clamped."""
-        return self.unet(images)[0][:, 0]
+        """Images (N, 3, 64, 64) in [0, 1] -> logits (N, len(DEPTH_LEVELS), 64, 64)."""
+        return self.unet(images)[0]
 
     def _predict(self, images):
-        return self(images).clamp(0, 1).float().cpu().numpy()
+        probabilities = self(images).float().softmax(1)
+        return torch.einsum("nkhw,k->nhw", probabilities, self.levels.float()).cpu().numpy()
 
     def predict(self, images: torch.Tensor) -> np.ndarray:
-        """Images (N, 3, 64, 64) in [0, 1] -> (N, 64, 64) float32 depth in [0, 1]."""
+        """Images (N, 3, 64, 64) in [0, 1] -> (N, 64, 64) float32 depth in [0.4, 1]."""
         return super().predict(images)
 
 
 class ShapeKeypointDetector(_Oracle):
-    """Centre-heatmap detector (CenterNet style) for the 5 landmarks of every shape.
+    """Landmark detector by dense voting: every pixel predicts whether it shows a shape
+    and, if so, that shape's 5 landmarks (offsets from the pixel, in OFFSET_SCALE pixels)
+    and depth, hidden landmarks included. Supervising every shape pixel teaches it in a
+    few hundred steps; a centre-heatmap detector (CenterNet) found no shapes after 350.
 
-    Output channels per pixel: a centre-heatmap logit, the shape's depth, and for each of
-    the 5 landmarks its (x, y) offset from this pixel in units of OFFSET_SCALE pixels.
-    Offsets and depth are trained on the 3x3 pixels around each centre. Decoding keeps
-    heatmap peaks (3x3 local maxima) above `peak_threshold`, at most MAX_SHAPES, and
-    reads each landmark as the heat-weighted mean of `pixel + offset` over the peak's
-    3x3 neighbourhood, which gives sub-pixel positions."""
+    Decoding: each shape pixel votes for its predicted centre; local maxima of the
+    smoothed votes with at least `min_votes` votes within 5x5 pixels are shapes (at most
+    MAX_SHAPES); a shape's landmarks and depth are the means over the pixels whose
+    centre vote falls within `radius` pixels of its peak."""
 
     @register_to_config
-    def __init__(self, widths=(16, 32, 64, 96, 128), peak_threshold: float = 0.3):
+    def __init__(self, widths=(16, 32, 64, 96, 128), min_votes: int = 20,
+                 radius: float = 3.0):
         super().__init__()
         self.unet = _UNet(2 + 2 * NUM_LANDMARKS, tuple(widths))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Images (N, 3, 64, 64) in [0, 1] -> raw maps (N, 2 + 2 * NUM_LANDMARKS, 64, 64):
-        heatmap logit, depth, then offsets (x0, y0, x1, y1, ...) / OFFSET_SCALE."""
+        """Images (N, 3, 64, 64) in [0, 1] -> maps (N, 2 + 2 * NUM_LANDMARKS, 64, 64):
+        shape-pixel logit, depth, then offsets (x0, y0, x1, y1, ...) / OFFSET_SCALE."""
         return self.unet(images)[0]
 
     def _predict(self, images):
         maps = self(images).float()
         n, _, height, width = maps.shape
-        heat = torch.sigmoid(maps[:, :1])
-        peaks = heat * (heat == F.max_pool2d(heat, 3, 1, 1))
-        scores, index = peaks.flatten(1).topk(MAX_SHAPES, dim=1)  # (N, MAX_SHAPES)
         ys, xs = torch.meshgrid(torch.arange(height, device=maps.device),
                                 torch.arange(width, device=maps.device), indexing="ij")
         grid = torch.stack([xs, ys]).to(maps).repeat(NUM_LANDMARKS, 1, 1)  # (10, H, W)
-        points = grid + maps[:, 2:] * OFFSET_SCALE  # every pixel's guess of every landmark
-        values = torch.cat([points, maps[:, 1:2]], 1)  # ... and of its shape's depth
-        pooled = F.avg_pool2d(values * heat, 3, 1, 1) / F.avg_pool2d(heat, 3, 1, 1).clamp_min(1e-6)
-        picked = pooled.flatten(2).gather(2, index[:, None].expand(-1, pooled.shape[1], -1))
-        landmarks = picked[:, :-1].permute(0, 2, 1).reshape(n, MAX_SHAPES, NUM_LANDMARKS, 2)
-        present = scores >= self.config.peak_threshold
-        depth = torch.where(present, picked[:, -1], -torch.inf)
-        order = depth.argsort(dim=1, descending=True)  # deepest first = z-order
+        points = (grid + maps[:, 2:] * OFFSET_SCALE).flatten(2)  # (N, 10, H * W)
+        depth = maps[:, 1].flatten(1)
+        voters = maps[:, 0].flatten(1) > 0
+        centre = points[:, :2].round().long()
+        inside = voters & (centre >= 0).all(1) & (centre[:, 0] < width) & (centre[:, 1] < height)
+        votes = torch.zeros(n, height * width, device=maps.device)
+        votes.scatter_add_(1, (centre[:, 1] * width + centre[:, 0]).clamp(0, height * width - 1),
+                           inside.float())
+        votes = votes.view(n, 1, height, width)
+        # Peaks of the votes smoothed by a 5x5 binomial kernel; a ramp of 1e-6 breaks ties
+        # so that a plateau gives one peak. Each peak's score is its 5x5 vote count.
+        binomial = torch.tensor([1.0, 4, 6, 4, 1], device=maps.device) / 16
+        kernel = (binomial[:, None] * binomial[None])[None, None]
+        smooth = F.conv2d(votes, kernel, padding=2).flatten(1)
+        smooth = smooth + 1e-6 * torch.linspace(0, 1, height * width, device=maps.device)
+        smooth = smooth.view(n, 1, height, width)
+        peaks = smooth * (smooth == F.max_pool2d(smooth, 5, 1, 2))
+        index = peaks.flatten(1).topk(MAX_SHAPES, dim=1).indices  # (N, MAX_SHAPES)
+        counts = (F.avg_pool2d(votes, 5, 1, 2) * 25).flatten(1).gather(1, index)
+        present = counts >= self.config.min_votes
+        peak_xy = torch.stack([index % width, index // width], -1).to(maps)  # (N, S, 2)
+        # Pixels whose centre vote lands within `radius` of a peak belong to that shape.
+        distance = (points[:, None, :2] - peak_xy[..., None]).norm(dim=2)  # (N, S, H * W)
+        member = (voters[:, None] & (distance <= self.config.radius)).float()
+        weight = member / member.sum(2, keepdim=True).clamp_min(1)
+        landmarks = torch.einsum("nsp,nkp->nsk", weight, points)
+        landmarks = landmarks.view(n, MAX_SHAPES, NUM_LANDMARKS, 2)
+        shape_depth = torch.einsum("nsp,np->ns", weight, depth)
+        present &= member.sum(2) > 0
+        order = torch.where(present, shape_depth, -torch.inf).argsort(1, descending=True)
         landmarks = landmarks.gather(1, order[:, :, None, None].expand_as(landmarks))
-        present = present.gather(1, order)
+        present = present.gather(1, order)  # deepest first: the z-order where it is visible
         landmarks = landmarks * present[:, :, None, None]
         mask = present[:, :, None].expand(-1, -1, NUM_LANDMARKS)
         return landmarks.cpu().numpy(), mask.cpu().numpy()
