@@ -62,17 +62,23 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int = 8):
 
 
 class Checkpointer:
-    """Save every `every_s` seconds and at the end; resume from the last save."""
+    """Saves named state-dict holders (model, optimizer, ...) every `every_s` seconds
+    and on request; `resume` restores them and returns the step to continue from."""
 
-    def __init__(self, path: Path, every_s: float):
-        self.path, self.every_s, self.last = path, every_s, time.time()
+    def __init__(self, path: Path, every_s: float, **stateful):
+        self.path, self.every_s, self.stateful, self.last = path, every_s, stateful, time.time()
 
-    def load(self):
-        return torch.load(self.path, weights_only=False) if self.path.exists() else None
+    def resume(self) -> int:
+        if not self.path.exists():
+            return 0
+        state = torch.load(self.path, weights_only=False)
+        for name, obj in self.stateful.items():
+            obj.load_state_dict(state[name])
+        return state["step"]
 
-    def maybe_save(self, make_state, force=False):
+    def maybe_save(self, step: int, force=False):
         if force or time.time() - self.last > self.every_s:
-            atomic_save(make_state(), self.path)
+            atomic_save({"step": step, **{name: obj.state_dict() for name, obj in self.stateful.items()}}, self.path)
             self.last = time.time()
 
 
@@ -84,13 +90,8 @@ def train_vae(cfg, images: torch.Tensor, cache: Path):
         return vae
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.vae.steps)
-    ckpt = Checkpointer(cache / "vae.pt", cfg.checkpoint_every_s)
-    state, step = ckpt.load(), 0
-    if state:
-        vae.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        step = state["step"]
+    ckpt = Checkpointer(cache / "vae.pt", cfg.checkpoint_every_s, model=vae, opt=opt, sched=sched)
+    step = ckpt.resume()
     gen = torch.Generator().manual_seed(cfg.seed + step)
     bar = tqdm(range(step, cfg.vae.steps), initial=step, total=cfg.vae.steps, desc="vae")
     for step in bar:
@@ -105,8 +106,7 @@ def train_vae(cfg, images: torch.Tensor, cache: Path):
         opt.step()
         sched.step()
         bar.set_postfix(rec=f"{rec_loss.item():.4f}")
-        ckpt.maybe_save(lambda: {"model": vae.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                                 "step": step + 1})
+        ckpt.maybe_save(step + 1)
     vae.eval()
     with torch.no_grad():
         x = to_unit(images[:16])
@@ -141,23 +141,17 @@ def train_unet(cfg, tokenizer, moments, scaling_factor, captions, cache: Path):
     opt = torch.optim.AdamW(models.parameters(), lr=cfg.unet.lr, weight_decay=0.01)
     warmup = lambda s: min(1.0, (s + 1) / cfg.unet.warmup_steps)  # noqa: E731
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup)
-    ckpt = Checkpointer(cache / "unet.pt", cfg.checkpoint_every_s)
-    state, step = ckpt.load(), 0
-    if state:
-        models.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        step = state["step"]
+    ckpt = Checkpointer(cache / "unet.pt", cfg.checkpoint_every_s, model=models, ema=ema, opt=opt, sched=sched)
+    start = ckpt.resume()
     noise_scheduler = training_scheduler()
     alphas = noise_scheduler.alphas_cumprod
     snr = alphas / (1 - alphas)
     token_ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
                           truncation=True, return_tensors="pt").input_ids
     empty_ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
-    gen = torch.Generator().manual_seed(cfg.seed + 1 + step)
+    gen = torch.Generator().manual_seed(cfg.seed + 1 + start)
     latent_channels = moments.shape[1] // 2
-    bar = tqdm(range(step, cfg.unet.steps), initial=step, total=cfg.unet.steps, desc="unet")
+    bar = tqdm(range(start, cfg.unet.steps), initial=start, total=cfg.unet.steps, desc="unet")
     for step in bar:
         idx = torch.randint(len(moments), (cfg.unet.batch_size,), generator=gen)
         m = moments[idx].float()
@@ -180,13 +174,12 @@ def train_unet(cfg, tokenizer, moments, scaling_factor, captions, cache: Path):
         sched.step()
         ema.update_parameters(models)
         bar.set_postfix(loss=f"{loss.item():.4f}")
-        ckpt.maybe_save(lambda: {"model": models.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                                 "sched": sched.state_dict(), "step": step + 1})
+        ckpt.maybe_save(step + 1)
         if (step + 1) % cfg.unet.sample_every == 0:
             yield step + 1, ema.module
-    ckpt.maybe_save(lambda: {"model": models.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                             "sched": sched.state_dict(), "step": cfg.unet.steps}, force=True)
-    yield cfg.unet.steps, ema.module
+    finished = max(start, cfg.unet.steps)  # a run asked for fewer steps than done only exports
+    ckpt.maybe_save(finished, force=True)
+    yield finished, ema.module
 
 
 def make_pipeline(vae, ema_models, tokenizer, scaling_factor):
