@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from orthodiff.data.shapes import BACKGROUNDS, COLORS, SHAPES, make_scene, split_seeds
+from orthodiff.eval.metrics import frechet_distance
 from orthodiff.eval.oracles import images_to_tensor, load_oracle, scene_labels
 from orthodiff.models.tiny_sd import TINY_SD_PATH, load_tiny_sd
 
@@ -34,12 +35,6 @@ def prompt_recognition(pred: dict, labels: dict) -> dict:
     hits["count_recognized"] = float((pred["count"] == labels["count"]).mean())
     hits["all_pairs_exact"] = float((pred["pairs"] == labels["pairs"]).all(1).mean())
     return hits
-
-
-def frechet_distance_from_features(a: torch.Tensor, b: torch.Tensor) -> float:
-    from orthodiff.eval.metrics import frechet_distance
-
-    return frechet_distance(a.numpy(), b.numpy())
 
 
 def main():
@@ -79,8 +74,8 @@ def main():
 
     real_all = images_to_tensor(np.stack([s.image for s in scenes[: args.n_real]]))
     half = len(real_all) // 2
-    fid = frechet_distance_from_features(classifier.features(images_to_tensor(samples)), classifier.features(real_all))
-    fid_real = frechet_distance_from_features(classifier.features(real_all[:half]), classifier.features(real_all[half:]))
+    fid = frechet_distance(classifier.features(images_to_tensor(samples)), classifier.features(real_all))
+    fid_real = frechet_distance(classifier.features(real_all[:half]), classifier.features(real_all[half:]))
 
     report = {
         "pipeline": str(args.pipeline), "n": args.n, "steps": args.steps, "guidance": args.guidance,

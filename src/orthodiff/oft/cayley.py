@@ -22,13 +22,6 @@ def skew_from_triangle(generator: torch.Tensor, block_size: int) -> torch.Tensor
     return upper - upper.transpose(-1, -2)
 
 
-def triangle_from_skew(q: torch.Tensor) -> torch.Tensor:
-    """Inverse of skew_from_triangle: the strict upper triangle of Q, row by row."""
-    b = q.shape[-1]
-    rows, cols = torch.triu_indices(b, b, offset=1, device=q.device)
-    return q[..., rows, cols]
-
-
 def cayley(q: torch.Tensor, neumann_terms: int | None = None) -> torch.Tensor:
     """Orthogonal R = (I + Q)(I - Q)^-1 for a batch of skew-symmetric Q, in float32.
 

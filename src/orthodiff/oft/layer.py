@@ -148,19 +148,19 @@ class OFTLayer(nn.Module):
         return blockwise_matmul(weight.reshape(weight.shape[0], -1).to(rotation.dtype), rotation).view(weight.shape)
 
     @torch.no_grad()
+    def _fold_into_weight(self, rotation: torch.Tensor, merged: bool):
+        w = self.base_layer.weight
+        w.copy_(self._rotate_weight(w, rotation).to(w.dtype))
+        self.merged = merged
+
     def merge(self):
         if not self.merged:
-            w = self.base_layer.weight
-            w.copy_(self._rotate_weight(w, self.rotation()).to(w.dtype))
-            self.merged = True
+            self._fold_into_weight(self.rotation(), merged=True)
 
-    @torch.no_grad()
     def unmerge(self):
         # R is orthogonal, so its inverse is its transpose: no solve, no drift.
         if self.merged:
-            w = self.base_layer.weight
-            w.copy_(self._rotate_weight(w, self.rotation().mT).to(w.dtype))
-            self.merged = False
+            self._fold_into_weight(self.rotation().mT, merged=False)
 
 
 class _OFTLinearFunction(torch.autograd.Function):
