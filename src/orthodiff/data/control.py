@@ -1,0 +1,103 @@
+"""Control signals: how each condition is annotated and how it enters the control encoder.
+
+One place for the encodings, shared by the shapes world and the real datasets:
+
+    canny      1 channel: the binary edge map of cv2.Canny(image, 100, 200) (the
+               evaluation protocol's thresholds), 1.0 on edges.
+    depth      1 channel: depth in [0, 1] (8-bit depth PNGs / 255).
+    seg        3 channels, colour-coded with `segmentation_palette` (as ControlNet's
+               ADE20K model does). One-hot would need as many input channels as the
+               dataset has classes (150 for ADE20K); a palette keeps one encoder design
+               for every dataset and stays exact: each class has its own colour.
+    landmarks  3 channels: each point drawn as a small disc coloured by its index, so
+               the encoder can tell points apart (a centre from a vertex, a jaw point
+               from an eye corner), not only where they are.
+
+Every dataset yields the condition already encoded: `conditioning` (C, H, W) float in
+[0, 1], C = CONTROL_CHANNELS[control].
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import torch
+
+CONTROL_CHANNELS = {"canny": 1, "depth": 1, "seg": 3, "landmarks": 3}
+CANNY_THRESHOLDS = (100, 200)
+
+
+def check_control(control: str) -> str:
+    if control not in CONTROL_CHANNELS:
+        raise ValueError(f"unknown control {control!r}: choose one of {sorted(CONTROL_CHANNELS)}")
+    return control
+
+
+def canny_edges(image: np.ndarray, thresholds=CANNY_THRESHOLDS) -> np.ndarray:
+    """(H, W) uint8 edge map (0 or 255) of an (H, W, 3) RGB or (H, W) uint8 image."""
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        raise TypeError(f"canny_edges needs uint8 pixels, got {image.dtype}")
+    gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY) if image.ndim == 3 else image
+    return cv2.Canny(gray, *thresholds)
+
+
+def segmentation_palette(num_classes: int) -> np.ndarray:
+    """(num_classes, 3) uint8 colours, class 0 black, all distinct (deterministic).
+
+    The bits of the class id are spread over the three channels' high bits (the
+    PASCAL VOC palette construction), so ids up to 2**24 get distinct colours."""
+    ids = np.arange(num_classes)
+    palette = np.zeros((num_classes, 3), np.int64)
+    for shift in range(8):
+        for channel in range(3):
+            palette[:, channel] |= ((ids >> (3 * shift + channel)) & 1) << (7 - shift)
+    return palette.astype(np.uint8)
+
+
+def colorize_segmentation(class_map: np.ndarray, num_classes: int) -> np.ndarray:
+    """(H, W) integer class ids -> (H, W, 3) uint8 colour-coded map."""
+    class_map = np.asarray(class_map)
+    if class_map.size and (class_map.min() < 0 or class_map.max() >= num_classes):
+        raise ValueError(f"segmentation map holds ids outside [0, {num_classes}): "
+                         f"min {class_map.min()}, max {class_map.max()}")
+    return segmentation_palette(num_classes)[class_map]
+
+
+def landmark_colors(num_points: int) -> np.ndarray:
+    """(num_points, 3) uint8 distinct colours, one per landmark index (never black)."""
+    return segmentation_palette(num_points + 1)[1:]
+
+
+def render_points(points, size: tuple[int, int], colors=None, radius: float = 1.5,
+                  mask=None) -> np.ndarray:
+    """(H, W, 3) uint8 image with each point (x, y in pixels) drawn as a filled disc in its
+    index's colour. `points` is (K, 2) or (S, K, 2) (S sets of K points, coloured alike);
+    `mask` (same leading shape) hides absent points."""
+    points = np.asarray(points, np.float64)
+    points = points.reshape(-1, points.shape[-2], 2) if points.ndim == 3 else points[None]
+    mask = np.ones(points.shape[:2], bool) if mask is None else np.asarray(mask, bool).reshape(points.shape[:2])
+    colors = landmark_colors(points.shape[1]) if colors is None else np.asarray(colors, np.uint8)
+    height, width = size
+    image = np.zeros((height, width, 3), np.uint8)
+    for group, present in zip(points, mask):
+        for index, (point, on) in enumerate(zip(group, present)):
+            if on:  # 4 bits of sub-pixel precision
+                center = tuple(int(v) for v in np.round(point * 16))
+                cv2.circle(image, center, round(radius * 16), tuple(int(c) for c in colors[index]),
+                           -1, cv2.LINE_8, shift=4)
+    return image
+
+
+def encode_condition(control: str, condition: np.ndarray) -> torch.Tensor:
+    """A condition image as stored on disk (uint8: edges / depth as grey, seg and landmarks
+    as colour) -> the encoder's input (C, H, W) float in [0, 1]."""
+    check_control(control)
+    condition = np.asarray(condition)
+    channels = CONTROL_CHANNELS[control]
+    if channels == 1 and condition.ndim == 3:
+        condition = cv2.cvtColor(condition, cv2.COLOR_RGB2GRAY)
+    if channels == 3 and condition.ndim == 2:
+        condition = np.repeat(condition[..., None], 3, axis=2)
+    tensor = torch.from_numpy(np.ascontiguousarray(condition)).float() / 255.0
+    return tensor[None] if tensor.ndim == 2 else tensor.permute(2, 0, 1)

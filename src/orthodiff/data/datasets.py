@@ -1,0 +1,173 @@
+"""Datasets for controllable generation: one item contract, shared loading and resizing.
+
+Every dataset yields dicts
+    pixel_values  (3, R, R) float in [-1, 1]   the target image, as the VAE wants it
+    conditioning  (C, R, R) float in [0, 1]    the encoded condition (see data/control.py)
+    text          str                          the caption
+    index         int                          the item's index (keys the latent cache)
+    target        dict                         ground truth for the control metric, when known:
+                  seg (R, R) int64 class ids; depth (R, R) float in [0, 1];
+                  landmarks (S, K, 2) pixels + landmark_mask (S, K)
+and subclasses only say where records live (`records`) and how to read one (`load`).
+An unreadable file is skipped and counted in a warning (on_error="skip", the default:
+a run never dies mid-epoch for one file) or raised (on_error="raise"); `collate` drops
+the skipped items.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset, default_collate
+
+from orthodiff.data.control import CONTROL_CHANNELS, canny_edges, check_control, colorize_segmentation, encode_condition
+
+ON_ERROR = ("skip", "raise")
+# Condition pixels that are labels or thin marks must not be blended when resized.
+NEAREST_CONTROLS = ("seg", "landmarks", "canny")
+
+
+def read_image(path: Path, mode: str = "RGB") -> np.ndarray:
+    """uint8 (H, W, 3) RGB, or (H, W) for mode "L" / "unchanged" single-channel files.
+    Raises OSError naming the file when it cannot be decoded."""
+    flags = {"RGB": cv2.IMREAD_COLOR, "L": cv2.IMREAD_GRAYSCALE, "unchanged": cv2.IMREAD_UNCHANGED}[mode]
+    image = cv2.imread(str(path), flags)
+    if image is None:
+        raise OSError(f"cannot read image {path} (missing, unreadable or not an image)")
+    if image.ndim == 3 and mode == "RGB":
+        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    return image
+
+
+def _crop_geometry(size: tuple[int, int], resolution: int):
+    """Resized (width, height) and crop (left, top) of `resize_crop`."""
+    height, width = size
+    scale = resolution / min(height, width)
+    new_w, new_h = max(resolution, round(width * scale)), max(resolution, round(height * scale))
+    return (new_w, new_h), ((new_w - resolution) // 2, (new_h - resolution) // 2)
+
+
+def resize_crop(array: np.ndarray, resolution: int, nearest: bool = False) -> np.ndarray:
+    """Resize the shorter side to `resolution`, centre-crop to a square."""
+    if array.shape[:2] == (resolution, resolution):
+        return array
+    (new_w, new_h), (left, top) = _crop_geometry(array.shape[:2], resolution)
+    shrink = new_w < array.shape[1]
+    interpolation = cv2.INTER_NEAREST if nearest else (cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    resized = cv2.resize(array, (new_w, new_h), interpolation=interpolation)
+    return resized[top:top + resolution, left:left + resolution]
+
+
+def resize_points(points: np.ndarray, size: tuple[int, int], resolution: int) -> np.ndarray:
+    """Pixel coordinates (x, y; pixel centres at integers) through `resize_crop`."""
+    (new_w, new_h), (left, top) = _crop_geometry(size, resolution)
+    scale = np.array([new_w / size[1], new_h / size[0]], np.float32)
+    return (np.asarray(points, np.float32) + 0.5) * scale - 0.5 - np.array([left, top], np.float32)
+
+
+class ControlDataset(Dataset):
+    """Base class: subclasses set `self.records` and implement `load(record)` returning
+    dict(image=uint8 (H, W, 3), condition=uint8 image or None, text=str, target=dict of
+    raw ground truth at the image's size (seg ids, depth in [0, 1], landmarks in pixels))."""
+
+    num_classes: int | None = None  # segmentation classes, for colour-coding and mIoU
+    ignore_index: int | None = None  # a segmentation id left out of mIoU (ADE20K's 0, "other")
+
+    def __init__(self, control: str, resolution: int, on_error: str = "skip"):
+        self.control = check_control(control)
+        self.channels = CONTROL_CHANNELS[control]
+        self.resolution = int(resolution)
+        if on_error not in ON_ERROR:
+            raise ValueError(f"on_error={on_error!r}: choose one of {ON_ERROR}")
+        self.on_error = on_error
+        self.skipped: list[str] = []
+        self.records: list = []
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def load(self, record) -> dict:
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> dict | None:
+        try:
+            return {**self.prepare(self.load(self.records[index])), "index": index}
+        except (OSError, ValueError, cv2.error) as error:
+            if self.on_error == "raise":
+                raise
+            self.skipped.append(str(error))
+            warnings.warn(f"skipped item {index} ({len(self.skipped)} skipped so far in this "
+                          f"worker): {error}", stacklevel=2)
+            return None
+
+    def prepare(self, raw: dict) -> dict:
+        image, condition, target = raw["image"], raw.get("condition"), dict(raw.get("target", {}))
+        size = image.shape[:2]
+        if condition is not None and condition.shape[:2] != size:  # resized together with the image
+            condition = cv2.resize(condition, size[::-1], interpolation=cv2.INTER_NEAREST
+                                   if self.control in NEAREST_CONTROLS else cv2.INTER_LINEAR)
+        image = resize_crop(image, self.resolution)
+        if self.control == "canny" and condition is None:
+            condition = canny_edges(image)  # at the training resolution, as evaluation sees it
+        elif condition is None:
+            raise ValueError(f"{type(self).__name__} gave no {self.control} condition")
+        else:
+            condition = resize_crop(condition, self.resolution, self.control in NEAREST_CONTROLS)
+        if self.control == "seg" and condition.ndim == 2:  # class ids -> colour code
+            target.setdefault("seg", condition)
+            condition = colorize_segmentation(condition, self.num_classes)
+        item = {"pixel_values": torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 127.5 - 1,
+                "conditioning": encode_condition(self.control, condition),
+                "text": raw["text"], "target": {}}
+        for key in ("seg", "depth"):
+            if key in target:
+                resized = resize_crop(np.asarray(target[key]), self.resolution, nearest=key == "seg")
+                item["target"][key] = torch.from_numpy(np.ascontiguousarray(resized)).to(
+                    torch.int64 if key == "seg" else torch.float32)
+        if "landmarks" in target:
+            points = resize_points(target["landmarks"], size, self.resolution)
+            item["target"]["landmarks"] = torch.from_numpy(points)
+            mask = target.get("landmark_mask", np.ones(points.shape[:-1], bool))
+            item["target"]["landmark_mask"] = torch.as_tensor(np.asarray(mask, bool))
+        return item
+
+
+def collate(items: list) -> dict:
+    """default_collate over the items that loaded (skipped ones are None)."""
+    items = [item for item in items if item is not None]
+    if not items:
+        return {}
+    return default_collate(items)
+
+
+class ShapesDataset(ControlDataset):
+    """The shapes world in its folder format (`python -m orthodiff.data.shapes`): every
+    condition is stored per scene, and so is the exact ground truth of each metric."""
+
+    CONDITION_KEYS = {"canny": "canny", "depth": "depth", "seg": "seg", "landmarks": "landmarks_image"}
+
+    def __init__(self, root: str | Path, split: str, control: str, resolution: int = 64,
+                 max_items: int | None = None, on_error: str = "skip"):
+        from orthodiff.data.shapes import SEG_CLASSES, read_metadata
+
+        super().__init__(control, resolution, on_error)
+        self.root = Path(root).expanduser() / split
+        if not self.root.is_dir():
+            raise FileNotFoundError(
+                f"shapes dataset split {self.root} not found; write it with `python -m "
+                f"orthodiff.data.shapes --out {Path(root)} --n 20000` (or `make shapes`)")
+        self.num_classes = len(SEG_CLASSES)
+        self.records = read_metadata(self.root)[:max_items]
+
+    def load(self, record: dict) -> dict:
+        image = read_image(self.root / record["file_name"])
+        mode = "RGB" if self.control == "landmarks" else "L"
+        condition = read_image(self.root / record[self.CONDITION_KEYS[self.control]], mode)
+        target = {"seg": read_image(self.root / record["seg"], "L"),
+                  "depth": read_image(self.root / record["depth"], "L").astype(np.float32) / 255,
+                  "landmarks": record["landmarks"], "landmark_mask": record["landmark_mask"]}
+        return {"image": image, "condition": condition, "text": record["text"], "target": target}
