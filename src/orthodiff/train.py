@@ -9,12 +9,14 @@ import os
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from orthodiff.adapter import save_adapter
 from orthodiff.models.control_module import NonFiniteLossError
+from orthodiff.oft import OFTConfig
 
 
 def output_dir() -> Path:
@@ -36,6 +38,9 @@ def train(cfg: DictConfig) -> float:
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, default_root_dir=str(out))
 
+    # Checkpoint hparams hold the adapter's OFTConfig; allow it so `resume=` loads under
+    # torch.load(weights_only=True) instead of failing on an unknown global.
+    torch.serialization.add_safe_globals([OFTConfig])
     metrics = {}
     if cfg.validate_at_start and not cfg.resume:
         metrics["step0"] = plain_metrics(trainer.validate(module, datamodule=datamodule))
@@ -45,7 +50,9 @@ def train(cfg: DictConfig) -> float:
         raise SystemExit(f"train.py: {error}\nlast checkpoint: {out / 'checkpoints' / 'last.ckpt'}") from None
     if cfg.trainer.get("fast_dev_run"):
         return float("nan")
-    metrics["final"] = plain_metrics(trainer.validate(module, datamodule=datamodule))
+    # Reuse the validation fit ran at its last step; otherwise validate once more.
+    final = plain_metrics([trainer.callback_metrics]) if module.validated_at == trainer.global_step else {}
+    metrics["final"] = final or plain_metrics(trainer.validate(module, datamodule=datamodule))
     if trainer.is_global_zero:
         save_adapter(out / "adapter.safetensors", module)
         tmp = out / "metrics.json.tmp"

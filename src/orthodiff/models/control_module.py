@@ -55,6 +55,7 @@ class ControlModule(pl.LightningModule):
         self._latent_cache: dict[int, torch.Tensor] = {}
         self.scorer = None
         self.validation_images: list = []
+        self.validated_at = -1  # global step of the last validation
 
     # --- frozen parts, with optional caches --------------------------------------------
 
@@ -176,7 +177,7 @@ class ControlModule(pl.LightningModule):
     def on_validation_epoch_end(self):
         metrics = self.scorer.compute()
         self.log_dict({f"val/{k}": v for k, v in metrics.items()}, sync_dist=True)
-        self.last_validation_metrics = metrics
+        self.validated_at = self.global_step
         grid = image_grid(self.validation_images)
         if self.trainer is not None and self.trainer.default_root_dir and not self.trainer.sanity_checking:
             out = Path(self.trainer.default_root_dir) / "samples" / f"step_{self.global_step:06d}.png"
@@ -186,17 +187,13 @@ class ControlModule(pl.LightningModule):
 
 
 def image_grid(rows: list, max_rows: int = 8) -> np.ndarray:
-    """Rows of (condition | sample | ground truth) as one uint8 image, 2 px gaps."""
-    tiles = []
-    for conditioning, generated, truth in rows:
-        for c, g, t in zip(conditioning, generated, truth):
-            c = c.expand(3, *c.shape[1:]) if c.shape[0] == 1 else c
-            tiles.append(torch.cat([c, torch.ones(3, c.shape[1], 2), g, torch.ones(3, c.shape[1], 2), t], 2))
-            if len(tiles) == max_rows:
-                break
-    gap = torch.ones(3, 2, tiles[0].shape[2])
-    grid = torch.cat([x for tile in tiles for x in (tile, gap)][:-1], 1)
-    return to_uint8(grid[None])[0]
+    """The first `max_rows` (condition | sample | ground truth) triples as one uint8 image."""
+    conditioning, generated, truth = (torch.cat(parts)[:max_rows] for parts in zip(*rows))
+    conditioning = conditioning.expand(-1, 3, -1, -1)  # 1-channel conditions as grey
+    gap = torch.ones(len(generated), 3, generated.shape[2], 2)
+    tiles = torch.cat([conditioning, gap, generated, gap, truth], dim=3)  # (n, 3, h, 3w + 4)
+    tiles = torch.cat([tiles, torch.ones(len(tiles), 3, 2, tiles.shape[3])], dim=2)
+    return to_uint8(torch.cat(list(tiles), dim=1)[None, :, :-2])[0]
 
 
 def log_image(logger, key: str, image: np.ndarray, step: int):
