@@ -13,10 +13,28 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
+from pytorch_lightning.plugins import TorchCheckpointIO
 
 from orthodiff.adapter import save_adapter
 from orthodiff.models.control_module import NonFiniteLossError
-from orthodiff.oft import OFTConfig
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write checkpoints to a temporary file beside the target, fsync, then rename.
+
+    Lightning's own writer stages the file in TMPDIR and moves it into place; when TMPDIR
+    is on another filesystem (node-local scratch on clusters) the move copies into the
+    old file, and a kill mid-copy destroys the last good checkpoint."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "wb") as file:
+            torch.save(checkpoint, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
 
 
 def output_dir() -> Path:
@@ -29,6 +47,12 @@ def plain_metrics(results: list[dict]) -> dict[str, float]:
     return {k.split("/", 1)[-1]: v for k, v in merged.items() if k.startswith("val/")}
 
 
+def write_json(path: Path, data: dict):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
 def train(cfg: DictConfig) -> float:
     pl.seed_everything(cfg.seed, workers=True)
     out = output_dir()
@@ -36,28 +60,33 @@ def train(cfg: DictConfig) -> float:
     module = instantiate(cfg.module)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, default_root_dir=str(out))
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, default_root_dir=str(out),
+                                      plugins=[AtomicCheckpointIO()])
+    fast_dev_run = bool(cfg.trainer.get("fast_dev_run"))
 
-    # Checkpoint hparams hold the adapter's OFTConfig; allow it so `resume=` loads under
-    # torch.load(weights_only=True) instead of failing on an unknown global.
-    torch.serialization.add_safe_globals([OFTConfig])
     metrics = {}
-    if cfg.validate_at_start and not cfg.resume:
+    if cfg.resume:  # step 0 was measured by the run that wrote the checkpoint
+        earlier = Path(cfg.resume).expanduser().parent.parent / "metrics.json"
+        if earlier.is_file():
+            metrics["step0"] = json.loads(earlier.read_text()).get("step0", {})
+    elif cfg.validate_at_start:
         metrics["step0"] = plain_metrics(trainer.validate(module, datamodule=datamodule))
+        if trainer.is_global_zero and not fast_dev_run:
+            write_json(out / "metrics.json", metrics)  # kept even if the run dies later
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.resume)
     except NonFiniteLossError as error:
         raise SystemExit(f"train.py: {error}\nlast checkpoint: {out / 'checkpoints' / 'last.ckpt'}") from None
-    if cfg.trainer.get("fast_dev_run"):
+    if fast_dev_run:
         return float("nan")
+    checkpoint = next((c for c in callbacks if isinstance(c, pl.callbacks.ModelCheckpoint)), None)
+    if checkpoint is not None and checkpoint.dirpath:  # last.ckpt = the final step, not the last multiple of N
+        trainer.save_checkpoint(Path(checkpoint.dirpath) / "last.ckpt")
     # Reuse the validation fit ran at its last step; otherwise validate once more.
     final = plain_metrics([trainer.callback_metrics]) if module.validated_at == trainer.global_step else {}
     metrics["final"] = final or plain_metrics(trainer.validate(module, datamodule=datamodule))
     if trainer.is_global_zero:
         save_adapter(out / "adapter.safetensors", module)
-        tmp = out / "metrics.json.tmp"
-        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-        os.replace(tmp, out / "metrics.json")
+        write_json(out / "metrics.json", metrics)
         print(f"adapter: {out / 'adapter.safetensors'}\nmetrics: {json.dumps(metrics)}")
-    value = metrics["final"].get(cfg.optimized_metric.split("/", 1)[-1], math.nan)
-    return float(value)
+    return float(metrics["final"].get(cfg.optimized_metric.split("/", 1)[-1], math.nan))

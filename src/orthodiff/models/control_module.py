@@ -24,6 +24,11 @@ from orthodiff.oft import OFTConfig, inject_oft, oft_layers, project_coft
 from orthodiff.pipelines.sampling import sample
 
 
+# Checkpoint hparams hold the adapter's OFTConfig: allow it under torch.load(weights_only=True),
+# which Lightning uses to resume and load_from_checkpoint.
+torch.serialization.add_safe_globals([OFTConfig])
+
+
 class NonFiniteLossError(RuntimeError):
     pass
 
@@ -46,8 +51,9 @@ class ControlModule(pl.LightningModule):
         if adapter is not None:
             inject_oft(self.unet, adapter)
         self.adapter_config = adapter
-        self.control_encoder = ControlEncoder(CONTROL_CHANNELS[control], self.unet.config.block_out_channels[0],
-                                              base.vae_scale_factor)
+        self.control_encoder = ControlEncoder(in_channels=CONTROL_CHANNELS[control],  # keywords: diffusers
+                                              out_channels=self.unet.config.block_out_channels[0],  # records only those
+                                              downscale_factor=base.vae_scale_factor)
         self.injector = ControlInjector(self.unet)
         self.optimizer_factory = optimizer or (lambda params: torch.optim.AdamW(params, lr=1e-4))
         self.strict_loading = False  # checkpoints hold the trainable tensors only
@@ -179,7 +185,7 @@ class ControlModule(pl.LightningModule):
         self.log_dict({f"val/{k}": v for k, v in metrics.items()}, sync_dist=True)
         self.validated_at = self.global_step
         grid = image_grid(self.validation_images)
-        if self.trainer is not None and self.trainer.default_root_dir and not self.trainer.sanity_checking:
+        if self.trainer is not None and self.trainer.is_global_zero and not self.trainer.sanity_checking:
             out = Path(self.trainer.default_root_dir) / "samples" / f"step_{self.global_step:06d}.png"
             out.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(grid).save(out)
