@@ -132,3 +132,12 @@ def test_generate_and_scorers(module, shapes_root):
         scorer.update((real["pixel_values"] + 1) / 2, real)
         value = scorer.compute()[key]
         assert value >= bound if key == "seg_miou" else value <= bound, (control, value)
+
+
+def test_shapes_depth_condition_is_near_bright_and_target_keeps_dataset_units(shapes_root):
+    item = ShapesDataset(shapes_root, "val", "depth")[0]
+    depth, condition = item["target"]["depth"], item["conditioning"][0]
+    background = depth == 1.0
+    assert background.any() and (~background).any()
+    assert condition[background].max() == 0  # far background -> dark
+    torch.testing.assert_close(condition[~background], 1 - depth[~background], atol=1 / 255, rtol=0)

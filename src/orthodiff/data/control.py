@@ -4,7 +4,9 @@ One place for the encodings, shared by the shapes world and the real datasets:
 
     canny      1 channel: the binary edge map of cv2.Canny(image, 100, 200) (the
                evaluation protocol's thresholds), 1.0 on edges.
-    depth      1 channel: depth in [0, 1] (8-bit depth PNGs / 255).
+    depth      1 channel in [0, 1], near = bright (ControlNet's and DPT's convention, what
+               data/annotators.py writes); the shapes world stores far = bright and is
+               inverted on loading, so one encoder convention holds for every dataset.
     seg        3 channels, colour-coded with `segmentation_palette` (as ControlNet's
                ADE20K model does). One-hot would need as many input channels as the
                dataset has classes (150 for ADE20K); a palette keeps one encoder design

@@ -51,9 +51,11 @@ class ControlModule(pl.LightningModule):
         if adapter is not None:
             inject_oft(self.unet, adapter)
         self.adapter_config = adapter
-        self.control_encoder = ControlEncoder(in_channels=CONTROL_CHANNELS[control],  # keywords: diffusers
-                                              out_channels=self.unet.config.block_out_channels[0],  # records only those
-                                              downscale_factor=base.vae_scale_factor)
+        self.vae_scale_factor = base.vae_scale_factor
+        # Keyword arguments: diffusers' register_to_config records positional ones as defaults.
+        self.control_encoder = ControlEncoder(in_channels=CONTROL_CHANNELS[control],
+                                              out_channels=self.unet.config.block_out_channels[0],
+                                              downscale_factor=self.vae_scale_factor)
         self.injector = ControlInjector(self.unet)
         self.optimizer_factory = optimizer or (lambda params: torch.optim.AdamW(params, lr=1e-4))
         self.strict_loading = False  # checkpoints hold the trainable tensors only
@@ -151,9 +153,9 @@ class ControlModule(pl.LightningModule):
     def generate(self, captions: list[str], conditioning: torch.Tensor, seed: int = 0,
                  steps: int | None = None, guidance: float | None = None, progress: bool = True) -> torch.Tensor:
         """(N, 3, H, W) images in [0, 1] from captions and encoded conditions (N, C, H, W)."""
-        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         height, width = conditioning.shape[-2:]
-        shape = (len(captions), self.unet.config.in_channels, height // factor, width // factor)
+        shape = (len(captions), self.unet.config.in_channels, height // self.vae_scale_factor,
+                 width // self.vae_scale_factor)
         generator = torch.Generator().manual_seed(seed)
         noise = torch.randn(shape, generator=generator).to(self.device, self.unet.dtype)
         features = self.control_encoder(conditioning.to(self.device, self.unet.dtype))
