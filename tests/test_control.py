@@ -1,22 +1,15 @@
-"""Controllable generation: control encoder, UNet hook, Lightning module, train.py."""
-
-import json
-import subprocess
-import sys
-from pathlib import Path
+"""Controllable generation: control encoder, UNet hook, Lightning module, scorers."""
 
 import numpy as np
 import pytest
 import torch
 
-from orthodiff.adapter import read_adapter
-from orthodiff.data import ControlDataModule, ShapesDataset, collate
+from orthodiff.data import ShapesDataset, collate
 from orthodiff.eval.control_metrics import ControlScorer, edge_scores
 from orthodiff.models import ControlEncoder, ControlInjector, ControlModule
 from orthodiff.models.control_module import NonFiniteLossError
 from orthodiff.oft import OFTConfig, oft_layers
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_control_encoder_matches_controlnet_hint_block_at_sd15_scale():

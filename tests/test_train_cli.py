@@ -95,7 +95,9 @@ def test_resume_restores_step_and_optimizer(trained_run, shapes_root, tmp_path):
     previous = trained_run / "checkpoints" / "last.ckpt"
     succeeded(train(*tiny(shapes_root), "trainer.max_steps=5", f"resume={previous}", f"hydra.run.dir={tmp_path}"))
     assert f"Restored all states from the checkpoint at {previous}" in (tmp_path / "train.log").read_text()
-    check_metrics(json.loads((tmp_path / "metrics.json").read_text()), keys=["final"])
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    check_metrics(metrics)  # step 0 is carried over from the run that wrote the checkpoint
+    assert metrics["step0"] == json.loads((trained_run / "metrics.json").read_text())["step0"]
 
     before, after = load_checkpoint(previous), load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
     assert (before["global_step"], after["global_step"]) == (3, 5)

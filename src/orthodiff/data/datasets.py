@@ -16,6 +16,7 @@ the skipped items.
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
@@ -41,6 +42,23 @@ def read_image(path: Path, mode: str = "RGB") -> np.ndarray:
     if image.ndim == 3 and mode == "RGB":
         image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
     return image
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """One JSON object per non-empty line; errors name the file and the line."""
+    records = []
+    with open(path) as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path} line {number} is not valid JSON: {error}") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path} line {number} is not a JSON object")
+            records.append(record)
+    return records
 
 
 def _crop_geometry(size: tuple[int, int], resolution: int):

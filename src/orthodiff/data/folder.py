@@ -11,14 +11,13 @@ Paths are relative to the root. metadata.jsonl wins when both are present.
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from orthodiff.data.datasets import ControlDataset, read_image
+from orthodiff.data.datasets import ControlDataset, read_image, read_jsonl
 
 # The first key present in the first record names each column; the alternatives cover
 # imagefolder ("file_name", "*_file_name") and diffusers' ControlNet script ("image", ...).
@@ -36,23 +35,6 @@ def dataset_root(root: str | Path, what: str, how: str) -> Path:
     if not root.is_dir():
         raise FileNotFoundError(f"{what} not found at {root}: {how} (see data/README.md)")
     return root
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """One JSON object per non-empty line; errors name the file and the line."""
-    records = []
-    with open(path) as lines:
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path} line {number} is not valid JSON: {error}") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path} line {number} is not a JSON object")
-            records.append(record)
-    return records
 
 
 def read_captions(file_names: list[str], path: Path, required: bool) -> list[str]:

@@ -450,27 +450,21 @@ def write_dataset(out: Path, n_train: int, *, n_val: int | None = None,
 def read_metadata(split_dir: Path) -> list[dict]:
     """The records of `split_dir`/metadata.jsonl, after checking that every file they
     name exists (errors name the line and the file)."""
+    from orthodiff.data.datasets import read_jsonl
+
     split_dir = Path(split_dir)
     path = split_dir / "metadata.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; write the shapes world with `python -m "
                                 "orthodiff.data.shapes --out DIR --n N` (see data/README.md)")
-    records = []
-    with open(path) as lines:
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path} line {number} is not valid JSON: {error}") from None
-            if "file_name" not in record:
-                raise ValueError(f"{path} line {number} has no 'file_name'")
-            for key in FILE_KEYS:
-                if key in record and not (split_dir / record[key]).is_file():
-                    raise FileNotFoundError(f"{path} line {number}: {key} file "
-                                            f"{split_dir / record[key]} does not exist")
-            records.append(record)
+    records = read_jsonl(path)
+    for number, record in enumerate(records, 1):
+        if "file_name" not in record:
+            raise ValueError(f"{path} line {number} has no 'file_name'")
+        for key in FILE_KEYS:
+            if key in record and not (split_dir / record[key]).is_file():
+                raise FileNotFoundError(f"{path} line {number}: {key} file "
+                                        f"{split_dir / record[key]} does not exist")
     return records
 
 
