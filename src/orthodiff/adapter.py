@@ -8,13 +8,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from orthodiff.files import atomic_path
 from orthodiff.oft import OFTConfig, OFTLayer, oft_state_dict
 
 FORMAT = "orthodiff-adapter"
@@ -44,10 +44,8 @@ def save_adapter(path: str | Path, module) -> Path:
         "control": module.control,
         "control_encoder_config": json.dumps(dict(module.control_encoder.config)),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
     return path
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -16,25 +15,19 @@ from omegaconf import DictConfig
 from pytorch_lightning.plugins import TorchCheckpointIO
 
 from orthodiff.adapter import save_adapter
+from orthodiff.files import atomic_path
 from orthodiff.models.control_module import NonFiniteLossError
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Write checkpoints to a temporary file beside the target, fsync, then rename.
-
-    Lightning's own writer stages the file in TMPDIR and moves it into place; when TMPDIR
-    is on another filesystem (node-local scratch on clusters) the move copies into the
-    old file, and a kill mid-copy destroys the last good checkpoint."""
+    """Checkpoints through `atomic_path`. Lightning's own writer stages the file in TMPDIR
+    and moves it into place; when TMPDIR is on another filesystem (node-local scratch on
+    clusters) the move copies into the old file, and a kill mid-copy destroys the last
+    good checkpoint."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None):
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "wb") as file:
+        with atomic_path(path) as tmp, open(tmp, "wb") as file:
             torch.save(checkpoint, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
 
 
 def output_dir() -> Path:
@@ -48,9 +41,8 @@ def plain_metrics(results: list[dict]) -> dict[str, float]:
 
 
 def write_json(path: Path, data: dict):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def train(cfg: DictConfig) -> float:

@@ -185,9 +185,10 @@ class ShapesDataset(ControlDataset):
         image = read_image(self.root / record["file_name"])
         mode = "RGB" if self.control == "landmarks" else "L"
         condition = read_image(self.root / record[self.CONDITION_KEYS[self.control]], mode)
+        target = {}  # only the ground truth this control is scored on; seg's is its condition
         if self.control == "depth":  # this world stores far = bright; conditions are near = bright
+            target["depth"] = condition.astype(np.float32) / 255
             condition = 255 - condition
-        target = {"seg": read_image(self.root / record["seg"], "L"),
-                  "depth": read_image(self.root / record["depth"], "L").astype(np.float32) / 255,
-                  "landmarks": record["landmarks"], "landmark_mask": record["landmark_mask"]}
+        elif self.control == "landmarks":
+            target = {"landmarks": record["landmarks"], "landmark_mask": record["landmark_mask"]}
         return {"image": image, "condition": condition, "text": record["text"], "target": target}

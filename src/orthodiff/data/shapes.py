@@ -59,6 +59,8 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from orthodiff.data.control import CANNY_THRESHOLDS, canny_edges, render_points
+
 # Bump when the same seed would render a different scene; info.json records it.
 GENERATOR_VERSION = 1
 
@@ -89,7 +91,6 @@ MAX_ROTATION = 30.0  # degrees; square/cross repeat every 90, triangle every 120
 # levels into a gradient of 4d, so d > 200 / 4 makes the outline a strong Canny edge.
 MIN_CONTRAST = 52
 MIN_VISIBLE = 0.5  # fraction of a shape's own area that must stay unoccluded
-CANNY_THRESHOLDS = (100, 200)
 SPLIT_SEEDS = {"train": 0, "val": 1_000_000_000, "test": 2_000_000_000}
 SPLIT_STRIDE = 1_000_000_000  # the most scenes a split can hold
 FILE_KEYS = ("file_name", "seg", "depth", "canny", "landmarks_image")
@@ -288,9 +289,8 @@ def make_scene(seed: int, *, size: int = REFERENCE_SIZE, shapes=SHAPES, colors=t
         depth[mask] = s["depth"]
         landmarks[s["z"]] = shape_landmarks(s["kind"], s["center"], s["size"], s["rotation"])
         landmark_mask[s["z"]] = True
-    gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
     return Scene(image=image, seg=seg, depth=depth, landmarks=landmarks,
-                 landmark_mask=landmark_mask, canny=cv2.Canny(gray, *CANNY_THRESHOLDS),
+                 landmark_mask=landmark_mask, canny=canny_edges(image),
                  caption=caption_for(layout, background), shapes=layout,
                  background=background, seed=int(seed))
 
@@ -299,15 +299,8 @@ def render_landmarks(landmarks, mask, size: int = REFERENCE_SIZE) -> np.ndarray:
     """(size, size, 3) uint8 control image: each present landmark as a small disc, coloured
     by its index (LANDMARK_COLORS: centre white, then red, green, blue, yellow)."""
     landmarks = np.asarray(landmarks, np.float64).reshape(-1, NUM_LANDMARKS, 2)
-    mask = np.asarray(mask, bool).reshape(-1, NUM_LANDMARKS)
-    image = np.zeros((size, size, 3), np.uint8)
-    radius = round(1.5 * size / REFERENCE_SIZE * 16)  # 1.5 px at 64, in 1/16 px units
-    for points, present in zip(landmarks, mask):
-        for index, (point, on) in enumerate(zip(points, present)):
-            if on:
-                center = tuple(int(v) for v in np.round(point * 16))
-                cv2.circle(image, center, radius, LANDMARK_COLORS[index], -1, cv2.LINE_8, shift=4)
-    return image
+    return render_points(landmarks, (size, size), LANDMARK_COLORS, radius=1.5 * size / REFERENCE_SIZE,
+                         mask=np.asarray(mask, bool).reshape(-1, NUM_LANDMARKS))
 
 
 def depth_to_png(depth: np.ndarray) -> np.ndarray:

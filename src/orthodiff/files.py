@@ -1,0 +1,24 @@
+"""Crash-safe file writes: one place for the temp-file-then-rename pattern."""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def atomic_path(path: str | Path):
+    """Yield a temporary path beside `path`; on success fsync it and rename it onto `path`.
+
+    The rename is atomic on one filesystem, so a process killed mid-write leaves the
+    previous file intact (at worst a stray `.<name>.tmp` that the next write replaces).
+    The temporary file sits beside the target on purpose: staging in TMPDIR, as
+    Lightning's writer does, turns the rename into a copy when TMPDIR is another disk."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    yield tmp
+    with open(tmp, "rb") as file:
+        os.fsync(file.fileno())
+    os.replace(tmp, path)
