@@ -4,8 +4,13 @@
 
 Stages, each skipped when its output exists, each resumable from checkpoints in
 cache_dir (atomic writes): dataset on disk -> tokenizer -> VAE -> latents cache ->
-text encoder + UNet (v-prediction, min-SNR weighting, EMA, sample grids) -> export
-of the EMA weights as a diffusers StableDiffusionPipeline folder in fp16.
+text encoder + UNet (v-prediction, optional min-SNR weighting, EMA, sample grids) ->
+export of the EMA weights as a diffusers StableDiffusionPipeline folder in fp16.
+
+`init_from=<pipeline folder>` (e.g. assets/tiny-sd) warm-starts from exported weights: its
+tokenizer and VAE are used as they are and the UNet stage starts from its UNet and text
+encoder. The machines this runs on do not keep ~/.cache between sessions, so the shipped
+pipeline is the checkpoint that survives.
 """
 
 import json
@@ -84,6 +89,10 @@ class Checkpointer:
 
 def train_vae(cfg, images: torch.Tensor, cache: Path):
     final = cache / "vae_final.pt"
+    if cfg.init_from:
+        from diffusers import AutoencoderKL
+
+        return AutoencoderKL.from_pretrained(Path(cfg.init_from) / "vae", torch_dtype=torch.float32)
     vae = build_vae(cfg.vae.channels, cfg.vae.latent_channels)
     if final.exists():
         vae.load_state_dict(torch.load(final))
@@ -136,6 +145,13 @@ def encode_latents(vae, images: torch.Tensor, cache: Path) -> tuple[torch.Tensor
 def train_unet(cfg, tokenizer, moments, scaling_factor, captions, cache: Path):
     text_encoder = build_text_encoder(cfg.text_encoder.hidden, cfg.text_encoder.layers, cfg.text_encoder.heads)
     unet = build_unet(cfg.unet.channels, cfg.text_encoder.hidden, cfg.unet.attention_heads)
+    if cfg.init_from:  # a checkpoint in cache_dir, if any, overrides this below
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        init = Path(cfg.init_from)
+        unet.load_state_dict(UNet2DConditionModel.from_pretrained(init / "unet").state_dict())
+        text_encoder.load_state_dict(CLIPTextModel.from_pretrained(init / "text_encoder").state_dict())
     models = torch.nn.ModuleDict({"unet": unet, "text_encoder": text_encoder})
     ema = AveragedModel(models, multi_avg_fn=get_ema_multi_avg_fn(cfg.unet.ema_decay), use_buffers=True)
     opt = torch.optim.AdamW(models.parameters(), lr=cfg.unet.lr, weight_decay=0.01)
@@ -164,9 +180,12 @@ def train_unet(cfg, tokenizer, moments, scaling_factor, captions, cache: Path):
         noisy = noise_scheduler.add_noise(latents, noise, t)
         target = noise_scheduler.get_velocity(latents, noise, t)
         pred = unet(noisy, t, text_encoder(ids).last_hidden_state).sample
-        # min-SNR-gamma weighting for v-prediction: min(snr, gamma) / (snr + 1).
-        weight = snr[t].clamp(max=cfg.unet.min_snr_gamma) / (snr[t] + 1)
-        loss = (weight * (pred - target).pow(2).mean(dim=(1, 2, 3))).mean()
+        loss = (pred - target).pow(2).mean(dim=(1, 2, 3))
+        if cfg.unet.min_snr_gamma:
+            # min-SNR-gamma weighting for v-prediction: min(snr, gamma) / (snr + 1). It also
+            # scales the high-noise steps, where the shape kind is decided, by about snr.
+            loss = loss * snr[t].clamp(max=cfg.unet.min_snr_gamma) / (snr[t] + 1)
+        loss = loss.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(models.parameters(), 1.0)
@@ -204,7 +223,8 @@ def export_pipeline(pipe, tokenizer_dir: Path, out_dir: Path):
     config_path.write_text(json.dumps(config, indent=2))
     # The slow CLIPTokenizer of transformers 4.x reads vocab.json + merges.txt, not tokenizer.json.
     for name in ("vocab.json", "merges.txt"):
-        shutil.copy(tokenizer_dir / name, out_dir / "tokenizer" / name)
+        if (tokenizer_dir / name).resolve() != (out_dir / "tokenizer" / name).resolve():
+            shutil.copy(tokenizer_dir / name, out_dir / "tokenizer" / name)
 
 
 SAMPLE_PROMPTS = [
@@ -224,7 +244,7 @@ def main(cfg: DictConfig):
     cache.mkdir(parents=True, exist_ok=True)
     data_dir, out_dir = ROOT / cfg.data_dir, ROOT / cfg.out_dir
     write_dataset(data_dir, cfg.train_size)  # no-op when the same dataset is already there
-    tokenizer_dir = cache / "tokenizer"
+    tokenizer_dir = Path(cfg.init_from) / "tokenizer" if cfg.init_from else cache / "tokenizer"
     if not (tokenizer_dir / "vocab.json").exists():
         if cfg.bpe_vocab is None:
             raise SystemExit("pretrain_tiny_sd: pass bpe_vocab=<path to bpe_simple_vocab_16e6.txt.gz> (see README)")

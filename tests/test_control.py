@@ -39,17 +39,19 @@ def test_injector_adds_features_once_and_repeats_them_for_guidance():
     from orthodiff.models.tiny_sd import build_unet
 
     unet = build_unet()
-    injector = ControlInjector(unet)
+    encoder = ControlEncoder(in_channels=1, out_channels=64, downscale_factor=4)
+    injector = ControlInjector(unet, encoder)
     latents, t, text = torch.randn(2, 4, 16, 16), torch.tensor([10, 500]), torch.randn(2, 77, 64)
     base = unet(latents, t, text).sample
-    with injector.control(torch.zeros(1, 64, 16, 16)):
-        torch.testing.assert_close(unet(latents, t, text).sample, base)  # zero control = base model
-    features = torch.randn(1, 64, 16, 16)
-    with injector.control(features):
+    condition = torch.rand(1, 1, 64, 64)
+    with injector.control(condition):
+        torch.testing.assert_close(unet(latents, t, text).sample, base)  # zero-initialized = base model
+    torch.nn.init.normal_(encoder.zero_conv.weight, std=0.1)
+    with injector.control(condition):
         controlled = unet(latents, t, text).sample  # batch 2 = [uncond; cond] of one image
     assert (controlled - base).abs().max() > 1e-3
     injector.remove()
-    with injector.control(features):
+    with injector.control(condition):
         torch.testing.assert_close(unet(latents, t, text).sample, base)  # hook removed
 
 
@@ -61,7 +63,7 @@ def module():
 
 def test_module_trains_only_oft_and_encoder(module):
     trainable = {n for n, p in module.named_parameters() if p.requires_grad}
-    assert trainable and all(n.startswith("control_encoder.") or n.endswith("oft_generator") for n in trainable)
+    assert trainable and all(n.startswith("control_network.") or n.endswith("oft_generator") for n in trainable)
     assert set(module.trainable_state_dict()) == trainable
     checkpoint = {"state_dict": module.state_dict()}
     module.on_save_checkpoint(checkpoint)
@@ -88,7 +90,7 @@ def test_training_steps_reduce_loss_and_respect_coft(module, shapes_root):
                  - torch.eye(layer.block_size, dtype=torch.float64))
                 .flatten(1).norm(dim=1).max().item() for layer in oft_layers(module.unet))
     assert 0 < worst <= 1e-3 * (1 + 1e-6)
-    assert module.control_encoder.zero_conv.weight.abs().max() > 0
+    assert module.control_network.zero_conv.weight.abs().max() > 0
 
 
 def test_epsilon_prediction_and_nonfinite_loss(module, shapes_root):

@@ -69,14 +69,15 @@ def test_run_writes_metrics_adapter_samples_and_a_trainable_only_checkpoint(trai
 
     tensors, meta = read_adapter(trained_run / "adapter.safetensors")
     assert meta["base_model"] == "assets/tiny-sd" and meta["control"] == "canny"
-    oft = meta["oft_config"]
+    assert meta["method"] == "coft" and meta["control_network"] == "hint"
+    oft = meta["adapter_config"]
     assert isinstance(oft, OFTConfig) and (oft.num_blocks, oft.coft, oft.eps) == (4, True, 1e-3)  # conf/adapter/coft
 
     checkpoint = load_checkpoint(trained_run / "checkpoints" / "last.ckpt")
     assert checkpoint["global_step"] == 3
     state = checkpoint["state_dict"]
-    assert all(k.startswith("control_encoder.") or k.endswith("oft_generator") for k in state)
-    assert any(k.startswith("control_encoder.") for k in state) and any(k.endswith("oft_generator") for k in state)
+    assert all(k.startswith("control_network.") or k.endswith("oft_generator") for k in state)
+    assert any(k.startswith("control_network.") for k in state) and any(k.endswith("oft_generator") for k in state)
     # The adapter is the trained state at the end: same keys, same numbers.
     assert set(tensors) == set(state) and all(torch.equal(tensors[k], state[k]) for k in state)
     # Weights + AdamW's two moments ~ 3x the trainable tensors; the 7.7 M frozen parameters
@@ -133,10 +134,10 @@ def test_adapter_metadata_rebuilds_the_trained_encoder(trained_run):
     from orthodiff.models import ControlEncoder
 
     tensors, meta = read_adapter(trained_run / "adapter.safetensors")
-    encoder = ControlEncoder.from_config(meta["control_encoder_config"])
+    encoder = ControlEncoder.from_config(meta["control_network_config"])
     assert (encoder.config.in_channels, encoder.config.out_channels, encoder.config.downscale_factor) == (1, 64, 4)
-    encoder.load_state_dict({k.removeprefix("control_encoder."): v for k, v in tensors.items()
-                             if k.startswith("control_encoder.")})
+    encoder.load_state_dict({k.removeprefix("control_network."): v for k, v in tensors.items()
+                             if k.startswith("control_network.")})
 
 
 def test_fast_dev_run_trains_one_batch_and_keeps_nothing(shapes_root, tmp_path):
@@ -303,7 +304,7 @@ def test_sd15_unet_oft_and_encoder_training_step_at_256px():
     unet = UNet2DConditionModel.from_config(json.loads(SD15_UNET.read_text()))
     assert len(inject_oft(unet, OFTConfig(num_blocks=4, coft=True, eps=1e-3))) == 144
     encoder = ControlEncoder(in_channels=3, out_channels=320, downscale_factor=8)
-    injector = ControlInjector(unet)
+    injector = ControlInjector(unet, encoder)
     generators = [layer.oft_generator for layer in oft_layers(unet)]
     trainable = [p for p in unet.parameters() if p.requires_grad] + list(encoder.parameters())
     assert sum(p.numel() for p in trainable) == 13_144_928 + 1_086_480  # OFT r=4 + the encoder
@@ -312,7 +313,7 @@ def test_sd15_unet_oft_and_encoder_training_step_at_256px():
 
     latents, text, condition = torch.randn(1, 4, 32, 32), torch.randn(1, 77, 768), torch.rand(1, 3, 256, 256)
     noise, timestep = torch.randn_like(latents), torch.tensor([500])
-    with injector.control(encoder(condition)):
+    with injector.control(condition):
         prediction = unet(latents + noise, timestep, encoder_hidden_states=text).sample
     loss = torch.nn.functional.mse_loss(prediction, noise)
     loss.backward()

@@ -1,12 +1,15 @@
-"""The trained adapter on disk: one safetensors file with the OFT tensors (keys "unet.…"),
-the control encoder (keys "control_encoder.…") and metadata strings naming the format
-version, the base model, a fingerprint of its target layers' shapes, the OFT config,
-the encoder config and the control type."""
+"""The trained adapter on disk: one safetensors file with the trainable tensors (the UNet
+adapter's under "unet.…", the control network's under "control_network.…") and metadata
+strings naming the format version, the method, the base model, a fingerprint of its
+target layers' shapes, the UNet adapter config, the control network and its config, and
+the control type.
+
+Format versions: 1 (OFT + hint encoder only: "oft_config", "control_encoder.…" keys) is
+read and converted; 2 is written.
+"""
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 from pathlib import Path
 
@@ -15,43 +18,36 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from orthodiff.files import atomic_path
-from orthodiff.oft import OFTConfig, OFTLayer, oft_state_dict
+from orthodiff.models.methods import adapter_from_dict, adapter_to_dict
 
 FORMAT = "orthodiff-adapter"
-FORMAT_VERSION = 1
-
-
-def target_fingerprint(unet: torch.nn.Module) -> str:
-    """A short hash of the adapted layers' names and weight shapes: two base models with the
-    same fingerprint accept the same adapter."""
-    layers = sorted((name, tuple(module.base_layer.weight.shape)) for name, module in unet.named_modules()
-                    if isinstance(module, OFTLayer))
-    return hashlib.sha256(repr(layers).encode()).hexdigest()[:16]
+FORMAT_VERSION = 2
 
 
 def save_adapter(path: str | Path, module) -> Path:
     """Write `module`'s (a ControlModule) adapter atomically: a crash mid-write never
     replaces an existing file with a partial one."""
     path = Path(path)
-    tensors = {f"unet.{k}": v for k, v in oft_state_dict(module.unet).items()}
-    tensors.update({f"control_encoder.{k}": v for k, v in module.control_encoder.state_dict().items()})
-    adapter = module.adapter_config
     metadata = {
         "format": FORMAT, "format_version": str(FORMAT_VERSION),
+        "method": str(module.hparams.method or ""),
         "base_model": str(module.hparams.pretrained),
-        "target_fingerprint": target_fingerprint(module.unet) if adapter else "",
-        "oft_config": json.dumps(dataclasses.asdict(adapter) if adapter else None),
+        "target_fingerprint": module.target_fingerprint,
+        "adapter_config": json.dumps(adapter_to_dict(module.adapter_config)),
         "control": module.control,
-        "control_encoder_config": json.dumps(dict(module.control_encoder.config)),
+        "control_network": module.hparams.control_network,
+        "control_network_config": json.dumps(dict(module.control_network.config)),
     }
+    tensors = {k: v.detach().contiguous().cpu() for k, v in module.trainable_state_dict().items()}
     with atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        save_file(tensors, tmp, metadata=metadata)
     return path
 
 
 def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """Tensors and decoded metadata; errors say when a file is not an orthodiff adapter or
-    needs a newer orthodiff."""
+    """Tensors and decoded metadata (format 2's keys, whatever the file's version; the
+    "adapter_config" becomes an OFTConfig / LoRAConfig / FullFinetuneConfig or None).
+    Errors say when a file is not an orthodiff adapter or needs a newer orthodiff."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"adapter file {path} does not exist")
@@ -65,11 +61,45 @@ def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         raise ValueError(f"{path} is not an orthodiff adapter (metadata format={metadata.get('format')!r})")
     version = int(metadata.get("format_version", 0))
     if version > FORMAT_VERSION:
-        raise ValueError(f"{path} is adapter format version {version}; this orthodiff reads up to "
+        raise ValueError(f"{path} is adapter format version {version}; this orthodiff reads versions 1 to "
                          f"{FORMAT_VERSION}: upgrade orthodiff")
     decoded = dict(metadata)
-    for key in ("oft_config", "control_encoder_config"):
-        decoded[key] = json.loads(metadata[key])
-    if decoded["oft_config"] is not None:
-        decoded["oft_config"] = OFTConfig(**decoded["oft_config"])
+    if version == 1:
+        oft = json.loads(metadata["oft_config"])
+        decoded["adapter_config"] = json.dumps(None if oft is None else {"type": "oft", **oft})
+        decoded["method"] = "" if oft is None else ("coft" if oft["coft"] else "oft")
+        decoded["control_network"] = "hint"
+        decoded["control_network_config"] = metadata["control_encoder_config"]
+        tensors = {("control_network." + k.removeprefix("control_encoder.") if k.startswith("control_encoder.") else k): v
+                   for k, v in tensors.items()}
+    decoded["adapter_config"] = adapter_from_dict(json.loads(decoded["adapter_config"]))
+    decoded["control_network_config"] = json.loads(decoded["control_network_config"])
     return tensors, decoded
+
+
+def load_adapter(path: str | Path, pretrained: str | None = None, **module_kwargs):
+    """A ControlModule (frozen base + adapter + control network) rebuilt from an adapter
+    file. `pretrained` replaces the base model named in the metadata; a base model whose
+    target layers differ from the adapter's raises an error naming both."""
+    from orthodiff.models.control_module import ControlModule
+
+    tensors, meta = read_adapter(path)
+    module = ControlModule(pretrained=pretrained or meta["base_model"], control=meta["control"],
+                           adapter=meta["adapter_config"], control_network=meta["control_network"],
+                           method=meta["method"] or None, **module_kwargs)
+    if meta["target_fingerprint"] and module.target_fingerprint != meta["target_fingerprint"]:
+        raise ValueError(
+            f"adapter {path} was trained on base model {meta['base_model']!r} (target-layer fingerprint "
+            f"{meta['target_fingerprint']}); {module.hparams.pretrained!r} has different target layers "
+            f"(fingerprint {module.target_fingerprint}): pass the base model the adapter was made for")
+    expected = module.trainable_state_dict()
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"adapter {path} does not fit its method's model: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}")
+    for key, tensor in tensors.items():
+        if tensor.shape != expected[key].shape:
+            raise ValueError(f"adapter {path}: {key} has shape {tuple(tensor.shape)}, the model expects "
+                             f"{tuple(expected[key].shape)}")
+    module.load_state_dict(tensors, strict=False)
+    return module.eval()

@@ -1,6 +1,8 @@
-"""Networks: the control encoder, the Lightning module, base-model loading, the tiny SD."""
+"""Networks: the control encoder, the methods compared, the Lightning module, base-model
+loading, the tiny SD."""
 
-from .control_encoder import ControlEncoder, ControlInjector
+from .control_encoder import ControlEncoder
 from .control_module import ControlModule
+from .methods import ControlInjector, FullFinetuneConfig, LoRAConfig
 
-__all__ = ["ControlEncoder", "ControlInjector", "ControlModule"]
+__all__ = ["ControlEncoder", "ControlInjector", "ControlModule", "FullFinetuneConfig", "LoRAConfig"]

@@ -1,9 +1,11 @@
 """The Lightning module of controllable generation: a frozen Stable Diffusion model whose
-UNet is adapted by OFT/COFT, plus a control encoder added to the UNet's conv_in output.
+UNet is adapted (OFT/COFT by default; LoRA, full finetuning or nothing for the baselines)
+and fed by a control network (the hint encoder by default; ControlNet or T2I-Adapter for
+the baselines); see models/methods.py.
 
-Trainable = OFT generators + control encoder; everything else is frozen. Checkpoints hold
-only the trainable tensors (an SD 1.5 checkpoint is ~60 MB, not 4 GB), and resuming
-restores them, the optimizer and the step.
+Trainable = the adapter's tensors + the control network; everything else is frozen.
+Checkpoints hold only the trainable tensors (an SD 1.5 OFT checkpoint is ~60 MB, not 4 GB),
+and resuming restores them, the optimizer and the step.
 """
 
 from __future__ import annotations
@@ -19,14 +21,10 @@ from PIL import Image
 from orthodiff.data.control import CONTROL_CHANNELS, check_control
 from orthodiff.eval.control_metrics import ControlScorer, to_uint8
 from orthodiff.models.base import load_base_model
-from orthodiff.models.control_encoder import ControlEncoder, ControlInjector
-from orthodiff.oft import OFTConfig, inject_oft, oft_layers, project_coft
+from orthodiff.models.methods import (ControlInjector, adapt_unet, build_control_network, target_fingerprint,
+                                      target_layers)
+from orthodiff.oft import DEFAULT_TARGETS, OFTConfig, oft_layers, project_coft
 from orthodiff.pipelines.sampling import sample
-
-
-# Checkpoint hparams hold the adapter's OFTConfig: allow it under torch.load(weights_only=True),
-# which Lightning uses to resume and load_from_checkpoint.
-torch.serialization.add_safe_globals([OFTConfig])
 
 
 class NonFiniteLossError(RuntimeError):
@@ -35,7 +33,7 @@ class NonFiniteLossError(RuntimeError):
 
 class ControlModule(pl.LightningModule):
     def __init__(self, pretrained: str = "assets/tiny-sd", control: str = "canny",
-                 adapter: OFTConfig | None = None, optimizer=None, empty_prompt_prob: float = 0.1,
+                 adapter=None, control_network: str = "hint", method: str | None = None, optimizer=None, empty_prompt_prob: float = 0.1,
                  cache_latents: bool = False, cache_text: bool = True, val_steps: int = 25,
                  val_guidance: float = 4.0, val_seed: int = 0, evaluator: str = "shapes",
                  original_config: str | None = None):
@@ -48,15 +46,16 @@ class ControlModule(pl.LightningModule):
         self.tokenizer, self.noise_scheduler = base.tokenizer, base.noise_scheduler
         for frozen in (self.vae, self.text_encoder, self.unet):
             frozen.requires_grad_(False)
-        if adapter is not None:
-            inject_oft(self.unet, adapter)
-        self.adapter_config = adapter
         self.vae_scale_factor = base.vae_scale_factor
-        # Keyword arguments: diffusers' register_to_config records positional ones as defaults.
-        self.control_encoder = ControlEncoder(in_channels=CONTROL_CHANNELS[control],
-                                              out_channels=self.unet.config.block_out_channels[0],
-                                              downscale_factor=self.vae_scale_factor)
-        self.injector = ControlInjector(self.unet)
+        # Before the UNet is adapted: ControlNet copies the base UNet's weights.
+        self.control_network = build_control_network(control_network, self.unet, CONTROL_CHANNELS[control],
+                                                     self.vae_scale_factor)
+        targets = getattr(adapter, "targets", DEFAULT_TARGETS)
+        self.target_fingerprint = target_fingerprint(self.unet, targets)
+        self.adapted_layers = target_layers(self.unet, targets) if adapter is not None else []
+        adapt_unet(self.unet, adapter)
+        self.adapter_config = adapter
+        self.injector = ControlInjector(self.unet, self.control_network)
         self.optimizer_factory = optimizer or (lambda params: torch.optim.AdamW(params, lr=1e-4))
         self.strict_loading = False  # checkpoints hold the trainable tensors only
         self._text_cache: dict[str, torch.Tensor] = {}
@@ -105,7 +104,7 @@ class ControlModule(pl.LightningModule):
     # --- training ------------------------------------------------------------------------
 
     def forward(self, noisy_latents, timesteps, text, conditioning):
-        with self.injector.control(self.control_encoder(conditioning.to(noisy_latents.dtype))):
+        with self.injector.control(conditioning.to(noisy_latents.dtype)):
             return self.unet(noisy_latents, timesteps, encoder_hidden_states=text).sample
 
     def training_step(self, batch, batch_idx):
@@ -132,13 +131,13 @@ class ControlModule(pl.LightningModule):
         return loss
 
     def on_train_epoch_start(self):
-        # The frozen networks stay in eval mode (no dropout in them); the OFT layers train,
-        # so their block dropout applies.
-        for layer in oft_layers(self.unet):
-            layer.train()
+        # The frozen networks stay in eval mode (no dropout in them); the adapted layers
+        # train, so OFT's block dropout and LoRA's dropout apply.
+        for name in self.adapted_layers:
+            self.unet.get_submodule(name).train()
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
-        if self.adapter_config is not None and self.adapter_config.coft:
+        if isinstance(self.adapter_config, OFTConfig) and self.adapter_config.coft:
             project_coft(self.unet)  # COFT: back inside the eps-ball after every step
 
     def configure_optimizers(self):
@@ -158,8 +157,7 @@ class ControlModule(pl.LightningModule):
                  width // self.vae_scale_factor)
         generator = torch.Generator().manual_seed(seed)
         noise = torch.randn(shape, generator=generator).to(self.device, self.unet.dtype)
-        features = self.control_encoder(conditioning.to(self.device, self.unet.dtype))
-        with self.injector.control(features):
+        with self.injector.control(conditioning.to(self.device, self.unet.dtype)):
             latents = sample(self.unet, self.noise_scheduler.config, noise, self.encode_text(list(captions)),
                              self.encode_text([""] * len(captions)), steps or self.hparams.val_steps,
                              self.hparams.val_guidance if guidance is None else guidance, progress)
