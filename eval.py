@@ -1,4 +1,4 @@
-"""Score a trained adapter: `python eval.py ckpt=...` (see README for status)."""
+"""Score a trained adapter: `python eval.py ckpt=<adapter.safetensors | run dir | .ckpt> [model=...] [data=...]`."""
 
 import hydra
 from omegaconf import DictConfig
@@ -8,7 +8,10 @@ from omegaconf import DictConfig
 def main(cfg: DictConfig):
     from orthodiff.evaluate import evaluate
 
-    return evaluate(cfg)
+    try:
+        return evaluate(cfg)
+    except (FileNotFoundError, ValueError) as error:  # bad input: the message, not a traceback
+        raise SystemExit(f"eval.py: {error}") from None
 
 
 if __name__ == "__main__":

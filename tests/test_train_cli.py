@@ -46,9 +46,14 @@ def load_checkpoint(path: Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def check_metrics(metrics: dict, keys=("step0", "final")):
-    assert set(metrics) == set(keys), metrics
-    for values in metrics.values():
+def check_metrics(metrics: dict, keys=("step0", "final"), final_step: int = 3):
+    assert set(keys) <= set(metrics) <= set(keys) | {"history", "cost"}, metrics
+    if "final" in keys:  # the run's validations in step order, and what it cost
+        steps = [entry["step"] for entry in metrics["history"]]
+        assert steps == sorted(steps) and steps[-1] == final_step and CANNY_KEYS <= set(metrics["history"][-1])
+        cost = metrics["cost"]
+        assert cost["seconds_per_step"] > 0 and cost["peak_memory_mb"] > 100 and cost["trainable_parameters"] > 0
+    for values in (metrics[key] for key in keys):
         assert set(values) == CANNY_KEYS, values
         # F1 = 2b/(p+t) >= IoU = b/(p+t-b) image by image; both in [0, 1]. The tiny model
         # draws some matching edges from step 0 (IoU ~0.03 measured).
@@ -97,7 +102,7 @@ def test_resume_restores_step_and_optimizer(trained_run, shapes_root, tmp_path):
     succeeded(train(*tiny(shapes_root), "trainer.max_steps=5", f"resume={previous}", f"hydra.run.dir={tmp_path}"))
     assert f"Restored all states from the checkpoint at {previous}" in (tmp_path / "train.log").read_text()
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    check_metrics(metrics)  # step 0 is carried over from the run that wrote the checkpoint
+    check_metrics(metrics, final_step=5)  # step 0 is carried over from the run that wrote the checkpoint
     assert metrics["step0"] == json.loads((trained_run / "metrics.json").read_text())["step0"]
 
     before, after = load_checkpoint(previous), load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")

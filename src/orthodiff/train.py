@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import resource
+import time
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -30,6 +32,31 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             torch.save(checkpoint, file)
 
 
+class TrainingCost(pl.Callback):
+    """Seconds per training step (validation excluded; the first step, which warms up
+    caches, left out) and peak memory: CUDA's allocator peak on GPU, the process's peak
+    resident memory on CPU (base model included)."""
+
+    def __init__(self):
+        self.durations: list[float] = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.started = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.durations.append(time.perf_counter() - self.started)
+
+    def summary(self, module) -> dict:
+        steps = self.durations[1:] or self.durations
+        if torch.cuda.is_available() and module.device.type == "cuda":
+            peak, kind = torch.cuda.max_memory_allocated(module.device) / 2**20, "cuda_allocated"
+        else:
+            peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process_rss"
+        return {"seconds_per_step": sum(steps) / max(len(steps), 1), "timed_steps": len(steps),
+                "peak_memory_mb": round(peak, 1), "peak_memory_kind": kind,
+                "trainable_parameters": sum(p.numel() for p in module.parameters() if p.requires_grad)}
+
+
 def output_dir() -> Path:
     return Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path.cwd()
 
@@ -48,9 +75,10 @@ def write_json(path: Path, data: dict):
 def train(cfg: DictConfig) -> float:
     pl.seed_everything(cfg.seed, workers=True)
     out = output_dir()
-    datamodule = instantiate(cfg.data)
+    datamodule = instantiate(cfg.data, test=None)  # the test split is eval.py's, not built here
     module = instantiate(cfg.module)
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    cost = TrainingCost()
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()] + [cost]
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, default_root_dir=str(out),
                                       plugins=[AtomicCheckpointIO()])
@@ -77,6 +105,8 @@ def train(cfg: DictConfig) -> float:
     # Reuse the validation fit ran at its last step; otherwise validate once more.
     final = plain_metrics([trainer.callback_metrics]) if module.validated_at == trainer.global_step else {}
     metrics["final"] = final or plain_metrics(trainer.validate(module, datamodule=datamodule))
+    metrics["history"] = module.validation_history  # this run's validations (convergence plots)
+    metrics["cost"] = cost.summary(module)
     if trainer.is_global_zero:
         save_adapter(out / "adapter.safetensors", module)
         write_json(out / "metrics.json", metrics)

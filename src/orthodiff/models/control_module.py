@@ -63,6 +63,7 @@ class ControlModule(pl.LightningModule):
         self.scorer = None
         self.validation_images: list = []
         self.validated_at = -1  # global step of the last validation
+        self.validation_history: list[dict] = []  # {"step", metric: value} per validation: convergence
 
     # --- frozen parts, with optional caches --------------------------------------------
 
@@ -184,6 +185,8 @@ class ControlModule(pl.LightningModule):
         metrics = self.scorer.compute()
         self.log_dict({f"val/{k}": v for k, v in metrics.items()}, sync_dist=True)
         self.validated_at = self.global_step
+        if self.trainer is None or not self.trainer.sanity_checking:
+            self.validation_history.append({"step": self.global_step, **metrics})
         grid = image_grid(self.validation_images)
         if self.trainer is not None and self.trainer.is_global_zero and not self.trainer.sanity_checking:
             out = Path(self.trainer.default_root_dir) / "samples" / f"step_{self.global_step:06d}.png"
