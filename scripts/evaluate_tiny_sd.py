@@ -20,21 +20,10 @@ import torch
 from tqdm import tqdm
 
 from orthodiff.data.shapes import BACKGROUNDS, COLORS, SHAPES, make_scene, split_seeds
+from orthodiff.eval.image_metrics import prompt_recognition
 from orthodiff.eval.metrics import frechet_distance
 from orthodiff.eval.oracles import images_to_tensor, load_oracle, scene_labels
 from orthodiff.models.tiny_sd import TINY_SD_PATH, load_tiny_sd
-
-
-def prompt_recognition(pred: dict, labels: dict) -> dict:
-    """Share of prompted shapes whose kind / colour / (colour, kind) the classifier finds."""
-    hits = {}
-    for head in ("kinds", "colors", "pairs"):
-        prompted = labels[head]
-        hits[f"prompted_{head}_recognized"] = float((pred[head] & prompted).sum() / prompted.sum())
-    hits["background_recognized"] = float((pred["background"] == labels["background"]).mean())
-    hits["count_recognized"] = float((pred["count"] == labels["count"]).mean())
-    hits["all_pairs_exact"] = float((pred["pairs"] == labels["pairs"]).all(1).mean())
-    return hits
 
 
 def main():

@@ -39,12 +39,20 @@ class LoRAConfig:
     dropout: float = 0.0
     targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
 
+    def __post_init__(self):
+        if self.rank < 1:
+            raise ValueError(f"LoRAConfig.rank={self.rank}: must be at least 1")
+        self.targets = list(self.targets)  # Hydra passes a ListConfig: keep the config plain (JSON, pickle)
+
 
 @dataclass
 class FullFinetuneConfig:
     """Full finetuning of the target layers (weights and biases), the rest frozen."""
 
     targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+
+    def __post_init__(self):
+        self.targets = list(self.targets)
 
 
 ADAPTER_TYPES = {"oft": OFTConfig, "lora": LoRAConfig, "full": FullFinetuneConfig}
