@@ -1,8 +1,8 @@
 """The trained adapter on disk: one safetensors file with the trainable tensors (the UNet
 adapter's under "unet.…", the control network's under "control_network.…") and metadata
 strings naming the format version, the method, the base model, a fingerprint of its
-target layers' shapes, the UNet adapter config, the control network and its config, and
-the control type.
+target layers' shapes, the UNet adapter config, the control network and its config, the
+control type, and the sampling settings it was validated with (optional).
 
 Format versions: 1 (OFT + hint encoder only: "oft_config", "control_encoder.…" keys) is
 read and converted; 2 is written.
@@ -16,9 +16,12 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch import nn
 
 from orthodiff.files import atomic_path
-from orthodiff.models.methods import adapter_from_dict, adapter_to_dict
+from orthodiff.models.methods import (adapt_unet, adapter_from_dict, adapter_to_dict, control_network_from_config,
+                                      target_fingerprint)
+from orthodiff.oft import DEFAULT_TARGETS
 
 FORMAT = "orthodiff-adapter"
 FORMAT_VERSION = 2
@@ -37,6 +40,8 @@ def save_adapter(path: str | Path, module) -> Path:
         "control": module.control,
         "control_network": module.hparams.control_network,
         "control_network_config": json.dumps(dict(module.control_network.config)),
+        # What it was validated with: generate.py's defaults.
+        "sampling": json.dumps({"steps": module.hparams.val_steps, "guidance": module.hparams.val_guidance}),
     }
     tensors = {k: v.detach().contiguous().cpu() for k, v in module.trainable_state_dict().items()}
     with atomic_path(path) as tmp:
@@ -74,25 +79,21 @@ def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
                    for k, v in tensors.items()}
     decoded["adapter_config"] = adapter_from_dict(json.loads(decoded["adapter_config"]))
     decoded["control_network_config"] = json.loads(decoded["control_network_config"])
+    decoded["sampling"] = json.loads(decoded.get("sampling", "{}"))  # absent before this key existed
     return tensors, decoded
 
 
-def load_adapter(path: str | Path, pretrained: str | None = None, **module_kwargs):
-    """A ControlModule (frozen base + adapter + control network) rebuilt from an adapter
-    file. `pretrained` replaces the base model named in the metadata; a base model whose
-    target layers differ from the adapter's raises an error naming both."""
-    from orthodiff.models.control_module import ControlModule
-
-    tensors, meta = read_adapter(path)
-    module = ControlModule(pretrained=pretrained or meta["base_model"], control=meta["control"],
-                           adapter=meta["adapter_config"], control_network=meta["control_network"],
-                           method=meta["method"] or None, **module_kwargs)
-    if meta["target_fingerprint"] and module.target_fingerprint != meta["target_fingerprint"]:
+def check_fingerprint(path, meta: dict, found: str, base_name: str) -> None:
+    """The base model's target-layer fingerprint `found` must be the adapter's; the error
+    names both base models."""
+    if meta["target_fingerprint"] and found != meta["target_fingerprint"]:
         raise ValueError(
             f"adapter {path} was trained on base model {meta['base_model']!r} (target-layer fingerprint "
-            f"{meta['target_fingerprint']}); {module.hparams.pretrained!r} has different target layers "
-            f"(fingerprint {module.target_fingerprint}): pass the base model the adapter was made for")
-    expected = module.trainable_state_dict()
+            f"{meta['target_fingerprint']}); {base_name!r} has different target layers "
+            f"(fingerprint {found}): pass the base model the adapter was made for")
+
+
+def check_tensors(path, tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:
         raise ValueError(f"adapter {path} does not fit its method's model: missing {missing[:3]}, "
@@ -101,5 +102,37 @@ def load_adapter(path: str | Path, pretrained: str | None = None, **module_kwarg
         if tensor.shape != expected[key].shape:
             raise ValueError(f"adapter {path}: {key} has shape {tuple(tensor.shape)}, the model expects "
                              f"{tuple(expected[key].shape)}")
+
+
+def load_adapter(path: str | Path, pretrained: str | None = None, **module_kwargs):
+    """A ControlModule (frozen base + adapter + control network) rebuilt from an adapter
+    file, for training or evaluation. `pretrained` replaces the base model named in the
+    metadata; a base model whose target layers differ from the adapter's raises an error
+    naming both. For inference in diffusers, see orthodiff.pipelines.OrthodiffPipeline."""
+    from orthodiff.models.control_module import ControlModule
+
+    tensors, meta = read_adapter(path)
+    module = ControlModule(pretrained=pretrained or meta["base_model"], control=meta["control"],
+                           adapter=meta["adapter_config"], control_network=meta["control_network"],
+                           method=meta["method"] or None, **module_kwargs)
+    check_fingerprint(path, meta, module.target_fingerprint, module.hparams.pretrained)
+    check_tensors(path, tensors, module.trainable_state_dict())
     module.load_state_dict(tensors, strict=False)
     return module.eval()
+
+
+def attach_adapter(unet: nn.Module, path: str | Path, base_name: str = "this base model") -> tuple[nn.Module, dict]:
+    """Adapt a plain diffusers `unet` in place with an adapter file; returns the control
+    network (with its trained weights) and the adapter's metadata. The inference path:
+    no Lightning module, no training state."""
+    tensors, meta = read_adapter(path)
+    targets = getattr(meta["adapter_config"], "targets", DEFAULT_TARGETS)
+    check_fingerprint(path, meta, target_fingerprint(unet, targets), base_name)  # before adapting: names change
+    network = control_network_from_config(meta["control_network"], meta["control_network_config"])
+    adapt_unet(unet, meta["adapter_config"])
+    parts = nn.ModuleDict({"unet": unet, "control_network": network})
+    trainable = {name for name, p in parts.named_parameters() if p.requires_grad}
+    check_tensors(path, tensors, {k: v for k, v in parts.state_dict().items() if k in trainable})
+    parts.load_state_dict(tensors, strict=False)
+    parts.requires_grad_(False)
+    return network.eval(), meta

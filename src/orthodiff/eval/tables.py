@@ -10,9 +10,11 @@ settings, so `table=all` trains each cell once.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -23,6 +25,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
+
+from orthodiff.models.tiny_sd import TINY_SD_PATH
 
 ROOT = Path(__file__).resolve().parents[3]
 # What each control's figure is called in metrics.json, and which way is better.
@@ -40,18 +44,31 @@ def run_overrides(cfg: DictConfig, method: str, control: str, seed: int, extra=(
             "logger=csv", "callbacks.progress_bar.refresh_rate=0", *cfg.train_overrides, *extra]
 
 
+def embedded_model_digest() -> str:
+    """A content hash of the shipped tiny SD: part of every cell's record, so runs made
+    with older weights are retrained rather than reused after a re-pretraining."""
+    digest = hashlib.sha256()
+    for path in sorted(TINY_SD_PATH.rglob("*")):
+        if path.is_file():
+            digest.update(path.relative_to(TINY_SD_PATH).as_posix().encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def run_cell(cfg: DictConfig, method: str, control: str, seed: int, extra=(), tag: str = "") -> dict:
-    """Train one cell (or reuse its finished run with identical overrides) and return
-    its metrics.json plus "run_dir"."""
+    """Train one cell (or reuse its finished run with identical overrides and base
+    weights) and return its metrics.json plus "run_dir"."""
     overrides = run_overrides(cfg, method, control, seed, extra)
     run_dir = Path(cfg.runs_dir).expanduser() / f"{control}-{method}{tag}-s{seed}"
     record = run_dir / "overrides.json"
     metrics_path = run_dir / "metrics.json"
-    if metrics_path.is_file() and record.is_file() and json.loads(record.read_text()) == overrides:
+    identity = {"overrides": overrides, "embedded_model": embedded_model_digest()}
+    if metrics_path.is_file() and record.is_file() and json.loads(record.read_text()) == identity:
         metrics = json.loads(metrics_path.read_text())
         if "final" in metrics:
             return {**metrics, "run_dir": str(run_dir)}
     run_dir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(run_dir / "eval", ignore_errors=True)  # scored a run this one replaces
     started = time.time()
     result = subprocess.run([sys.executable, "train.py", *overrides, f"hydra.run.dir={run_dir.resolve()}"],
                             cwd=ROOT, capture_output=True, text=True)
@@ -59,7 +76,7 @@ def run_cell(cfg: DictConfig, method: str, control: str, seed: int, extra=(), ta
     if result.returncode != 0:
         raise RuntimeError(f"run {run_dir} failed (exit {result.returncode}); its log: {run_dir / 'stdout.log'}\n"
                            f"{result.stderr[-2000:]}")
-    record.write_text(json.dumps(overrides))
+    record.write_text(json.dumps(identity))
     metrics = json.loads(metrics_path.read_text())
     metrics["wall_seconds"] = round(time.time() - started, 1)
     metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")

@@ -23,7 +23,7 @@ from diffusers import ControlNetModel, T2IAdapter
 from torch import nn
 
 from orthodiff.models.control_encoder import ControlEncoder
-from orthodiff.oft import DEFAULT_TARGETS, OFTConfig, inject_oft
+from orthodiff.oft import DEFAULT_TARGETS, OFTConfig, OFTLayer, inject_oft
 from orthodiff.oft.layer import _matches
 
 CONTROL_NETWORKS = ("hint", "controlnet", "t2i_adapter", "t2i_adapter_light")
@@ -133,6 +133,50 @@ def build_control_network(kind: str, unet, condition_channels: int, vae_scale_fa
                           num_res_blocks=4 if light else 2, downscale_factor=vae_scale_factor,
                           adapter_type="light_adapter" if light else "full_adapter")
     raise ValueError(f"unknown control network {kind!r}; choose one of {CONTROL_NETWORKS}")
+
+
+CONTROL_NETWORK_CLASSES = {"hint": ControlEncoder, "controlnet": ControlNetModel, "t2i_adapter": T2IAdapter,
+                           "t2i_adapter_light": T2IAdapter}
+
+
+def control_network_from_config(kind: str, config: dict) -> nn.Module:
+    """An untrained control network rebuilt from its saved config (weights come after)."""
+    if kind not in CONTROL_NETWORK_CLASSES:
+        raise ValueError(f"unknown control network {kind!r}; choose one of {CONTROL_NETWORKS}")
+    return CONTROL_NETWORK_CLASSES[kind].from_config(config)
+
+
+def adapter_layers(unet: nn.Module) -> dict[str, nn.Module]:
+    """The UNet's wrapped layers by name: OFT layers and PEFT (LoRA) layers."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return {name: m for name, m in unet.named_modules() if isinstance(m, (OFTLayer, BaseTunerLayer))}
+
+
+def merge_adapter(unet: nn.Module) -> int:
+    """Fold OFT rotations / LoRA products into the base weights (zero inference overhead);
+    full finetuning has nothing to fold. Returns the number of layers merged."""
+    layers = adapter_layers(unet).values()
+    for layer in layers:
+        layer.merge()
+    return len(layers)
+
+
+def unmerge_adapter(unet: nn.Module) -> int:
+    layers = adapter_layers(unet).values()
+    for layer in layers:
+        layer.unmerge()
+    return len(layers)
+
+
+def fold_adapter(unet: nn.Module) -> nn.Module:
+    """Merge, then put each wrapped layer's base layer back in its place: a plain diffusers
+    UNet with the adapter in its weights (what export saves)."""
+    merge_adapter(unet)
+    for name, layer in adapter_layers(unet).items():
+        parent, _, child = name.rpartition(".")
+        setattr(unet.get_submodule(parent), child, layer.base_layer)  # OFT and PEFT both keep `base_layer`
+    return unet
 
 
 def _repeat_to(tensor: torch.Tensor, batch: int) -> torch.Tensor:

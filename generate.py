@@ -1,0 +1,20 @@
+"""Generate with a trained adapter:
+`python generate.py adapter=<adapter.safetensors | run dir> condition=<image> prompt="..."
+[num_images=4 steps= guidance= seed=0 scheduler=ddim annotate=auto base= out=]`."""
+
+import sys
+
+
+def main(argv: list[str]):
+    from orthodiff.cli import parse_args
+    from orthodiff.generate import GenerateConfig, generate
+
+    cfg = parse_args(GenerateConfig, argv, "generate.py")
+    try:
+        return generate(cfg)
+    except (FileNotFoundError, ValueError) as error:  # bad input: the message, not a traceback
+        raise SystemExit(f"generate.py: {error}") from None
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

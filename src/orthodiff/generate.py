@@ -1,0 +1,110 @@
+"""Generation entry (called by generate.py): an adapter + a condition + a prompt -> PNGs
+and a side-by-side grid with the condition."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+
+import diffusers
+import numpy as np
+import torch
+from PIL import Image
+
+from orthodiff.adapter import read_adapter
+from orthodiff.models.base import resolve_pretrained
+from orthodiff.pipelines import OrthodiffPipeline
+
+SCHEDULERS = {  # name -> diffusers class, built from the base model's scheduler config
+    "ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "pndm": "PNDMScheduler", "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler", "dpm": "DPMSolverMultistepScheduler", "unipc": "UniPCMultistepScheduler",
+}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class GenerateConfig:
+    adapter: str                      # adapter.safetensors or a train.py run directory
+    condition: str                    # a raw image (annotated on the fly) or a ready condition map
+    prompt: str
+    negative_prompt: str = ""
+    num_images: int = 4
+    steps: int | None = None          # None: what the adapter was validated with (else 25)
+    guidance: float | None = None     # None: what the adapter was validated with (else 7.5)
+    seed: int = 0
+    scheduler: str = "ddim"
+    annotate: str = "auto"            # auto | always | never (see orthodiff.pipelines.load_condition)
+    height: int | None = None         # None: the base model's native size
+    width: int | None = None
+    base: str | None = None           # None: the base model named in the adapter
+    device: str = "auto"              # auto: cuda when available, else cpu
+    dtype: str = "auto"               # auto: float16 on cuda, float32 on cpu; or float32/float16/bfloat16
+    merge: bool = True                # fold the adapter into the weights: base-model speed
+    out: str | None = None            # None: outputs/generate/<time>
+
+
+def adapter_file(path: str) -> Path:
+    path = Path(path).expanduser()
+    if path.is_dir():
+        path = path / "adapter.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"adapter={path}: no such adapter file or run directory")
+    return path
+
+
+def build_pipeline(adapter: Path, base: str | None, device: str, dtype: torch.dtype):
+    _, meta = read_adapter(adapter)  # fails early, before loading a base model, on a foreign file
+    source = resolve_pretrained(base or meta["base_model"])
+    if not Path(source).exists() and "/" not in source:
+        raise FileNotFoundError(f"base model {source!r} is neither a local folder nor a hub id: "
+                                "pass base=<diffusers folder or hub id>")
+    try:
+        pipe = OrthodiffPipeline.from_pretrained(source, torch_dtype=dtype, safety_checker=None,
+                                                 requires_safety_checker=False)
+    except (OSError, ValueError) as error:
+        raise FileNotFoundError(f"cannot load the base model {source!r} ({error}); pass base=<diffusers folder "
+                                "or hub id> (hub ids need network or the HF cache)") from None
+    pipe.load_adapter(adapter)
+    return pipe.to(device), meta
+
+
+def generate(cfg: GenerateConfig) -> Path:
+    if cfg.scheduler not in SCHEDULERS:
+        raise ValueError(f"scheduler={cfg.scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
+    if cfg.num_images < 1:
+        raise ValueError(f"num_images={cfg.num_images}: must be at least 1")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    dtype_name = ("float16" if device.startswith("cuda") else "float32") if cfg.dtype == "auto" else cfg.dtype
+    if dtype_name not in DTYPES:
+        raise ValueError(f"dtype={cfg.dtype!r}: choose auto or one of {', '.join(DTYPES)}")
+    pipe, meta = build_pipeline(adapter_file(cfg.adapter), cfg.base, device, DTYPES[dtype_name])
+    pipe.scheduler = getattr(diffusers, SCHEDULERS[cfg.scheduler]).from_config(pipe.scheduler.config)
+    if cfg.merge:
+        pipe.merge()
+    ids = pipe.tokenizer(cfg.prompt).input_ids
+    if len(ids) > pipe.tokenizer.model_max_length:
+        print(f"warning: the prompt is {len(ids)} tokens; the text encoder reads the first "
+              f"{pipe.tokenizer.model_max_length}, the rest is ignored")
+    sampling = meta["sampling"]
+    steps = cfg.steps or sampling.get("steps", 25)
+    guidance = cfg.guidance if cfg.guidance is not None else sampling.get("guidance", 7.5)
+    result = pipe(cfg.prompt, control_image=cfg.condition, annotate=cfg.annotate, height=cfg.height,
+                  width=cfg.width, num_images_per_prompt=cfg.num_images, num_inference_steps=steps,
+                  guidance_scale=guidance, negative_prompt=cfg.negative_prompt or None,
+                  generator=torch.Generator().manual_seed(cfg.seed))
+    out = Path(cfg.out or f"outputs/generate/{datetime.now():%Y-%m-%d_%H-%M-%S}")
+    out.mkdir(parents=True, exist_ok=True)
+    for k, image in enumerate(result.images):
+        image.save(out / f"sample_{k:02d}.png")
+    # The condition as the network saw it (annotated, resized), beside the samples.
+    condition = pipe.last_condition[0].float().cpu()
+    condition = (condition.expand(3, -1, -1) if condition.shape[0] == 1 else condition).permute(1, 2, 0)
+    row = [np.uint8(condition.numpy() * 255)] + [np.asarray(image) for image in result.images]
+    Image.fromarray(np.concatenate(row, axis=1)).save(out / "grid.png")
+    record = {**asdict(cfg), "steps": steps, "guidance": guidance, "device": device, "dtype": dtype_name,
+              "base_model": pipe.name_or_path, "method": meta["method"], "control": meta["control"]}
+    (out / "generate.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(f"{len(result.images)} images and grid.png in {out}")
+    return out
