@@ -153,8 +153,10 @@ def test_generate_cli_writes_samples_grid_and_record(adapters, tmp_path):
     raw[10:40, 12:50] = (230, 230, 60)
     Image.fromarray(raw).save(tmp_path / "photo.png")
     result = run("generate.py", f"adapter={adapters['coft'][1]}", f"condition={tmp_path / 'photo.png'}",
-                 "prompt=a blue square, on a gray background", "num_images=2", "steps=2", f"out={tmp_path / 'out'}")
+                 "prompt=a blue square, on a gray background" + ", very" * 80, "num_images=2", "steps=2",
+                 f"out={tmp_path / 'out'}")
     assert result.returncode == 0, result.stderr[-2000:]
+    assert "tokens; the text encoder reads the first 77" in result.stdout
     grid = np.asarray(Image.open(tmp_path / "out" / "grid.png"))
     assert grid.shape == (64, 64 * 3, 3)  # condition | 2 samples
     assert (tmp_path / "out" / "sample_01.png").is_file()
