@@ -101,5 +101,5 @@ def encode_condition(control: str, condition: np.ndarray) -> torch.Tensor:
         condition = cv2.cvtColor(condition, cv2.COLOR_RGB2GRAY)
     if channels == 3 and condition.ndim == 2:
         condition = np.repeat(condition[..., None], 3, axis=2)
-    tensor = torch.from_numpy(np.ascontiguousarray(condition)).float() / 255.0
+    tensor = torch.from_numpy(np.array(condition)).float() / 255.0  # a copy: PIL arrays are read-only
     return tensor[None] if tensor.ndim == 2 else tensor.permute(2, 0, 1)
