@@ -186,3 +186,18 @@ def test_cli_values_are_taken_as_typed():
     assert cfg.prompt == "red, [blue] = x" and cfg.steps == 3 and cfg.base is None
     with pytest.raises(SystemExit, match="steps='many': expected int"):
         parse_args(GenerateConfig, ["adapter=a", "condition=c", "prompt=p", "steps=many"], "t")
+
+
+def test_pipeline_refuses_an_adapter_for_another_base_or_a_newer_format(adapters, tmp_path):
+    from safetensors import safe_open
+
+    _, path = adapters["coft"]
+    with safe_open(str(path), "pt") as f:
+        metadata, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, tmp_path / "other.safetensors",
+              metadata={**metadata, "target_fingerprint": "0123456789abcdef", "base_model": "some/other-model"})
+    with pytest.raises(ValueError, match=r"some/other-model.*tiny-sd"):
+        pipeline(tmp_path / "other.safetensors")
+    save_file(tensors, tmp_path / "future.safetensors", metadata={**metadata, "format_version": "9"})
+    with pytest.raises(ValueError, match="format version 9; this orthodiff reads versions 1 to 2"):
+        pipeline(tmp_path / "future.safetensors")
