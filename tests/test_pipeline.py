@@ -160,7 +160,7 @@ def test_generate_cli_writes_samples_grid_and_record(adapters, tmp_path):
     grid = np.asarray(Image.open(tmp_path / "out" / "grid.png"))
     assert grid.shape == (64, 64 * 3, 3)  # condition | 2 samples
     assert (tmp_path / "out" / "sample_01.png").is_file()
-    assert '"prompt": "a blue square, on a gray background"' in (tmp_path / "out" / "generate.json").read_text()
+    assert '"prompt": "a blue square, on a gray background, very, very' in (tmp_path / "out" / "generate.json").read_text()
 
 
 def test_generate_and_export_bad_input_is_one_clear_line(adapters, tmp_path):
