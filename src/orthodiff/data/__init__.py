@@ -1,5 +1,6 @@
 """Datasets for controllable generation: the shapes world and real-dataset loaders, all
-yielding the item contract of `orthodiff.data.datasets`."""
+yielding the item contract of `orthodiff.data.datasets`; and subject-driven generation's
+subjects and DreamBooth-layout loader (`orthodiff.data.subjects`)."""
 
 from orthodiff.data.ade20k import ADE20KDataset
 from orthodiff.data.annotators import DepthAnnotator
@@ -8,6 +9,9 @@ from orthodiff.data.coco import CocoDataset
 from orthodiff.data.datamodule import ControlDataModule
 from orthodiff.data.datasets import ControlDataset, ShapesDataset, collate
 from orthodiff.data.folder import FolderDataset
+from orthodiff.data.subjects import (EVAL_PROMPTS, SUBJECTS, SubjectDataset, check_token, reference_images,
+                                     render_subject, subject_images, write_subject)
 
 __all__ = ["ADE20KDataset", "CelebAHQDataset", "CocoDataset", "ControlDataModule", "ControlDataset", "DepthAnnotator",
-           "FolderDataset", "ShapesDataset", "collate"]
+           "EVAL_PROMPTS", "FolderDataset", "SUBJECTS", "ShapesDataset", "SubjectDataset", "check_token", "collate",
+           "reference_images", "render_subject", "subject_images", "write_subject"]
