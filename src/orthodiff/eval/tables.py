@@ -38,8 +38,12 @@ CONTROL_METRICS = {"canny": ("canny_iou", "max"), "seg": ("seg_mIoU", "max"), "d
 
 def run_overrides(cfg: DictConfig, method: str, control: str, seed: int, extra=()) -> list[str]:
     schedule = cfg.schedule
+    # Only the first control's runs feed the convergence curves; the others are read at
+    # their final step alone, so they skip the step-0 and intermediate validations.
+    curve = control == cfg.controls[0]
     return [f"experiment={control}", f"method={method}", f"seed={seed}", f"trainer.max_steps={schedule.steps}",
-            f"trainer.val_check_interval={schedule.val_every}", f"data.val.max_items={schedule.val_items}",
+            f"trainer.val_check_interval={schedule.val_every if curve else schedule.steps}",
+            f"validate_at_start={curve}", f"data.val.max_items={schedule.val_items}",
             f"data.batch_size={schedule.batch_size}", f"callbacks.checkpoint.every_n_train_steps={schedule.steps}",
             "logger=csv", "callbacks.progress_bar.refresh_rate=0", *cfg.train_overrides, *extra]
 
