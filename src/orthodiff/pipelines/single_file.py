@@ -107,6 +107,17 @@ def _n_attentions(block) -> int:
     return 0 if attentions is None else len(attentions)
 
 
+def _level_rules(rules: list, name: str, block, target: str, k: int) -> int:
+    """One UNet level's (resnet, attention) pairs -> the original's numbered blocks
+    `target.k.0` / `target.k.1`; returns the next block number."""
+    for j in range(len(block.resnets)):
+        rules.append(_Rule(f"{name}.resnets.{j}.", f"{target}.{k}.0.", UNET_RESNET))
+        if j < _n_attentions(block):
+            rules.append(_Rule(f"{name}.attentions.{j}.", f"{target}.{k}.1."))
+        k += 1
+    return k
+
+
 def _unet_rules(unet: UNet2DConditionModel) -> list[_Rule]:
     if not isinstance(unet, UNet2DConditionModel):
         raise ValueError(f"unet: expected a diffusers UNet2DConditionModel, got {type(unet).__name__}")
@@ -121,11 +132,7 @@ def _unet_rules(unet: UNet2DConditionModel) -> list[_Rule]:
 
     k = 1  # input_blocks.0 is conv_in
     for i, block in enumerate(unet.down_blocks):
-        for j in range(len(block.resnets)):
-            rules.append(_Rule(f"down_blocks.{i}.resnets.{j}.", f"input_blocks.{k}.0.", UNET_RESNET))
-            if j < _n_attentions(block):
-                rules.append(_Rule(f"down_blocks.{i}.attentions.{j}.", f"input_blocks.{k}.1."))
-            k += 1
+        k = _level_rules(rules, f"down_blocks.{i}", block, "input_blocks", k)
         if block.downsamplers is not None:  # the original gives the downsampler its own block
             rules.append(_Rule(f"down_blocks.{i}.downsamplers.0.conv.", f"input_blocks.{k}.0.op."))
             k += 1
@@ -139,11 +146,7 @@ def _unet_rules(unet: UNet2DConditionModel) -> list[_Rule]:
 
     k = 0
     for i, block in enumerate(unet.up_blocks):
-        for j in range(len(block.resnets)):
-            rules.append(_Rule(f"up_blocks.{i}.resnets.{j}.", f"output_blocks.{k}.0.", UNET_RESNET))
-            if j < _n_attentions(block):
-                rules.append(_Rule(f"up_blocks.{i}.attentions.{j}.", f"output_blocks.{k}.1."))
-            k += 1
+        k = _level_rules(rules, f"up_blocks.{i}", block, "output_blocks", k)
         if block.upsamplers is not None:  # appended to the level's last output block
             slot = 2 if len(block.resnets) - 1 < _n_attentions(block) else 1
             rules.append(_Rule(f"up_blocks.{i}.upsamplers.0.conv.", f"output_blocks.{k - 1}.{slot}.conv."))
