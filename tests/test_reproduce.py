@@ -31,6 +31,8 @@ def test_unknown_table_lists_the_valid_ones(tmp_path):
     result = reproduce("table=bogus", f"out_dir={tmp_path}")
     assert result.returncode != 0
     assert "params, controllable, convergence, energy, ablation_r, all" in result.stderr
+    result = reproduce("table=params", "jobs=0", f"out_dir={tmp_path}")
+    assert result.returncode != 0 and "jobs=0" in result.stderr
 
 
 def test_params_table_is_stamped_and_matches_the_references(tmp_path):
