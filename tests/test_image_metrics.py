@@ -1,6 +1,5 @@
 import importlib.util
 import math
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -148,32 +147,6 @@ def test_inception_extractor_runs_from_a_local_weights_file(tmp_path, monkeypatc
 
 
 # --- CLIP score ---------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory):
-    """A randomly initialised CLIP folder (model + processor, save_pretrained format) with
-    the real CLIP BPE tokenizer; seed 2 gives positive cosines on the test pairs, so the
-    score is not floored at 0 and checks the embeddings."""
-    from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor,
-                              CLIPTokenizer)
-
-    folder = tmp_path_factory.mktemp("tiny-clip")
-    torch.manual_seed(2)
-    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                 num_attention_heads=2)
-    config = CLIPConfig(text_config=dict(vocab_size=49408, max_position_embeddings=77, **tower),
-                        vision_config=dict(image_size=32, patch_size=8, **tower),
-                        projection_dim=16)
-    CLIPModel(config).save_pretrained(folder)
-    tokenizer_files = folder / "tokenizer-source"
-    shutil.copytree(ROOT / "assets" / "tiny-sd" / "tokenizer", tokenizer_files)
-    processor = CLIPProcessor(
-        image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
-                                           crop_size={"height": 32, "width": 32}),
-        tokenizer=CLIPTokenizer.from_pretrained(tokenizer_files))
-    processor.save_pretrained(folder)
-    return folder
-
 
 def test_clip_score_with_a_local_model_is_the_mean_cosine(tiny_clip):
     from transformers import CLIPModel, CLIPProcessor

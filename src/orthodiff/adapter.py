@@ -3,6 +3,9 @@ adapter's under "unet.…", the control network's under "control_network.…") a
 strings naming the format version, the method, the base model, a fingerprint of its
 target layers' shapes, the UNet adapter config, the control network and its config, the
 control type, and the sampling settings it was validated with (optional).
+Subject adapters (task "subject", SubjectModule) have no control network; they name the
+token, the class word and the learned embedding kind instead, and their learned token
+vectors are stored under "embedding.…".
 
 Format versions: 1 (OFT + hint encoder only: "oft_config", "control_encoder.…" keys) is
 read and converted; 2 is written.
@@ -28,8 +31,10 @@ FORMAT_VERSION = 2
 
 
 def save_adapter(path: str | Path, module) -> Path:
-    """Write `module`'s (a ControlModule) adapter atomically: a crash mid-write never
-    replaces an existing file with a partial one."""
+    """Write `module`'s (a ControlModule or SubjectModule) adapter atomically: a crash
+    mid-write never replaces an existing file with a partial one."""
+    from orthodiff.models.subject_module import SubjectModule
+
     path = Path(path)
     metadata = {
         "format": FORMAT, "format_version": str(FORMAT_VERSION),
@@ -37,12 +42,16 @@ def save_adapter(path: str | Path, module) -> Path:
         "base_model": str(module.hparams.pretrained),
         "target_fingerprint": module.target_fingerprint,
         "adapter_config": json.dumps(adapter_to_dict(module.adapter_config)),
-        "control": module.control,
-        "control_network": module.hparams.control_network,
-        "control_network_config": json.dumps(dict(module.control_network.config)),
         # What it was validated with: generate.py's defaults.
         "sampling": json.dumps({"steps": module.hparams.val_steps, "guidance": module.hparams.val_guidance}),
     }
+    if isinstance(module, SubjectModule):
+        metadata.update({"task": "subject", "token": module.hparams.token, "class_word": module.hparams.class_word,
+                         "embedding": module.hparams.embedding})
+    else:
+        metadata.update({"task": "control", "control": module.control,
+                         "control_network": module.hparams.control_network,
+                         "control_network_config": json.dumps(dict(module.control_network.config))})
     tensors = {k: v.detach().contiguous().cpu() for k, v in module.trainable_state_dict().items()}
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
@@ -78,7 +87,9 @@ def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         tensors = {("control_network." + k.removeprefix("control_encoder.") if k.startswith("control_encoder.") else k): v
                    for k, v in tensors.items()}
     decoded["adapter_config"] = adapter_from_dict(json.loads(decoded["adapter_config"]))
-    decoded["control_network_config"] = json.loads(decoded["control_network_config"])
+    decoded.setdefault("task", "control")  # written before subject adapters existed
+    if decoded["task"] == "control":
+        decoded["control_network_config"] = json.loads(decoded["control_network_config"])
     decoded["sampling"] = json.loads(decoded.get("sampling", "{}"))  # absent before this key existed
     return tensors, decoded
 
@@ -105,16 +116,22 @@ def check_tensors(path, tensors: dict[str, torch.Tensor], expected: dict[str, to
 
 
 def load_adapter(path: str | Path, pretrained: str | None = None, **module_kwargs):
-    """A ControlModule (frozen base + adapter + control network) rebuilt from an adapter
-    file, for training or evaluation. `pretrained` replaces the base model named in the
-    metadata; a base model whose target layers differ from the adapter's raises an error
-    naming both. For inference in diffusers, see orthodiff.pipelines.OrthodiffPipeline."""
+    """A ControlModule (frozen base + adapter + control network) or, for a subject
+    adapter, a SubjectModule rebuilt from an adapter file, for training or evaluation.
+    `pretrained` replaces the base model named in the metadata; a base model whose
+    target layers differ from the adapter's raises an error naming both. For inference
+    in diffusers, see orthodiff.pipelines.OrthodiffPipeline."""
     from orthodiff.models.control_module import ControlModule
+    from orthodiff.models.subject_module import SubjectModule
 
     tensors, meta = read_adapter(path)
-    module = ControlModule(pretrained=pretrained or meta["base_model"], control=meta["control"],
-                           adapter=meta["adapter_config"], control_network=meta["control_network"],
-                           method=meta["method"] or None, **module_kwargs)
+    common = {"pretrained": pretrained or meta["base_model"], "adapter": meta["adapter_config"],
+              "method": meta["method"] or None, **module_kwargs}
+    if meta["task"] == "subject":
+        module = SubjectModule(token=meta["token"], class_word=meta["class_word"], embedding=meta["embedding"],
+                               **common)
+    else:
+        module = ControlModule(control=meta["control"], control_network=meta["control_network"], **common)
     check_fingerprint(path, meta, module.target_fingerprint, module.hparams.pretrained)
     check_tensors(path, tensors, module.trainable_state_dict())
     module.load_state_dict(tensors, strict=False)
@@ -126,6 +143,10 @@ def attach_adapter(unet: nn.Module, path: str | Path, base_name: str = "this bas
     network (with its trained weights) and the adapter's metadata. The inference path:
     no Lightning module, no training state."""
     tensors, meta = read_adapter(path)
+    if meta["task"] != "control":
+        raise ValueError(f"{path} is a {meta['task']}-driven adapter (token {meta.get('token')!r}), not a "
+                         "controllable-generation one: load it with orthodiff.adapter.load_adapter(path) and "
+                         "sample with module.generate(prompts)")
     targets = getattr(meta["adapter_config"], "targets", DEFAULT_TARGETS)
     check_fingerprint(path, meta, target_fingerprint(unet, targets), base_name)  # before adapting: names change
     network = control_network_from_config(meta["control_network"], meta["control_network_config"])

@@ -13,12 +13,17 @@ import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.plugins import TorchCheckpointIO
 
 from orthodiff.adapter import save_adapter
+from orthodiff.data.subjects import subject_class_word
 from orthodiff.files import atomic_path
-from orthodiff.models.control_module import NonFiniteLossError
+from orthodiff.models.diffusion_module import NonFiniteLossError
+
+
+# data.class_word of the subject configs: `${subject_class:${data.root},${data.subject}}`.
+OmegaConf.register_new_resolver("subject_class", subject_class_word, replace=True)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -75,7 +80,8 @@ def write_json(path: Path, data: dict):
 def train(cfg: DictConfig) -> float:
     pl.seed_everything(cfg.seed, workers=True)
     out = output_dir()
-    datamodule = instantiate(cfg.data, test=None)  # the test split is eval.py's, not built here
+    # The test split is eval.py's, not built here.
+    datamodule = instantiate(cfg.data, **({"test": None} if "test" in cfg.data else {}))
     module = instantiate(cfg.module)
     cost = TrainingCost()
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()] + [cost]

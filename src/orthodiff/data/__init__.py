@@ -9,9 +9,10 @@ from orthodiff.data.coco import CocoDataset
 from orthodiff.data.datamodule import ControlDataModule
 from orthodiff.data.datasets import ControlDataset, ShapesDataset, collate
 from orthodiff.data.folder import FolderDataset
+from orthodiff.data.subject_datamodule import SubjectDataModule, SubjectPrompts
 from orthodiff.data.subjects import (EVAL_PROMPTS, SUBJECTS, SubjectDataset, check_token, reference_images,
                                      render_subject, subject_images, write_subject)
 
 __all__ = ["ADE20KDataset", "CelebAHQDataset", "CocoDataset", "ControlDataModule", "ControlDataset", "DepthAnnotator",
-           "EVAL_PROMPTS", "FolderDataset", "SUBJECTS", "ShapesDataset", "SubjectDataset", "check_token", "collate",
+           "EVAL_PROMPTS", "FolderDataset", "SUBJECTS", "ShapesDataset", "SubjectDataModule", "SubjectDataset", "SubjectPrompts", "check_token", "collate",
            "reference_images", "render_subject", "subject_images", "write_subject"]

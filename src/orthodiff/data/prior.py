@@ -40,13 +40,15 @@ def _folder_name(prompt: str) -> str:
 
 @torch.no_grad()
 def class_images(pipe, prompt: str, n: int, cache_dir: str | Path, seed: int = 0, steps: int = 25,
-                 guidance: float = 4.0, batch_size: int = 16) -> list[np.ndarray]:
+                 guidance: float = 4.0, batch_size: int = 16, digest: str | None = None) -> list[np.ndarray]:
     """`n` uint8 RGB images of `prompt` from the base pipeline `pipe` (a diffusers
-    StableDiffusionPipeline without any adapter), from the cache when it matches."""
+    StableDiffusionPipeline without any adapter, or one whose adapter is still the
+    identity, with `digest` = base_model_digest of the base model before it was
+    adapted), from the cache when it matches."""
     if n < 1:
         raise ValueError(f"n={n}: prior preservation needs at least one class image")
     folder = Path(cache_dir).expanduser() / _folder_name(prompt)
-    record = {"prompt": prompt, "base_model_digest": base_model_digest(pipe), "seed": seed, "steps": steps,
+    record = {"prompt": prompt, "base_model_digest": digest or base_model_digest(pipe), "seed": seed, "steps": steps,
               "guidance": guidance}
     record_path = folder / "record.json"
     if record_path.is_file():

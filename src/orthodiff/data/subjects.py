@@ -474,6 +474,13 @@ def find_class_word(root: Path, subject: str) -> str:
                      f"in {listing} (google/dreambooth's format)")
 
 
+def subject_class_word(root: str | Path, subject: str) -> str:
+    """The class word of a shapes-world subject, else of root/<subject> (find_class_word)."""
+    if subject in SUBJECTS:
+        return SUBJECTS[subject].class_word
+    return find_class_word(Path(root).expanduser(), subject)
+
+
 class SubjectDataset(Dataset):
     """The images of one subject in the DreamBooth layout (see the module docstring).
 

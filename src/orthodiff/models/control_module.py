@@ -13,25 +13,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from orthodiff.data.control import CONTROL_CHANNELS, check_control
 from orthodiff.eval.control_metrics import ControlScorer, to_uint8
-from orthodiff.models.base import load_base_model
-from orthodiff.models.methods import (ControlInjector, adapt_unet, build_control_network, target_fingerprint,
-                                      target_layers)
-from orthodiff.oft import DEFAULT_TARGETS, OFTConfig, oft_layers, project_coft
+from orthodiff.models.diffusion_module import DiffusionModule, NonFiniteLossError
+from orthodiff.models.methods import ControlInjector, build_control_network
 from orthodiff.pipelines.sampling import sample
 
-
-class NonFiniteLossError(RuntimeError):
-    pass
+__all__ = ["ControlModule", "NonFiniteLossError", "image_grid", "log_image"]
 
 
-class ControlModule(pl.LightningModule):
+class ControlModule(DiffusionModule):
     def __init__(self, pretrained: str = "assets/tiny-sd", control: str = "canny",
                  adapter=None, control_network: str = "hint", method: str | None = None, optimizer=None, empty_prompt_prob: float = 0.1,
                  cache_latents: bool = False, cache_text: bool = True, val_steps: int = 25,
@@ -41,68 +35,17 @@ class ControlModule(pl.LightningModule):
         # The frozen networks are loaded here, not passed in, so hparams stay small.
         self.save_hyperparameters(ignore=["optimizer"])
         self.control = check_control(control)
-        base = load_base_model(pretrained, original_config=original_config)
-        self.vae, self.text_encoder, self.unet = base.vae, base.text_encoder, base.unet
-        self.tokenizer, self.noise_scheduler = base.tokenizer, base.noise_scheduler
-        for frozen in (self.vae, self.text_encoder, self.unet):
-            frozen.requires_grad_(False)
-        self.vae_scale_factor = base.vae_scale_factor
+        if control_network is None:
+            raise ValueError(f"method {method!r} has no control network: it is a subject-driven method; "
+                             "train it with experiment=dreambooth")
+        self.load_base(pretrained, original_config)
         # Before the UNet is adapted: ControlNet copies the base UNet's weights.
         self.control_network = build_control_network(control_network, self.unet, CONTROL_CHANNELS[control],
                                                      self.vae_scale_factor)
-        targets = getattr(adapter, "targets", DEFAULT_TARGETS)
-        self.target_fingerprint = target_fingerprint(self.unet, targets)
-        self.adapted_layers = target_layers(self.unet, targets) if adapter is not None else []
-        adapt_unet(self.unet, adapter)
-        self.adapter_config = adapter
+        self.adapt(adapter, optimizer)
         self.injector = ControlInjector(self.unet, self.control_network)
-        self.optimizer_factory = optimizer or (lambda params: torch.optim.AdamW(params, lr=1e-4))
-        self.strict_loading = False  # checkpoints hold the trainable tensors only
-        self._text_cache: dict[str, torch.Tensor] = {}
-        self._latent_cache: dict[int, torch.Tensor] = {}
         self.scorer = None
         self.validation_images: list = []
-        self.validated_at = -1  # global step of the last validation
-        self.validation_history: list[dict] = []  # {"step", metric: value} per validation: convergence
-
-    # --- frozen parts, with optional caches --------------------------------------------
-
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        names = {name for name, p in self.named_parameters() if p.requires_grad}
-        return {name: tensor for name, tensor in self.state_dict().items() if name in names}
-
-    @torch.no_grad()
-    def encode_text(self, captions: list[str]) -> torch.Tensor:
-        missing = [c for c in dict.fromkeys(captions) if c not in self._text_cache]
-        if missing:
-            ids = self.tokenizer(missing, padding="max_length", max_length=self.tokenizer.model_max_length,
-                                 truncation=True, return_tensors="pt").input_ids.to(self.device)
-            embeddings = self.text_encoder(ids)[0]
-            if not self.hparams.cache_text:
-                lookup = dict(zip(missing, embeddings))
-                return torch.stack([lookup[c] for c in captions])
-            self._text_cache.update(zip(missing, embeddings.cpu()))
-        return torch.stack([self._text_cache[c] for c in captions]).to(self.device)
-
-    @torch.no_grad()
-    def encode_images(self, pixel_values: torch.Tensor, indices=None) -> torch.Tensor:
-        """Latents sampled from the VAE posterior; with cache_latents the posterior's
-        mean and std are kept per dataset index (the frozen VAE runs once per image)."""
-        if self.hparams.cache_latents and indices is not None:
-            indices = [int(i) for i in indices]
-            todo = [k for k, i in enumerate(indices) if i not in self._latent_cache]
-            if todo:
-                dist = self.vae.encode(pixel_values[todo].to(self.vae.dtype)).latent_dist
-                for k, moments in zip(todo, torch.cat([dist.mean, dist.std], 1).half().cpu()):
-                    self._latent_cache[indices[k]] = moments
-            moments = torch.stack([self._latent_cache[i] for i in indices]).to(self.device).float()
-            mean, std = moments.chunk(2, dim=1)
-            latents = mean + std * torch.randn_like(std)
-        else:
-            latents = self.vae.encode(pixel_values.to(self.vae.dtype)).latent_dist.sample()
-        return latents * self.vae.config.scaling_factor
-
-    # --- training ------------------------------------------------------------------------
 
     def forward(self, noisy_latents, timesteps, text, conditioning):
         with self.injector.control(conditioning.to(noisy_latents.dtype)):
@@ -114,38 +57,10 @@ class ControlModule(pl.LightningModule):
         latents = self.encode_images(batch["pixel_values"], batch.get("index"))
         captions = [c if torch.rand(()) >= self.hparams.empty_prompt_prob else "" for c in batch["text"]]
         text = self.encode_text(captions)
-        noise = torch.randn_like(latents)
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(latents),), device=self.device)
-        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        prediction_type = self.noise_scheduler.config.prediction_type
-        if prediction_type == "epsilon":
-            target = noise
-        elif prediction_type == "v_prediction":
-            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
-        else:
-            raise ValueError(f"prediction_type {prediction_type!r} is not supported (epsilon, v_prediction)")
-        loss = F.mse_loss(self(noisy, timesteps, text, batch["conditioning"]).float(), target.float())
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(f"loss is {loss.item()} at step {self.global_step}: training stopped; "
-                                     "the last checkpoint holds the last good weights (try a lower lr)")
+        loss = self.diffusion_loss(latents, lambda noisy, t: self(noisy, t, text, batch["conditioning"]))
+        self.check_finite(loss)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(latents))
         return loss
-
-    def on_train_epoch_start(self):
-        # The frozen networks stay in eval mode (no dropout in them); the adapted layers
-        # train, so OFT's block dropout and LoRA's dropout apply.
-        for name in self.adapted_layers:
-            self.unet.get_submodule(name).train()
-
-    def on_train_batch_end(self, outputs, batch, batch_idx):
-        if isinstance(self.adapter_config, OFTConfig) and self.adapter_config.coft:
-            project_coft(self.unet)  # COFT: back inside the eps-ball after every step
-
-    def configure_optimizers(self):
-        return self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
-
-    def on_save_checkpoint(self, checkpoint):
-        checkpoint["state_dict"] = self.trainable_state_dict()
 
     # --- sampling and validation -----------------------------------------------------
 
@@ -162,8 +77,7 @@ class ControlModule(pl.LightningModule):
             latents = sample(self.unet, self.noise_scheduler.config, noise, self.encode_text(list(captions)),
                              self.encode_text([""] * len(captions)), steps or self.hparams.val_steps,
                              self.hparams.val_guidance if guidance is None else guidance, progress)
-        images = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
-        return ((images.float() + 1) / 2).clamp(0, 1)
+        return self.decode_latents(latents)
 
     def on_validation_epoch_start(self):
         if self.scorer is None:  # the label space of segmentation comes from the dataset
