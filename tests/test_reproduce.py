@@ -30,7 +30,7 @@ def read_csv(path: Path) -> list[dict]:
 def test_unknown_table_lists_the_valid_ones(tmp_path):
     result = reproduce("table=bogus", f"out_dir={tmp_path}")
     assert result.returncode != 0
-    assert "params, controllable, convergence, energy, ablation_r, all" in result.stderr
+    assert "params, controllable, convergence, energy, ablation_r, subject, all" in result.stderr
     result = reproduce("table=params", "jobs=0", f"out_dir={tmp_path}")
     assert result.returncode != 0 and "jobs=0" in result.stderr
 
@@ -81,3 +81,23 @@ def test_all_tables_on_a_two_step_schedule(shapes_root, tmp_path):
                       "schedule.steps=2", "schedule.val_every=1", "schedule.val_items=4", "schedule.batch_size=4",
                       f"train_overrides=[{quoted(fixture)}]", timeout=300)
     assert again.returncode == 0 and "controllable" not in again.stderr  # finished runs are reused
+
+
+@pytest.mark.slow
+def test_subject_table_on_a_two_step_schedule(tmp_path):
+    fast = ["trainer.max_steps=2", "trainer.val_check_interval=2", "data.samples_per_prompt=2",
+            "data.no_token_prompts=4", "model.val_steps=2", "module.num_class_images=2",
+            f"module.prior_cache_dir={tmp_path / 'class'}", f"data.root={tmp_path / 'subjects'}"]
+    result = reproduce("table=subject", f"out_dir={tmp_path / 'reports'}", f"runs_dir={tmp_path / 'runs'}",
+                       "subject.methods=[coft,textual_inversion]", "subject.subjects=[badge_circle]",
+                       f"subject.train_overrides=[{quoted(fast)}]")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {row["method"]: row for row in read_csv(tmp_path / "reports" / "subject.csv")}
+    assert set(rows) == {"base model (step 0 of coft)", "coft", "textual_inversion", "ideal images",
+                         "ideal images through the VAE"}
+    # The rendered ideal answers are the subject: far above the base model's samples.
+    ideal = float(rows["ideal images"]["subject_fidelity"])
+    assert ideal > float(rows["base model (step 0 of coft)"]["subject_fidelity"]) + 0.2
+    assert int(float(rows["textual_inversion"]["trainable params"])) == 64  # the tiny text width
+    assert (tmp_path / "reports" / "subject_samples_badge_circle.png").is_file()
+    assert "python reproduce.py table=subject" in (tmp_path / "reports" / "subject.md").read_text()

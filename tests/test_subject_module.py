@@ -200,3 +200,17 @@ def test_train_cli_on_a_real_subject_folder(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert "subject_fidelity" in metrics["final"] and "no_token_kind" not in metrics["final"]
+
+
+def test_dreambooth_config_finetunes_the_whole_unet():
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    import orthodiff.train  # noqa: F401  registers the config's subject_class resolver
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=dreambooth", "method=full"])
+    module = instantiate(cfg.module, adapter=instantiate(cfg.adapter))
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    assert trainable == sum(p.numel() for p in module.unet.parameters())
+    assert cfg.optimized_metric == "val/subject_fidelity" and cfg.module.prior_loss_weight == 1.0

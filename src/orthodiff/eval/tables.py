@@ -362,9 +362,9 @@ def _vae_round_trip(vae, images: torch.Tensor):
     return ((vae.decode(latents).sample + 1) / 2).clamp(0, 1)
 
 
-def sample_tiles(run_dir: Path, first: bool, size: int, per_row: int, rows: int) -> list[np.ndarray]:
-    """The first sample of each of the first `rows` prompts from a run's validation grid
-    (samples/step_*.png: one prompt per row, `per_row` samples each)."""
+def sample_tiles(run_dir: Path, first: bool, size: int, rows: int) -> list[np.ndarray]:
+    """The first sample of each of the first `rows` prompts from a run's first or last
+    validation grid (samples/step_*.png: one prompt's samples per row)."""
     from PIL import Image
 
     grids = sorted((Path(run_dir) / "samples").glob("step_*.png"))
@@ -381,7 +381,8 @@ def subject_table(cfg: DictConfig) -> Path:
     settings = cfg.subject
     cells = [(m, s) for s in settings.subjects for m in settings.methods]
     runs = dict(zip(cells, run_all(cfg, cells, "subject", cell=subject_cell)))
-    embedded = not settings.train_overrides
+    # The shapes world on the tiny SD (the overrides may shorten runs, not change model or data).
+    embedded = not any(o.split("=")[0].lstrip("+~") in ("model", "data") for o in settings.train_overrides)
     vae = load_base_model(str(TINY_SD_PATH)).vae.eval() if embedded else None
     ceilings = {s: subject_ceiling(s, vae) for s in settings.subjects} if embedded else {}
     first = settings.methods[0]
@@ -412,15 +413,15 @@ def subject_table(cfg: DictConfig) -> Path:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     plots = []
-    size, per_row = 64, 4
+    size = 64
     for subject in settings.subjects:
         if not embedded:
             break
         prompts = len(EVAL_PROMPTS)
         training = [np.asarray(Image.fromarray(im).resize((size, size))) for im in subject_images(subject, 4)]
         lines = [training + [np.full((size, size, 3), 255, np.uint8)] * (prompts - len(training)),
-                 sample_tiles(runs[(first, subject)]["run_dir"], True, size, per_row, prompts)]
-        lines += [sample_tiles(runs[(m, subject)]["run_dir"], False, size, per_row, prompts) for m in settings.methods]
+                 sample_tiles(runs[(first, subject)]["run_dir"], True, size, prompts)]
+        lines += [sample_tiles(runs[(m, subject)]["run_dir"], False, size, prompts) for m in settings.methods]
         grid = np.concatenate([np.concatenate(line, axis=1) for line in lines], axis=0)
         Image.fromarray(grid).save(out / f"subject_samples_{subject}.png")
         plots.append(f"subject_samples_{subject}.png")

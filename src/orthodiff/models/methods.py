@@ -85,8 +85,15 @@ def target_layers(unet: nn.Module, targets) -> list[str]:
 def target_fingerprint(unet: nn.Module, targets=DEFAULT_TARGETS) -> str:
     """A short hash of the target layers' names and weight shapes, taken on the base UNet:
     two base models with the same fingerprint accept the same adapter."""
-    layers = sorted((name, tuple(unet.get_submodule(name).weight.shape)) for name in target_layers(unet, targets))
+    layers = sorted((name, _shapes(unet.get_submodule(name))) for name in target_layers(unet, targets))
     return hashlib.sha256(repr(layers).encode()).hexdigest()[:16]
+
+
+def _shapes(module: nn.Module) -> tuple:
+    """A layer's weight shape; for a block (full finetuning of whole blocks), its parameters' shapes."""
+    if isinstance(getattr(module, "weight", None), torch.Tensor):
+        return tuple(module.weight.shape)
+    return tuple(tuple(p.shape) for p in module.parameters())
 
 
 def adapt_unet(unet: nn.Module, adapter) -> None:
