@@ -1,6 +1,7 @@
 """Generate with a trained adapter:
 `python generate.py adapter=<adapter.safetensors | run dir> condition=<image> prompt="..."
-[num_images=4 steps= guidance= seed=0 scheduler=ddim annotate=auto base= out=]`."""
+[num_images=4 steps= guidance= seed=0 scheduler=ddim annotate=auto base= out=]`; a subject
+adapter (experiment=dreambooth) takes no condition: `prompt="a sks square on a black background"`."""
 
 import sys
 

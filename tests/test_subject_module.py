@@ -150,6 +150,14 @@ def test_train_cli_runs_each_method(method, tmp_path):
     assert (tmp_path / "run" / "adapter.safetensors").is_file()
     assert (tmp_path / "subjects" / "inlaid_triangle" / "00.png").is_file()  # written on first use
     assert list((tmp_path / "run" / "samples").glob("step_*.png"))
+    if method == "textual_inversion":  # generate.py takes a subject adapter without a condition
+        out = tmp_path / "generated"
+        result = subprocess.run([sys.executable, "generate.py", f"adapter={tmp_path / 'run'}", "num_images=2",
+                                 "prompt=a sks triangle on a black background", "steps=2", f"out={out}"],
+                                cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert json.loads((out / "generate.json").read_text())["token"] == "sks"
+        assert len(list(out.glob("sample_*.png"))) == 2
 
 
 def test_a_control_run_refuses_a_subject_method(tmp_path):

@@ -43,7 +43,11 @@ def load_model(ckpt: str | Path, pretrained: str) -> ControlModule:
             raise ValueError(f"{path} was trained on base model {module.hparams.pretrained!r}, not {pretrained!r}: "
                              f"pass the matching model= (or evaluate its adapter.safetensors)")
         return module.eval()
-    return load_adapter(path, pretrained=pretrained)
+    module = load_adapter(path, pretrained=pretrained)
+    if not isinstance(module, ControlModule):
+        raise ValueError(f"{path} is a subject-driven adapter: eval.py scores controllable generation; its "
+                         "scores are in its run's metrics.json (python reproduce.py table=subject compares methods)")
+    return module
 
 
 def fid_extractor(fid: DictConfig) -> str:

@@ -1,5 +1,6 @@
 """Generation entry (called by generate.py): an adapter + a condition + a prompt -> PNGs
-and a side-by-side grid with the condition."""
+and a side-by-side grid with the condition. A subject adapter (experiment=dreambooth)
+needs no condition: its prompt names the token ("a sks square on a black background")."""
 
 from __future__ import annotations
 
@@ -27,8 +28,8 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 @dataclass
 class GenerateConfig:
     adapter: str                      # adapter.safetensors or a train.py run directory
-    condition: str                    # a raw image (annotated on the fly) or a ready condition map
     prompt: str
+    condition: str | None = None      # a raw image (annotated on the fly) or a ready condition map; not for subject adapters
     negative_prompt: str = ""
     num_images: int = 4
     steps: int | None = None          # None: what the adapter was validated with (else 25)
@@ -79,6 +80,10 @@ def generate(cfg: GenerateConfig) -> Path:
     dtype_name = ("float16" if device.startswith("cuda") else "float32") if cfg.dtype == "auto" else cfg.dtype
     if dtype_name not in DTYPES:
         raise ValueError(f"dtype={cfg.dtype!r}: choose auto or one of {', '.join(DTYPES)}")
+    if read_adapter(adapter_file(cfg.adapter))[1]["task"] == "subject":
+        return generate_subject(cfg, device)
+    if cfg.condition is None:
+        raise ValueError("condition= is required: this adapter is for controllable generation (give an image)")
     pipe, meta = build_pipeline(adapter_file(cfg.adapter), cfg.base, device, DTYPES[dtype_name])
     pipe.scheduler = getattr(diffusers, SCHEDULERS[cfg.scheduler]).from_config(pipe.scheduler.config)
     if cfg.merge:
@@ -107,4 +112,27 @@ def generate(cfg: GenerateConfig) -> Path:
               "base_model": pipe.name_or_path, "method": meta["method"], "control": meta["control"]}
     (out / "generate.json").write_text(json.dumps(record, indent=2) + "\n")
     print(f"{len(result.images)} images and grid.png in {out}")
+    return out
+
+
+def generate_subject(cfg: GenerateConfig, device: str) -> Path:
+    """A subject adapter's samples, from the training module's own DDIM sampler (float32;
+    scheduler= and dtype= apply to controllable-generation adapters only)."""
+    from orthodiff.adapter import load_adapter
+
+    module = load_adapter(adapter_file(cfg.adapter), pretrained=cfg.base).to(device)
+    sampling = {"steps": module.hparams.val_steps, "guidance": module.hparams.val_guidance}
+    steps, guidance = cfg.steps or sampling["steps"], cfg.guidance if cfg.guidance is not None else sampling["guidance"]
+    size = cfg.height or cfg.width or module.hparams.resolution
+    images = module.generate([cfg.prompt] * cfg.num_images, seed=cfg.seed, steps=steps, guidance=guidance, size=size)
+    out = Path(cfg.out or f"outputs/generate/{datetime.now():%Y-%m-%d_%H-%M-%S}")
+    out.mkdir(parents=True, exist_ok=True)
+    arrays = [np.uint8(image.permute(1, 2, 0).cpu().numpy() * 255) for image in images]
+    for k, array in enumerate(arrays):
+        Image.fromarray(array).save(out / f"sample_{k:02d}.png")
+    Image.fromarray(np.concatenate(arrays, axis=1)).save(out / "grid.png")
+    record = {**asdict(cfg), "steps": steps, "guidance": guidance, "device": device, "base_model": module.hparams.pretrained,
+              "method": module.hparams.method, "token": module.hparams.token}
+    (out / "generate.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(f"{len(arrays)} images and grid.png in {out}")
     return out

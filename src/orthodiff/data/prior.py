@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import warnings
@@ -63,7 +64,8 @@ def class_images(pipe, prompt: str, n: int, cache_dir: str | Path, seed: int = 0
                           stacklevel=2)
         elif all(f.is_file() for f in files):
             return [np.asarray(Image.open(f).convert("RGB")) for f in files]
-    partial = folder.with_name(folder.name + ".partial")  # renamed when complete
+    # Renamed when complete; one per process, as parallel runs may make the same images.
+    partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     generator = torch.Generator().manual_seed(seed)
@@ -77,5 +79,8 @@ def class_images(pipe, prompt: str, n: int, cache_dir: str | Path, seed: int = 0
         Image.fromarray(image).save(partial / f"{k:04d}.png")
     (partial / "record.json").write_text(json.dumps({**record, "n": n}, indent=2) + "\n")
     shutil.rmtree(folder, ignore_errors=True)
-    partial.rename(folder)
+    try:
+        partial.rename(folder)
+    except OSError:  # another process wrote the same images (same seed) in the meantime
+        shutil.rmtree(partial, ignore_errors=True)
     return images
