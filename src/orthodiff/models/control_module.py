@@ -18,7 +18,7 @@ from PIL import Image
 
 from orthodiff.data.control import CONTROL_CHANNELS, check_control
 from orthodiff.eval.control_metrics import ControlScorer, to_uint8
-from orthodiff.models.diffusion_module import DiffusionModule, NonFiniteLossError
+from orthodiff.models.diffusion_module import DiffusionModule, NonFiniteLossError, log_image
 from orthodiff.models.methods import ControlInjector, build_control_network
 from orthodiff.pipelines.sampling import sample
 
@@ -117,14 +117,3 @@ def image_grid(rows: list, max_rows: int = 8) -> np.ndarray:
     tiles = torch.cat([conditioning, gap, generated, gap, truth], dim=3)  # (n, 3, h, 3w + 4)
     tiles = torch.cat([tiles, torch.ones(len(tiles), 3, 2, tiles.shape[3])], dim=2)
     return to_uint8(torch.cat(list(tiles), dim=1)[None, :, :-2])[0]
-
-
-def log_image(logger, key: str, image: np.ndarray, step: int):
-    """Send an image to wandb or TensorBoard; other loggers (CSV) keep the PNG on disk only."""
-    experiment = getattr(logger, "experiment", None)
-    kind = type(logger).__name__
-    if kind == "WandbLogger":
-        logger.log_image(key=key, images=[image], step=step)
-    elif kind == "TensorBoardLogger" and experiment is not None:
-        experiment.add_image(key, image, step, dataformats="HWC")
-

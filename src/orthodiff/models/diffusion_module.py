@@ -15,6 +15,7 @@ build on it. A subclass calls, in its __init__:
 
 from __future__ import annotations
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -139,3 +140,13 @@ class DiffusionModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint):
         checkpoint["state_dict"] = self.trainable_state_dict()
+
+
+def log_image(logger, key: str, image: np.ndarray, step: int):
+    """Send an image to wandb or TensorBoard; other loggers (CSV) keep the PNG on disk only."""
+    experiment = getattr(logger, "experiment", None)
+    kind = type(logger).__name__
+    if kind == "WandbLogger":
+        logger.log_image(key=key, images=[image], step=step)
+    elif kind == "TensorBoardLogger" and experiment is not None:
+        experiment.add_image(key, image, step, dataformats="HWC")

@@ -25,8 +25,7 @@ from orthodiff.data.prior import base_model_digest, class_images
 from orthodiff.data.subjects import check_token
 from orthodiff.eval.control_metrics import to_uint8
 from orthodiff.eval.subject_metrics import SubjectScorer
-from orthodiff.models.control_module import log_image
-from orthodiff.models.diffusion_module import DiffusionModule
+from orthodiff.models.diffusion_module import DiffusionModule, log_image
 from orthodiff.models.embeddings import PerLayerEmbedding, TokenEmbedding
 from orthodiff.pipelines.sampling import sample
 
