@@ -60,7 +60,7 @@ class SubjectModule(DiffusionModule):
             self.embedding = TokenEmbedding(self.text_encoder, self.token_id, init_id)
         elif embedding == "pplus":
             self.embedding = PerLayerEmbedding(self.text_encoder, self.unet, self.token_id, init_id)
-        self.class_moments = None  # VAE posteriors of the prior's class images (setup)
+        self.class_moments, self.prior_prompt = None, None  # the prior's class images and prompt (setup)
         self.scorer = None
         self.validation_images: list = []
 
@@ -102,12 +102,12 @@ class SubjectModule(DiffusionModule):
         # still the identity and the pipeline below generates as the base model does.
         from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-        prompt = self.hparams.class_prompt or self._class_prompt()
+        self.prior_prompt = self.hparams.class_prompt or self._class_prompt()
         pipe = StableDiffusionPipeline(vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
                                        unet=self.unet, scheduler=DDIMScheduler.from_config(self.noise_scheduler.config),
                                        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         pipe.set_progress_bar_config(disable=True)
-        images = class_images(pipe, prompt, self.hparams.num_class_images, self.hparams.prior_cache_dir,
+        images = class_images(pipe, self.prior_prompt, self.hparams.num_class_images, self.hparams.prior_cache_dir,
                               steps=self.hparams.val_steps, guidance=self.hparams.val_guidance, digest=self.base_digest)
         pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
         with torch.no_grad():
@@ -127,7 +127,7 @@ class SubjectModule(DiffusionModule):
         picks = torch.randint(len(self.class_moments), (batch_size,))
         mean, std = self.class_moments[picks].to(self.device).chunk(2, dim=1)
         latents = (mean + std * torch.randn_like(std)) * self.vae.config.scaling_factor
-        text = self.encode_text([self.hparams.class_prompt or self._class_prompt()] * batch_size)
+        text = self.encode_text([self.prior_prompt] * batch_size)
         return self.diffusion_loss(latents, lambda noisy, t: self.predict(noisy, t, text))
 
     # --- training ------------------------------------------------------------------------
