@@ -59,6 +59,8 @@ def test_all_tables_on_a_two_step_schedule(shapes_root, tmp_path):
     controllable = {row["method"]: row for row in read_csv(reports / "controllable.csv")}
     assert set(controllable) == {"coft", "lora", "full", "controlnet"}
     assert "±" in controllable["coft"]["canny canny_iou"]  # two seeds on canny
+    for row in controllable.values():  # every control's column holds its metric (a wrong key gives n/a)
+        assert "n/a" not in (row["canny canny_iou"], row["seg seg_miou"]), row
     trainable = {m: int(row["trainable params"]) for m, row in controllable.items()}
     # At the tiny model's widths (64, 96) LoRA rank 4 is slightly larger than OFT r=4.
     assert max(trainable["lora"], trainable["coft"]) < trainable["full"] < trainable["controlnet"]
@@ -73,6 +75,7 @@ def test_all_tables_on_a_two_step_schedule(shapes_root, tmp_path):
 
     ablation = read_csv(reports / "ablation_r.csv")
     assert [int(row["r"]) for row in ablation] == [2, 4]
+    assert all(0 <= float(row["canny_iou"]) <= 1 for row in ablation)
     assert int(ablation[0]["trainable params (this model)"]) > int(ablation[1]["trainable params (this model)"])
     assert "python reproduce.py table=all" in (reports / "controllable.md").read_text()
 

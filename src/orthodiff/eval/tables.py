@@ -32,7 +32,7 @@ from orthodiff.models.tiny_sd import TINY_SD_PATH
 
 ROOT = Path(__file__).resolve().parents[3]
 # What each control's figure is called in metrics.json, and which way is better.
-CONTROL_METRICS = {"canny": ("canny_iou", "max"), "seg": ("seg_mIoU", "max"), "depth": ("depth_rmse", "min"),
+CONTROL_METRICS = {"canny": ("canny_iou", "max"), "seg": ("seg_miou", "max"), "depth": ("depth_rmse", "min"),
                    "landmarks": ("landmark_error", "min")}
 
 
