@@ -171,8 +171,9 @@ def test_generate_and_export_bad_input_is_one_clear_line(adapters, tmp_path):
         (("generate.py", f"adapter={adapter}", f"condition={tmp_path / 'notes.txt'}", "prompt=x"), "notes.txt is not a readable image"),
         (("generate.py", f"adapter={tmp_path / 'other.safetensors'}", "condition=x.png", "prompt=x"), "is not an orthodiff adapter"),
         (("generate.py", f"adapter={adapter}", "condition=x.png", "prompt=x", f"base={tmp_path / 'nowhere'}"), "nowhere"),
-        (("generate.py", f"adapter={adapter}", "prompt=x"), "missing required argument(s): condition=..."),
-        (("generate.py", f"adapter={adapter}", "condition=x.png", "prompt=x", "stepz=3"), "keys adapter, condition"),
+        (("generate.py", f"adapter={adapter}", "prompt=x"), "condition= is required"),
+        (("generate.py", f"adapter={adapter}", "condition=x.png"), "missing required argument(s): prompt=..."),
+        (("generate.py", f"adapter={adapter}", "condition=x.png", "prompt=x", "stepz=3"), "keys adapter, prompt, condition"),
         (("orthodiff.export", f"adapter={tmp_path / 'missing.safetensors'}", f"out={tmp_path / 'o'}"), "no such adapter file"),
     ]
     for args, message in cases:
