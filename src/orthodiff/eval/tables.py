@@ -136,11 +136,16 @@ def stamp(cfg: DictConfig, runs: bool = True) -> list[str]:
     def git(*args):
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
-    dirty = " (uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no") else ""
+    # The reports this run rewrites do not count as changes to the code that made them.
+    reports = (Path(cfg.out_dir).resolve()).as_posix()
+    changed = [line for line in git("status", "--porcelain", "--untracked-files=no").splitlines()
+               if not (ROOT / line[3:]).resolve().as_posix().startswith(reports)]
+    dirty = " (uncommitted changes)" if changed else ""
     return [f"- command: `python reproduce.py {' '.join(sys.argv[1:])}`",
             f"- git revision: {git('rev-parse', '--short', 'HEAD') or 'unknown'}{dirty}",
             f"- written: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} on {platform.machine()}, "
-            f"{torch.get_num_threads()} torch threads, torch {torch.__version__}"] + ([
+            f"torch {torch.__version__}; cells trained {cfg.jobs} at a time, "
+            f"{cell_env(cfg)['OMP_NUM_THREADS']} torch thread(s) each"] + ([
             f"- seeds: {list(cfg.seeds)}; schedule: {OmegaConf.to_container(cfg.schedule)}; "
             f"train overrides: {list(cfg.train_overrides) or 'none (the embedded default)'}"] if runs else [])
 
