@@ -134,7 +134,7 @@ def run_all(cfg: DictConfig, cells: list[tuple], desc: str, cell=run_cell) -> li
 
 def stamp(cfg: DictConfig, runs: bool = True) -> list[str]:
     def git(*args):
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout
 
     # The reports this run rewrites do not count as changes to the code that made them.
     reports = (Path(cfg.out_dir).resolve()).as_posix()
@@ -142,7 +142,7 @@ def stamp(cfg: DictConfig, runs: bool = True) -> list[str]:
                if not (ROOT / line[3:]).resolve().as_posix().startswith(reports)]
     dirty = " (uncommitted changes)" if changed else ""
     return [f"- command: `python reproduce.py {' '.join(sys.argv[1:])}`",
-            f"- git revision: {git('rev-parse', '--short', 'HEAD') or 'unknown'}{dirty}",
+            f"- git revision: {git('rev-parse', '--short', 'HEAD').strip() or 'unknown'}{dirty}",
             f"- written: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} on {platform.machine()}, "
             f"torch {torch.__version__}; cells trained {cfg.jobs} at a time, "
             f"{cell_env(cfg)['OMP_NUM_THREADS']} torch thread(s) each"] + ([
