@@ -27,6 +27,13 @@ def read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def subject_fixture(tmp_path) -> list[str]:
+    """Subject cells on a two-step schedule with few evaluation samples."""
+    return ["trainer.max_steps=2", "trainer.val_check_interval=2", "data.samples_per_prompt=2",
+            "data.no_token_prompts=4", "model.val_steps=2", "module.num_class_images=2",
+            f"module.prior_cache_dir={tmp_path / 'class'}", f"data.root={tmp_path / 'subjects'}"]
+
+
 def test_unknown_table_lists_the_valid_ones(tmp_path):
     result = reproduce("table=bogus", f"out_dir={tmp_path}")
     assert result.returncode != 0
@@ -53,7 +60,8 @@ def test_all_tables_on_a_two_step_schedule(shapes_root, tmp_path):
         "schedule.steps=2", "schedule.val_every=1", "schedule.val_items=4", "schedule.batch_size=4",
         "eval_samples=4", f"train_overrides=[{quoted(fixture)}]",
         f"eval_overrides=[{quoted([f'data.train.root={shapes_root}', 'steps=2', 'batch_size=4'])}]", "ablation.num_blocks=[2,4]",
-        "ablation.control=canny")
+        "ablation.control=canny", "subject.methods=[coft,textual_inversion]", "subject.subjects=[badge_circle]",
+        f"subject.train_overrides=[{quoted(subject_fixture(tmp_path))}]")
     assert result.returncode == 0, result.stderr[-3000:]
     reports = tmp_path / "reports"
     controllable = {row["method"]: row for row in read_csv(reports / "controllable.csv")}
@@ -79,28 +87,18 @@ def test_all_tables_on_a_two_step_schedule(shapes_root, tmp_path):
     assert int(ablation[0]["trainable params (this model)"]) > int(ablation[1]["trainable params (this model)"])
     assert "python reproduce.py table=all" in (reports / "controllable.md").read_text()
 
+    subject = {row["method"]: row for row in read_csv(reports / "subject.csv")}
+    assert set(subject) == {"base model (step 0 of coft)", "coft", "textual_inversion", "ideal images",
+                            "ideal images through the VAE"}
+    # The rendered ideal answers are the subject: far above the base model's samples.
+    ideal = float(subject["ideal images"]["subject_fidelity"])
+    assert ideal > float(subject["base model (step 0 of coft)"]["subject_fidelity"]) + 0.2
+    assert int(float(subject["textual_inversion"]["trainable params"])) == 64  # the tiny text width
+    assert (reports / "subject_samples_badge_circle.png").is_file()
+
     again = reproduce("table=energy", f"out_dir={tmp_path / 'reports'}", f"runs_dir={tmp_path / 'runs'}",
                       "methods=[coft,lora,full,controlnet]", "controls=[canny,seg]", "seeds=[0,1]",
                       "schedule.steps=2", "schedule.val_every=1", "schedule.val_items=4", "schedule.batch_size=4",
                       f"train_overrides=[{quoted(fixture)}]", timeout=300)
     assert again.returncode == 0 and "controllable" not in again.stderr  # finished runs are reused
 
-
-@pytest.mark.slow
-def test_subject_table_on_a_two_step_schedule(tmp_path):
-    fast = ["trainer.max_steps=2", "trainer.val_check_interval=2", "data.samples_per_prompt=2",
-            "data.no_token_prompts=4", "model.val_steps=2", "module.num_class_images=2",
-            f"module.prior_cache_dir={tmp_path / 'class'}", f"data.root={tmp_path / 'subjects'}"]
-    result = reproduce("table=subject", f"out_dir={tmp_path / 'reports'}", f"runs_dir={tmp_path / 'runs'}",
-                       "subject.methods=[coft,textual_inversion]", "subject.subjects=[badge_circle]",
-                       f"subject.train_overrides=[{quoted(fast)}]")
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = {row["method"]: row for row in read_csv(tmp_path / "reports" / "subject.csv")}
-    assert set(rows) == {"base model (step 0 of coft)", "coft", "textual_inversion", "ideal images",
-                         "ideal images through the VAE"}
-    # The rendered ideal answers are the subject: far above the base model's samples.
-    ideal = float(rows["ideal images"]["subject_fidelity"])
-    assert ideal > float(rows["base model (step 0 of coft)"]["subject_fidelity"]) + 0.2
-    assert int(float(rows["textual_inversion"]["trainable params"])) == 64  # the tiny text width
-    assert (tmp_path / "reports" / "subject_samples_badge_circle.png").is_file()
-    assert "python reproduce.py table=subject" in (tmp_path / "reports" / "subject.md").read_text()
