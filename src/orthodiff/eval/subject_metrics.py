@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from orthodiff.data.shapes import BACKGROUNDS, COLORS, SPLIT_SEEDS, make_scene
-from orthodiff.eval.image_metrics import _unit_images, clip_score, prompt_alignment
+from orthodiff.eval.image_metrics import _embedding, _unit_images, clip_score, prompt_alignment
 from orthodiff.eval.oracles import PAIRS, images_to_tensor, load_oracle
 
 EVALUATORS = ("shapes", "dino", "clip")
@@ -135,8 +135,7 @@ def _hf_image_features(model_name_or_path: str, kind: str):
         pixels = (images * 255).round().to(torch.uint8)
         inputs = processor(images=list(pixels), return_tensors="pt")
         if kind == "clip":
-            output = model.get_image_features(pixel_values=inputs["pixel_values"])
-            return output if torch.is_tensor(output) else output.pooler_output
+            return _embedding(model.get_image_features(pixel_values=inputs["pixel_values"]))
         return model(pixel_values=inputs["pixel_values"]).last_hidden_state[:, 0]
 
     return features
