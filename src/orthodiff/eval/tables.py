@@ -132,7 +132,18 @@ def run_all(cfg: DictConfig, cells: list[tuple], desc: str, cell=run_cell) -> li
 
 # --- reports ------------------------------------------------------------------------
 
-def stamp(cfg: DictConfig, runs: bool = True) -> list[str]:
+def control_settings(cfg: DictConfig) -> str:
+    return (f"- seeds: {list(cfg.seeds)}; schedule: {OmegaConf.to_container(cfg.schedule)}; "
+            f"train overrides: {list(cfg.train_overrides) or 'none (the embedded default)'}")
+
+
+def subject_settings(cfg: DictConfig) -> str:
+    return (f"- seed: {cfg.subject.seed}; each method's own settings (conf/task_method/subject_<method>.yaml); "
+            f"train overrides: {list(cfg.subject.train_overrides) or 'none (the embedded default)'}")
+
+
+def stamp(cfg: DictConfig, settings: str | None) -> list[str]:
+    """Where a report came from; `settings` is the line saying how its cells were trained (None: no cells)."""
     def git(*args):
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout
 
@@ -145,9 +156,7 @@ def stamp(cfg: DictConfig, runs: bool = True) -> list[str]:
             f"- git revision: {git('rev-parse', '--short', 'HEAD').strip() or 'unknown'}{dirty}",
             f"- written: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} on {platform.machine()}, "
             f"torch {torch.__version__}; cells trained {cfg.jobs} at a time, "
-            f"{cell_env(cfg)['OMP_NUM_THREADS']} torch thread(s) each"] + ([
-            f"- seeds: {list(cfg.seeds)}; schedule: {OmegaConf.to_container(cfg.schedule)}; "
-            f"train overrides: {list(cfg.train_overrides) or 'none (the embedded default)'}"] if runs else [])
+            f"{cell_env(cfg)['OMP_NUM_THREADS']} torch thread(s) each"] + ([settings] if settings else [])
 
 
 def fmt(value) -> str:
@@ -157,7 +166,7 @@ def fmt(value) -> str:
 
 
 def write_report(cfg: DictConfig, name: str, title: str, rows: list[dict], notes: list[str],
-                 plots: list[str] = (), runs: bool = True) -> Path:
+                 plots: list[str] = (), settings: str | None = None) -> Path:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     columns = list(dict.fromkeys(key for row in rows for key in row))
@@ -165,7 +174,7 @@ def write_report(cfg: DictConfig, name: str, title: str, rows: list[dict], notes
         writer = csv.DictWriter(f, columns)
         writer.writeheader()
         writer.writerows(rows)
-    lines = [f"# {title}", "", *stamp(cfg, runs), "", "| " + " | ".join(columns) + " |",
+    lines = [f"# {title}", "", *stamp(cfg, settings), "", "| " + " | ".join(columns) + " |",
              "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(row.get(c, "")) for c in columns) + " |" for row in rows]
     lines += ["", *notes, *(f"![{p}]({p})" for p in plots)]
@@ -192,7 +201,7 @@ def params_table(cfg: DictConfig) -> Path:
     notes = [f"Computed from diffusers' real architectures on the meta device (SD 1.5 UNet config "
              f"conf/model/sd15_unet.json). Published totals (OFT paper, incl. encoder, labelled paper_*): "
              f"{PAPER_TOTALS_M} M. See orthodiff/eval/param_counts.py for the ~2.07 M gap."]
-    return write_report(cfg, "params", "Trainable parameters at SD 1.5 scale", rows, notes, runs=False)
+    return write_report(cfg, "params", "Trainable parameters at SD 1.5 scale", rows, notes)
 
 
 def controllable_table(cfg: DictConfig) -> Path:
@@ -219,7 +228,8 @@ def controllable_table(cfg: DictConfig) -> Path:
              "resident memory on CPU (base model included) or CUDA's allocator peak on GPU.",
              "Published (SD 1.5, full-size; BRIEF): OFT/COFT Canny IoU 19.5; ControlNet++ table: ControlNet "
              "F1 34.65, mIoU 27.46, RMSE 35.90; T2I-Adapter F1 23.65, mIoU 12.61, RMSE 48.40."]
-    return write_report(cfg, "controllable", "Controllable generation (miniature of the paper's table)", rows, notes)
+    return write_report(cfg, "controllable", "Controllable generation (miniature of the paper's table)", rows, notes,
+                        settings=control_settings(cfg))
 
 
 def convergence_table(cfg: DictConfig) -> Path:
@@ -247,7 +257,8 @@ def convergence_table(cfg: DictConfig) -> Path:
     fig.savefig(out / "convergence.png", dpi=100)
     plt.close(fig)
     notes = [f"Validation on {cfg.schedule.val_items} fixed scenes every {cfg.schedule.val_every} steps, seed {cfg.seeds[0]}."]
-    return write_report(cfg, "convergence", f"Convergence ({control})", rows, notes, ["convergence.png"])
+    return write_report(cfg, "convergence", f"Convergence ({control})", rows, notes, ["convergence.png"],
+                        control_settings(cfg))
 
 
 @torch.no_grad()
@@ -299,7 +310,8 @@ def energy_table(cfg: DictConfig) -> Path:
     notes = ["HE(W) = Σ_{i≠j} ‖ŵ_i − ŵ_j‖⁻¹ over unit-normalized neurons (rows), float64; effective weights "
              "read off the trained layers. OFT/COFT rotate every neuron by the same R, so their change "
              "is float error; LoRA and full finetuning change angles between neurons."]
-    return write_report(cfg, "energy", f"Hyperspherical energy change ({control})", rows, notes)
+    return write_report(cfg, "energy", f"Hyperspherical energy change ({control})", rows, notes,
+                        settings=control_settings(cfg))
 
 
 def ablation_r_table(cfg: DictConfig) -> Path:
@@ -315,7 +327,8 @@ def ablation_r_table(cfg: DictConfig) -> Path:
                      "OFT params at SD 1.5": oft_count(r)[0],
                      "paper total incl. encoder (M)": PAPER_TOTALS_M.get(r, "n/a")})
     notes = ["Published (OFT paper, ADE20K mIoU): r=2 27.18, r=4 27.06, r=8 24.09, r=16 21.0."]
-    return write_report(cfg, "ablation_r", f"OFT block count r vs {key}", rows, notes)
+    return write_report(cfg, "ablation_r", f"OFT block count r vs {key}", rows, notes,
+                        settings=control_settings(cfg))
 
 
 # --- subject-driven generation ------------------------------------------------------
@@ -432,8 +445,8 @@ def subject_table(cfg: DictConfig) -> Path:
         plots.append(f"subject_samples_{subject}.png")
     notes = [f"Mean ± std over subjects {list(settings.subjects)} (seed {settings.seed}); per-subject rows in "
              "subject_detail.csv. Each method trains with its own settings (conf/task_method/subject_<method>.yaml); "
-             "minutes = the whole train.py run (validation included) with "
-             f"{cfg.jobs} cell(s) at a time. subject_fidelity: mean centred cosine of the classifier's features "
+             "minutes = the whole train.py run (validation included; the first method's run also validates "
+             f"the base model at step 0) with {cfg.jobs} cell(s) at a time. subject_fidelity: mean centred cosine of the classifier's features "
              "between token-prompt samples and the subject's training images; prompt_fidelity: share of what "
              "each prompt asks (background, recolouring, extra shape) that the classifier finds; no_token_*: "
              "prompted kind/colour recognition on 32 ordinary captions (forgetting: compare with the base row). "
@@ -442,8 +455,10 @@ def subject_table(cfg: DictConfig) -> Path:
              "Sample grids: row 1 the training images, row 2 the base model, then one row per method in the "
              f"order {list(settings.methods)}; columns are the evaluation prompts (subjects.EVAL_PROMPTS, "
              "first sample each, same seeds for every method)."]
-    write_report(cfg, "subject_detail", "Subject-driven generation, per subject", detail, [], runs=False)
-    return write_report(cfg, "subject", "Subject-driven generation (DreamBooth protocol, miniature)", rows, notes, plots)
+    write_report(cfg, "subject_detail", "Subject-driven generation, per subject", detail, [],
+                 settings=subject_settings(cfg))
+    return write_report(cfg, "subject", "Subject-driven generation (DreamBooth protocol, miniature)", rows, notes, plots,
+                        subject_settings(cfg))
 
 
 TABLES = {"params": params_table, "controllable": controllable_table, "convergence": convergence_table,
