@@ -163,7 +163,8 @@ def test_train_cli_runs_each_method(method, tmp_path):
 def test_a_control_run_refuses_a_subject_method(shapes_root, tmp_path):
     # The fixture dataset: a clean checkout has no shapes world, and the data is built before the module.
     result = subprocess.run([sys.executable, "train.py", "method=textual_inversion", f"data.train.root={shapes_root}",
-                             "trainer.max_steps=1", f"hydra.run.dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                             "trainer.max_steps=1", f"hydra.run.dir={tmp_path}"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0 and "experiment=dreambooth" in result.stderr
 
 

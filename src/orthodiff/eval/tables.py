@@ -132,14 +132,18 @@ def run_all(cfg: DictConfig, cells: list[tuple], desc: str, cell=run_cell) -> li
 
 # --- reports ------------------------------------------------------------------------
 
+def _settings(schedule: str, overrides) -> str:
+    return f"- {schedule}; train overrides: {list(overrides) or 'none (the embedded default)'}"
+
+
 def control_settings(cfg: DictConfig) -> str:
-    return (f"- seeds: {list(cfg.seeds)}; schedule: {OmegaConf.to_container(cfg.schedule)}; "
-            f"train overrides: {list(cfg.train_overrides) or 'none (the embedded default)'}")
+    return _settings(f"seeds: {list(cfg.seeds)}; schedule: {OmegaConf.to_container(cfg.schedule)}",
+                     cfg.train_overrides)
 
 
 def subject_settings(cfg: DictConfig) -> str:
-    return (f"- seed: {cfg.subject.seed}; each method's own settings (conf/task_method/subject_<method>.yaml); "
-            f"train overrides: {list(cfg.subject.train_overrides) or 'none (the embedded default)'}")
+    return _settings(f"seed: {cfg.subject.seed}; each method's own settings (conf/task_method/subject_<method>.yaml)",
+                     cfg.subject.train_overrides)
 
 
 def stamp(cfg: DictConfig, settings: str | None) -> list[str]:
@@ -258,7 +262,7 @@ def convergence_table(cfg: DictConfig) -> Path:
     plt.close(fig)
     notes = [f"Validation on {cfg.schedule.val_items} fixed scenes every {cfg.schedule.val_every} steps, seed {cfg.seeds[0]}."]
     return write_report(cfg, "convergence", f"Convergence ({control})", rows, notes, ["convergence.png"],
-                        control_settings(cfg))
+                        settings=control_settings(cfg))
 
 
 @torch.no_grad()
@@ -446,8 +450,8 @@ def subject_table(cfg: DictConfig) -> Path:
     notes = [f"Mean ± std over subjects {list(settings.subjects)} (seed {settings.seed}); per-subject rows in "
              "subject_detail.csv. Each method trains with its own settings (conf/task_method/subject_<method>.yaml); "
              "minutes = the whole train.py run (validation included; the first method's run also validates "
-             f"the base model at step 0) with {cfg.jobs} cell(s) at a time. subject_fidelity: mean centred cosine of the classifier's features "
-             "between token-prompt samples and the subject's training images; prompt_fidelity: share of what "
+             f"the base model at step 0) with {cfg.jobs} cell(s) at a time. subject_fidelity: mean centred "
+             "cosine of the classifier's features between token-prompt samples and the subject's training images; prompt_fidelity: share of what "
              "each prompt asks (background, recolouring, extra shape) that the classifier finds; no_token_*: "
              "prompted kind/colour recognition on 32 ordinary captions (forgetting: compare with the base row). "
              "The 'ideal images' rows score perfect answers, as rendered and after the tiny VAE's round trip: "
@@ -455,10 +459,10 @@ def subject_table(cfg: DictConfig) -> Path:
              "Sample grids: row 1 the training images, row 2 the base model, then one row per method in the "
              f"order {list(settings.methods)}; columns are the evaluation prompts (subjects.EVAL_PROMPTS, "
              "first sample each, same seeds for every method)."]
-    write_report(cfg, "subject_detail", "Subject-driven generation, per subject", detail, [],
-                 settings=subject_settings(cfg))
+    how = subject_settings(cfg)
+    write_report(cfg, "subject_detail", "Subject-driven generation, per subject", detail, [], settings=how)
     return write_report(cfg, "subject", "Subject-driven generation (DreamBooth protocol, miniature)", rows, notes, plots,
-                        subject_settings(cfg))
+                        settings=how)
 
 
 TABLES = {"params": params_table, "controllable": controllable_table, "convergence": convergence_table,
