@@ -23,17 +23,17 @@ import torch
 
 from orthodiff.adapter import save_adapter
 from orthodiff.export import ExportConfig, export
-from orthodiff.models import ControlModule, LoRAConfig
-from orthodiff.models.methods import ControlInjector
+from orthodiff.models import ControlInjector, LoRAConfig
 from orthodiff.oft import OFTConfig
 from orthodiff.pipelines import OrthodiffPipeline
+from orthodiff.tasks import ControlTask
 
 TINY = str(Path(__file__).resolve().parents[1] / "assets" / "tiny-sd")
 
 
 def adapter_file(folder: Path, method: str, adapter) -> Path:
     """An adapter whose tensors moved away from the identity (speed does not depend on values)."""
-    module = ControlModule(control="canny", adapter=adapter, control_network="hint", method=method)
+    module = ControlTask(control="canny", adapter=adapter, control_network="hint", method=method)
     with torch.no_grad():
         for parameter in (p for p in module.parameters() if p.requires_grad):
             parameter.add_(0.01 * torch.randn_like(parameter))

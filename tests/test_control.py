@@ -6,8 +6,8 @@ import torch
 
 from orthodiff.data import ShapesDataset, collate
 from orthodiff.eval.control_metrics import ControlScorer, edge_scores
-from orthodiff.models import ControlEncoder, ControlInjector, ControlModule
-from orthodiff.models.control_module import NonFiniteLossError
+from orthodiff.models import ControlEncoder, ControlInjector
+from orthodiff.tasks import ControlTask, NonFiniteLossError
 from orthodiff.oft import OFTConfig, oft_layers
 
 
@@ -47,9 +47,22 @@ def test_injector_adds_features_once_and_repeats_them_for_guidance():
     with injector.control(condition):
         torch.testing.assert_close(unet(latents, t, text).sample, base)  # zero-initialized = base model
     torch.nn.init.normal_(encoder.zero_conv.weight, std=0.1)
+    # The expected output: the encoder's features of the one condition added to conv_in's
+    # output for both halves of the batch (batch 2 = [uncond; cond] of one image).
+    features = encoder(condition)
+    handle = unet.conv_in.register_forward_hook(lambda module, inputs, output: output + features.repeat(2, 1, 1, 1))
+    expected = unet(latents, t, text).sample
+    handle.remove()
+    calls = []
+    counter = encoder.register_forward_hook(lambda *args: calls.append(1))
     with injector.control(condition):
-        controlled = unet(latents, t, text).sample  # batch 2 = [uncond; cond] of one image
-    assert (controlled - base).abs().max() > 1e-3
+        controlled = unet(latents, t, text).sample
+        again = unet(latents, t, text).sample  # a second UNet call (next sampling step) reuses the features
+    counter.remove()
+    assert len(calls) == 1, "the encoder runs once per condition, not once per UNet call"
+    torch.testing.assert_close(controlled, expected)
+    torch.testing.assert_close(again, expected)
+    assert (controlled - base).abs().max() > 1e-3  # the features do reach the output
     injector.remove()
     with injector.control(condition):
         torch.testing.assert_close(unet(latents, t, text).sample, base)  # hook removed
@@ -57,7 +70,7 @@ def test_injector_adds_features_once_and_repeats_them_for_guidance():
 
 @pytest.fixture(scope="module")
 def module():
-    return ControlModule(control="canny", adapter=OFTConfig(num_blocks=4, coft=True, eps=1e-3),
+    return ControlTask(control="canny", adapter=OFTConfig(num_blocks=4, coft=True, eps=1e-3),
                          cache_latents=True, val_steps=2)
 
 

@@ -59,11 +59,11 @@ def adapter(tmp_path_factory):
     """A COFT canny adapter: the module's trainable tensors nudged away from zero (so the
     control network is not the identity) and saved."""
     from orthodiff.adapter import save_adapter
-    from orthodiff.models import ControlModule
+    from orthodiff.tasks import ControlTask
     from orthodiff.oft import OFTConfig
 
     torch.manual_seed(0)
-    module = ControlModule(control="canny", adapter=OFTConfig(num_blocks=4, coft=True), control_network="hint",
+    module = ControlTask(control="canny", adapter=OFTConfig(num_blocks=4, coft=True), control_network="hint",
                            method="coft", val_steps=2)
     with torch.no_grad():
         for name, p in module.named_parameters():

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from orthodiff.adapter import save_adapter
-from orthodiff.models import ControlModule
+from orthodiff.tasks import ControlTask
 from orthodiff.oft import OFTConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,7 +25,7 @@ def run_eval(*overrides: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def adapter_dir(tmp_path_factory):
     """A canny COFT adapter whose encoder is no longer zero (as after training)."""
-    module = ControlModule(control="canny", adapter=OFTConfig(num_blocks=4, coft=True), method="coft")
+    module = ControlTask(control="canny", adapter=OFTConfig(num_blocks=4, coft=True), method="coft")
     torch.manual_seed(0)
     torch.nn.init.normal_(module.control_network.zero_conv.weight, std=0.02)
     out = tmp_path_factory.mktemp("run")

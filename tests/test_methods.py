@@ -9,7 +9,8 @@ from safetensors.torch import save_file
 
 from orthodiff.adapter import load_adapter, read_adapter, save_adapter
 from orthodiff.data import ShapesDataset, collate
-from orthodiff.models import ControlModule, FullFinetuneConfig, LoRAConfig
+from orthodiff.models import FullFinetuneConfig, LoRAConfig
+from orthodiff.tasks import ControlTask
 from orthodiff.oft import OFTConfig
 
 METHODS = {
@@ -25,7 +26,7 @@ METHODS = {
 
 def build(name, control="canny"):
     adapter, network, _ = METHODS[name]
-    return ControlModule(control=control, adapter=adapter, control_network=network, method=name, val_steps=2)
+    return ControlTask(control=control, adapter=adapter, control_network=network, method=name, val_steps=2)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,7 @@ def unet_output(module, batch, seed=0):
 
 
 def frozen_base_output(batch):
-    module = ControlModule(control="canny", adapter=None, control_network="hint")
+    module = ControlTask(control="canny", adapter=None, control_network="hint")
     return unet_output(module, batch)  # the hint encoder starts at zero: the base UNet
 
 
@@ -129,4 +130,4 @@ def test_adapter_for_another_base_model_names_both(tmp_path):
 
 def test_unknown_control_network_lists_the_choices():
     with pytest.raises(ValueError, match="t2i_adapter_light"):
-        ControlModule(control="canny", adapter=None, control_network="t3i")
+        ControlTask(control="canny", adapter=None, control_network="t3i")

@@ -17,10 +17,10 @@ from orthodiff.adapter import save_adapter
 from orthodiff.cli import parse_args
 from orthodiff.export import ExportConfig, export
 from orthodiff.generate import GenerateConfig
-from orthodiff.models import ControlEncoder, ControlModule, LoRAConfig
-from orthodiff.models.methods import ControlInjector
+from orthodiff.models import ControlEncoder, ControlInjector, LoRAConfig
 from orthodiff.oft import OFTConfig
 from orthodiff.pipelines import OrthodiffPipeline, load_condition
+from orthodiff.tasks import ControlTask
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "assets" / "tiny-sd")
@@ -28,10 +28,10 @@ METHODS = {"coft": (OFTConfig(num_blocks=4, coft=True, eps=1.0), "hint"), "lora"
            "controlnet": (None, "controlnet")}
 
 
-def trained_like(method: str) -> ControlModule:
+def trained_like(method: str) -> ControlTask:
     """A module whose trainable tensors moved away from their (identity) start, as training would."""
     adapter, network = METHODS[method]
-    module = ControlModule(control="canny", adapter=adapter, control_network=network, method=method, val_steps=3)
+    module = ControlTask(control="canny", adapter=adapter, control_network=network, method=method, val_steps=3)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for parameter in (p for p in module.parameters() if p.requires_grad):

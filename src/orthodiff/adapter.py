@@ -3,9 +3,9 @@ adapter's under "unet.…", the control network's under "control_network.…") a
 strings naming the format version, the method, the base model, a fingerprint of its
 target layers' shapes, the UNet adapter config, the control network and its config, the
 control type, and the sampling settings it was validated with (optional).
-Subject adapters (task "subject", SubjectModule) have no control network; they name the
-token, the class word and the learned embedding kind instead, and their learned token
-vectors are stored under "embedding.…".
+The task (orthodiff.tasks) adds its own metadata: a control task its control type, network
+and network config; a subject task (no control network) the token, the class word and the
+learned embedding kind, with its learned token vectors stored under "embedding.…".
 
 Format versions: 1 (OFT + hint encoder only: "oft_config", "control_encoder.…" keys) is
 read and converted; 2 is written.
@@ -22,19 +22,18 @@ from safetensors.torch import save_file
 from torch import nn
 
 from orthodiff.files import atomic_path
-from orthodiff.models.methods import (adapt_unet, adapter_from_dict, adapter_to_dict, control_network_from_config,
-                                      target_fingerprint)
+from orthodiff.models.adapters import adapt_unet, adapter_from_dict, adapter_to_dict, target_fingerprint
+from orthodiff.models.control_networks import control_network_from_config
 from orthodiff.oft import DEFAULT_TARGETS
+from orthodiff.tasks import TASKS
 
 FORMAT = "orthodiff-adapter"
 FORMAT_VERSION = 2
 
 
 def save_adapter(path: str | Path, module) -> Path:
-    """Write `module`'s (a ControlModule or SubjectModule) adapter atomically: a crash
-    mid-write never replaces an existing file with a partial one."""
-    from orthodiff.models.subject_module import SubjectModule
-
+    """Write a task's (orthodiff.tasks) adapter atomically: a crash mid-write never
+    replaces an existing file with a partial one."""
     path = Path(path)
     metadata = {
         "format": FORMAT, "format_version": str(FORMAT_VERSION),
@@ -44,14 +43,8 @@ def save_adapter(path: str | Path, module) -> Path:
         "adapter_config": json.dumps(adapter_to_dict(module.adapter_config)),
         # What it was validated with: generate.py's defaults.
         "sampling": json.dumps({"steps": module.hparams.val_steps, "guidance": module.hparams.val_guidance}),
+        **module.adapter_metadata(),
     }
-    if isinstance(module, SubjectModule):
-        metadata.update({"task": "subject", "token": module.hparams.token, "class_word": module.hparams.class_word,
-                         "embedding": module.hparams.embedding})
-    else:
-        metadata.update({"task": "control", "control": module.control,
-                         "control_network": module.hparams.control_network,
-                         "control_network_config": json.dumps(dict(module.control_network.config))})
     tensors = {k: v.detach().contiguous().cpu() for k, v in module.trainable_state_dict().items()}
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
@@ -116,22 +109,17 @@ def check_tensors(path, tensors: dict[str, torch.Tensor], expected: dict[str, to
 
 
 def load_adapter(path: str | Path, pretrained: str | None = None, **module_kwargs):
-    """A ControlModule (frozen base + adapter + control network) or, for a subject
-    adapter, a SubjectModule rebuilt from an adapter file, for training or evaluation.
+    """The task (orthodiff.tasks: a ControlTask with its control network, or a SubjectTask)
+    rebuilt from an adapter file, frozen base + trained tensors, for training or evaluation.
     `pretrained` replaces the base model named in the metadata; a base model whose
     target layers differ from the adapter's raises an error naming both. For inference
     in diffusers, see orthodiff.pipelines.OrthodiffPipeline."""
-    from orthodiff.models.control_module import ControlModule
-    from orthodiff.models.subject_module import SubjectModule
-
     tensors, meta = read_adapter(path)
-    common = {"pretrained": pretrained or meta["base_model"], "adapter": meta["adapter_config"],
-              "method": meta["method"] or None, **module_kwargs}
-    if meta["task"] == "subject":
-        module = SubjectModule(token=meta["token"], class_word=meta["class_word"], embedding=meta["embedding"],
-                               **common)
-    else:
-        module = ControlModule(control=meta["control"], control_network=meta["control_network"], **common)
+    if meta["task"] not in TASKS:
+        raise ValueError(f"{path} is an adapter for task {meta['task']!r}; this orthodiff knows {sorted(TASKS)}")
+    module = TASKS[meta["task"]].from_metadata(meta, pretrained=pretrained or meta["base_model"],
+                                               adapter=meta["adapter_config"], method=meta["method"] or None,
+                                               **module_kwargs)
     check_fingerprint(path, meta, module.target_fingerprint, module.hparams.pretrained)
     check_tensors(path, tensors, module.trainable_state_dict())
     module.load_state_dict(tensors, strict=False)

@@ -26,10 +26,11 @@ from orthodiff.data.datasets import collate
 from orthodiff.eval.control_metrics import ControlScorer
 from orthodiff.eval.image_metrics import INCEPTION_WEIGHTS, ImageQuality, clip_score, prompt_alignment
 from orthodiff.files import atomic_path
-from orthodiff.models.control_module import ControlModule, image_grid
+from orthodiff.tasks import ControlTask
+from orthodiff.tasks.control import image_grid
 
 
-def load_model(ckpt: str | Path, pretrained: str) -> ControlModule:
+def load_model(ckpt: str | Path, pretrained: str) -> ControlTask:
     """An adapter file, a run directory holding adapter.safetensors, or a Lightning .ckpt."""
     path = Path(ckpt).expanduser()
     if path.is_dir():
@@ -38,13 +39,13 @@ def load_model(ckpt: str | Path, pretrained: str) -> ControlModule:
         raise FileNotFoundError(f"ckpt={ckpt}: no such adapter file or run directory "
                                 "(pass adapter.safetensors, a train.py run directory or a .ckpt)")
     if path.suffix == ".ckpt":
-        module = ControlModule.load_from_checkpoint(path, map_location="cpu", weights_only=False)
+        module = ControlTask.load_from_checkpoint(path, map_location="cpu", weights_only=False)
         if Path(module.hparams.pretrained).resolve() != Path(pretrained).resolve():
             raise ValueError(f"{path} was trained on base model {module.hparams.pretrained!r}, not {pretrained!r}: "
                              f"pass the matching model= (or evaluate its adapter.safetensors)")
         return module.eval()
     module = load_adapter(path, pretrained=pretrained)
-    if not isinstance(module, ControlModule):
+    if module.task_name != ControlTask.task_name:
         raise ValueError(f"{path} is a subject-driven adapter: eval.py scores controllable generation; its "
                          "scores are in its run's metrics.json (python reproduce.py table=subject compares methods)")
     return module

@@ -22,7 +22,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from orthodiff.generate import DTYPES, adapter_file, build_pipeline
-from orthodiff.models.methods import fold_adapter
+from orthodiff.models.adapters import fold_adapter
 
 HOW_TO_USE = {
     "hint": "orthodiff.models.ControlEncoder.from_pretrained(<this folder>); its output is added to the UNet's "

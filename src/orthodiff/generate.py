@@ -99,20 +99,13 @@ def generate(cfg: GenerateConfig) -> Path:
                   width=cfg.width, num_images_per_prompt=cfg.num_images, num_inference_steps=steps,
                   guidance_scale=guidance, negative_prompt=cfg.negative_prompt or None,
                   generator=torch.Generator().manual_seed(cfg.seed))
-    out = Path(cfg.out or f"outputs/generate/{datetime.now():%Y-%m-%d_%H-%M-%S}")
-    out.mkdir(parents=True, exist_ok=True)
-    for k, image in enumerate(result.images):
-        image.save(out / f"sample_{k:02d}.png")
     # The condition as the network saw it (annotated, resized), beside the samples.
     condition = pipe.last_condition[0].float().cpu()
     condition = (condition.expand(3, -1, -1) if condition.shape[0] == 1 else condition).permute(1, 2, 0)
-    row = [np.uint8(condition.numpy() * 255)] + [np.asarray(image) for image in result.images]
-    Image.fromarray(np.concatenate(row, axis=1)).save(out / "grid.png")
     record = {**asdict(cfg), "steps": steps, "guidance": guidance, "device": device, "dtype": dtype_name,
               "base_model": pipe.name_or_path, "method": meta["method"], "control": meta["control"]}
-    (out / "generate.json").write_text(json.dumps(record, indent=2) + "\n")
-    print(f"{len(result.images)} images and grid.png in {out}")
-    return out
+    return write_outputs(cfg.out, [np.asarray(image) for image in result.images], record,
+                         first=np.uint8(condition.numpy() * 255))
 
 
 def generate_subject(cfg: GenerateConfig, device: str) -> Path:
@@ -125,14 +118,18 @@ def generate_subject(cfg: GenerateConfig, device: str) -> Path:
     steps, guidance = cfg.steps or sampling["steps"], cfg.guidance if cfg.guidance is not None else sampling["guidance"]
     size = cfg.height or cfg.width or module.hparams.resolution
     images = module.generate([cfg.prompt] * cfg.num_images, seed=cfg.seed, steps=steps, guidance=guidance, size=size)
-    out = Path(cfg.out or f"outputs/generate/{datetime.now():%Y-%m-%d_%H-%M-%S}")
-    out.mkdir(parents=True, exist_ok=True)
-    arrays = [np.uint8(image.permute(1, 2, 0).cpu().numpy() * 255) for image in images]
-    for k, array in enumerate(arrays):
-        Image.fromarray(array).save(out / f"sample_{k:02d}.png")
-    Image.fromarray(np.concatenate(arrays, axis=1)).save(out / "grid.png")
     record = {**asdict(cfg), "steps": steps, "guidance": guidance, "device": device, "base_model": module.hparams.pretrained,
               "method": module.hparams.method, "token": module.hparams.token}
+    return write_outputs(cfg.out, [np.uint8(image.permute(1, 2, 0).cpu().numpy() * 255) for image in images], record)
+
+
+def write_outputs(out: str | None, images: list[np.ndarray], record: dict, first: np.ndarray | None = None) -> Path:
+    """sample_*.png, grid.png (`first`, e.g. the condition, then the samples) and generate.json."""
+    out = Path(out or f"outputs/generate/{datetime.now():%Y-%m-%d_%H-%M-%S}")
+    out.mkdir(parents=True, exist_ok=True)
+    for k, image in enumerate(images):
+        Image.fromarray(image).save(out / f"sample_{k:02d}.png")
+    Image.fromarray(np.concatenate(([first] if first is not None else []) + images, axis=1)).save(out / "grid.png")
     (out / "generate.json").write_text(json.dumps(record, indent=2) + "\n")
-    print(f"{len(arrays)} images and grid.png in {out}")
+    print(f"{len(images)} images and grid.png in {out}")
     return out

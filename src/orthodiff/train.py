@@ -19,7 +19,7 @@ from pytorch_lightning.plugins import TorchCheckpointIO
 from orthodiff.adapter import save_adapter
 from orthodiff.data.subjects import subject_class_word
 from orthodiff.files import atomic_path
-from orthodiff.models.diffusion_module import NonFiniteLossError
+from orthodiff.tasks import NonFiniteLossError
 
 
 # data.class_word of the subject configs: `${subject_class:${data.root},${data.subject}}`.
@@ -77,7 +77,19 @@ def write_json(path: Path, data: dict):
         tmp.write_text(json.dumps(data, indent=2) + "\n")
 
 
+def check_method_fits(cfg: DictConfig) -> None:
+    """A method trains for the tasks its config lists (method.tasks); refuse any other pair
+    before any data is read, naming both."""
+    if cfg.task_name not in cfg.method.tasks:
+        choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+        experiment = choices.get("experiment") or "none"
+        raise SystemExit(f"train.py: method={cfg.method.name} does not fit experiment={experiment} (a {cfg.task_name} "
+                         f"task): {cfg.method.name} trains for {', '.join(cfg.method.tasks)} "
+                         f"({'experiment=dreambooth' if 'subject' in cfg.method.tasks else 'a control experiment'})")
+
+
 def train(cfg: DictConfig) -> float:
+    check_method_fits(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     out = output_dir()
     # The test split is eval.py's, not built here.

@@ -1,5 +1,5 @@
 """The lightweight control encoder (its output is added to the UNet's conv_in output by
-`orthodiff.models.methods.ControlInjector`).
+`orthodiff.models.control_networks.ControlInjector`).
 
 ControlNet's hint block: eight 3x3 convolutions with SiLU between them, channels
 in -> 16 -> 16 -> 32 -> 32 -> 96 -> 96 -> 256 -> C, the last one zero-initialized so

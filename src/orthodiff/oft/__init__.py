@@ -10,17 +10,19 @@ from .layer import (
     OFTLinear,
     inject_oft,
     load_oft_state_dict,
+    matches_target,
     merge_oft,
     oft_layers,
     oft_state_dict,
     project_coft,
     set_oft_enabled,
+    target_modules,
     unmerge_oft,
 )
 
 __all__ = [
     "DEFAULT_TARGETS", "OFTConfig", "OFTConv2d", "OFTLayer", "OFTLinear", "cayley", "count_parameters",
-    "hyperspherical_energy", "inject_oft", "load_oft_state_dict", "merge_oft", "oft_layers",
+    "hyperspherical_energy", "inject_oft", "load_oft_state_dict", "matches_target", "merge_oft", "oft_layers",
     "oft_parameter_count", "oft_state_dict", "project_coft", "project_generator", "set_oft_enabled",
-    "skew_from_triangle", "unmerge_oft",
+    "skew_from_triangle", "target_modules", "unmerge_oft",
 ]

@@ -7,7 +7,7 @@ Effective weight W' = W R with R = diag(R_1, ..., R_r) orthogonal (see cayley.py
 
 import difflib
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +39,7 @@ class OFTConfig:
     cayley: str = "exact"
     neumann_terms: int = 5
     dropout: float = 0.0
-    targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    targets: list[str] | None = None  # None: DEFAULT_TARGETS
 
     def __post_init__(self):
         if self.block_size is not None and self.num_blocks is not None:
@@ -56,7 +56,17 @@ class OFTConfig:
             raise ValueError(f"OFTConfig.dropout={self.dropout}: must be in [0, 1)")
         if self.eps <= 0:
             raise ValueError(f"OFTConfig.eps={self.eps}: must be positive")
-        self.targets = list(self.targets)
+        self.targets = list(DEFAULT_TARGETS if self.targets is None else self.targets)  # plain list: JSON, pickle
+
+    # The UNet-adapter interface every method's config shares (orthodiff.models.adapters).
+    kind = "oft"
+
+    def inject(self, model: nn.Module) -> None:
+        inject_oft(model, self)
+
+    def after_step(self, model: nn.Module) -> None:
+        if self.coft:
+            project_coft(model)  # COFT: back inside the eps-ball after every optimizer step
 
 
 def _divisors(n: int) -> list[int]:
@@ -233,10 +243,17 @@ class OFTConv2d(OFTLayer):
 _WRAPPERS = {nn.Linear: OFTLinear, nn.Conv2d: OFTConv2d}
 
 
-def _matches(name: str, target: str) -> bool:
+def matches_target(name: str, target: str) -> bool:
+    """PEFT's matching: the full name, or a name ending with "." + target; "re:<pattern>"
+    matches the full name by regular expression."""
     if target.startswith("re:"):
         return re.fullmatch(target[3:], name) is not None
     return name == target or name.endswith("." + target)
+
+
+def target_modules(model: nn.Module, targets) -> list[str]:
+    """Names of `model`'s modules that any of `targets` matches, in module order."""
+    return [name for name, _ in model.named_modules() if name and any(matches_target(name, t) for t in targets)]
 
 
 def inject_oft(model: nn.Module, config: OFTConfig) -> list[str]:
@@ -250,14 +267,14 @@ def inject_oft(model: nn.Module, config: OFTConfig) -> list[str]:
     if any(isinstance(m, OFTLayer) for m in model.modules()):
         raise ValueError("model already has OFT layers; inject_oft once per model")
     for target in config.targets:
-        if not any(_matches(n, target) for n in names):
+        if not any(matches_target(n, target) for n in names):
             suffixes = sorted({n.split(".")[-1] for n in names} | {".".join(n.split(".")[-2:]) for n in names})
             similar = difflib.get_close_matches(target.removeprefix("re:"), suffixes, n=5, cutoff=0.5)
             raise ValueError(
                 f"OFT target {target!r} matches no module of {type(model).__name__}; "
                 f"similar module names: {similar or 'none'}"
             )
-    matched = [n for n in names if any(_matches(n, t) for t in config.targets)]
+    matched = target_modules(model, config.targets)
     # Build every wrapper before touching the model, so a bad layer leaves it unchanged.
     wrappers = {}
     for name in matched:

@@ -23,7 +23,8 @@ from PIL import Image, UnidentifiedImageError
 
 from orthodiff.adapter import attach_adapter
 from orthodiff.data.control import canny_edges, check_control, encode_condition
-from orthodiff.models.methods import ControlInjector, merge_adapter, unmerge_adapter
+from orthodiff.models.adapters import merge_adapter, unmerge_adapter
+from orthodiff.models.control_networks import ControlInjector
 
 ANNOTATE = ("auto", "always", "never")
 

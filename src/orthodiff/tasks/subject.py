@@ -1,7 +1,7 @@
-"""The Lightning module of subject-driven generation (DreamBooth's objective): teach a
-frozen Stable Diffusion model a rare token for one subject from 3-5 images.
+"""Subject-driven generation (DreamBooth's objective): teach a frozen Stable Diffusion model
+a rare token for one subject from 3-5 images.
 
-Methods share this one loop and differ in what trains (models/methods.py, embeddings.py):
+Methods share this one loop and differ in what trains (models/adapters.py, embeddings.py):
 - OFT / COFT / LoRA on the UNet's attention layers, or full finetuning (DreamBooth),
   optionally with the prior-preservation loss on class images the base model generated;
 - Textual Inversion (embedding="textual_inversion"): one input embedding for the token;
@@ -14,25 +14,25 @@ no-token accuracy).
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from orthodiff.data.prior import base_model_digest, class_images
 from orthodiff.data.subjects import check_token
 from orthodiff.eval.control_metrics import to_uint8
 from orthodiff.eval.subject_metrics import SubjectScorer
-from orthodiff.models.diffusion_module import DiffusionModule, log_image
 from orthodiff.models.embeddings import PerLayerEmbedding, TokenEmbedding
-from orthodiff.pipelines.sampling import sample
+from orthodiff.tasks.base import DiffusionTask
 
 EMBEDDINGS = ("none", "textual_inversion", "pplus")
 
 
-class SubjectModule(DiffusionModule):
+class SubjectTask(DiffusionTask):
+    task_name = "subject"
+
     def __init__(self, pretrained: str = "assets/tiny-sd", adapter=None, embedding: str = "none",
                  token: str = "sks", class_word: str = "square", method: str | None = None, optimizer=None,
                  prior_loss_weight: float = 0.0, num_class_images: int = 64, class_prompt: str | None = None,
@@ -61,8 +61,6 @@ class SubjectModule(DiffusionModule):
         elif embedding == "pplus":
             self.embedding = PerLayerEmbedding(self.text_encoder, self.unet, self.token_id, init_id)
         self.class_moments, self.prior_prompt = None, None  # the prior's class images and prompt (setup)
-        self.scorer = None
-        self.validation_images: list = []
 
     def _check_token(self, token: str, strict: bool) -> int | None:
         """The token's id. Embedding methods need it to be one piece; finetuning works
@@ -74,24 +72,6 @@ class SubjectModule(DiffusionModule):
                 raise
             warnings.warn(str(error), stacklevel=3)
             return None
-
-    # --- text ------------------------------------------------------------------------------
-
-    def prompt_states(self, captions: list[str]):
-        """Text encodings, through the learned embeddings when there are some (a list of
-        one encoding per cross-attention layer for P+)."""
-        if self.embedding is None:
-            return self.encode_text(captions)
-        ids = self.token_ids(captions)
-        if isinstance(self.embedding, PerLayerEmbedding):
-            return self.embedding.encode(ids)
-        return self.text_encoder(ids)[0]
-
-    def predict(self, noisy_latents, timesteps, text):
-        if isinstance(text, list):  # P+: each cross-attention layer reads its own encoding
-            with self.embedding.route(text):
-                return self.unet(noisy_latents, timesteps, encoder_hidden_states=text[0]).sample
-        return self.unet(noisy_latents, timesteps, encoder_hidden_states=text).sample
 
     # --- prior preservation --------------------------------------------------------------
 
@@ -128,72 +108,53 @@ class SubjectModule(DiffusionModule):
         mean, std = self.class_moments[picks].to(self.device).chunk(2, dim=1)
         latents = (mean + std * torch.randn_like(std)) * self.vae.config.scaling_factor
         text = self.encode_text([self.prior_prompt] * batch_size)
-        return self.diffusion_loss(latents, lambda noisy, t: self.predict(noisy, t, text))
+        return self.diffusion_loss(latents, lambda noisy, t: self(noisy, t, text))
 
-    # --- training ------------------------------------------------------------------------
+    # --- hooks ------------------------------------------------------------------------------
 
-    def training_step(self, batch, batch_idx):
-        if not batch:
-            return None
-        latents = self.encode_images(batch["pixel_values"], batch["index"])
-        text = self.prompt_states(batch["text"])
-        loss = self.diffusion_loss(latents, lambda noisy, t: self.predict(noisy, t, text))
-        self.log("train/instance_loss", loss, batch_size=len(latents))
-        if self.class_moments is not None:
-            prior = self.prior_loss(len(latents))
-            self.log("train/prior_loss", prior, batch_size=len(latents))
-            loss = loss + self.hparams.prior_loss_weight * prior
-        self.check_finite(loss)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(latents))
-        return loss
+    def prompt_states(self, captions):
+        """Text encodings, through the learned embeddings when there are some (a list of
+        one encoding per cross-attention layer for P+)."""
+        if self.embedding is None:
+            return self.encode_text(captions)
+        ids = self.token_ids(captions)
+        if isinstance(self.embedding, PerLayerEmbedding):
+            return self.embedding.encode(ids)
+        return self.text_encoder(ids)[0]
 
-    # --- sampling and validation -----------------------------------------------------
+    def unet_context(self, text, condition):
+        # P+: each cross-attention layer reads its own encoding.
+        return self.embedding.route(text) if isinstance(text, list) else contextlib.nullcontext()
 
-    @torch.no_grad()
-    def generate(self, captions: list[str], seed: int = 0, steps: int | None = None,
-                 guidance: float | None = None, progress: bool = True, size: int | None = None) -> torch.Tensor:
-        """(N, 3, H, W) images in [0, 1] for `captions` (the token included where asked)."""
-        latent_size = (size or self.hparams.resolution) // self.vae_scale_factor
-        generator = torch.Generator().manual_seed(seed)
-        noise = torch.randn((len(captions), self.unet.config.in_channels, latent_size, latent_size),
-                            generator=generator).to(self.device, self.unet.dtype)
-        steps = steps or self.hparams.val_steps
-        guidance = self.hparams.val_guidance if guidance is None else guidance
-        text, uncond = self.prompt_states(list(captions)), self.prompt_states([""] * len(captions))
-        if isinstance(text, list):  # P+: route [uncond; text] per layer, as sample() stacks them
-            with self.embedding.route([torch.cat([u, t]) for u, t in zip(uncond, text)]):
-                latents = sample(self.unet, self.noise_scheduler.config, noise, text[0], uncond[0], steps, guidance,
-                                 progress)
-        else:
-            latents = sample(self.unet, self.noise_scheduler.config, noise, text, uncond, steps, guidance, progress)
-        return self.decode_latents(latents)
+    def add_losses(self, loss, batch_size):
+        self.log("train/instance_loss", loss, batch_size=batch_size)
+        if self.class_moments is None:
+            return loss
+        prior = self.prior_loss(batch_size)
+        self.log("train/prior_loss", prior, batch_size=batch_size)
+        return loss + self.hparams.prior_loss_weight * prior
 
-    def on_validation_epoch_start(self):
-        datamodule = self.trainer.datamodule
-        if self.scorer is None:
-            self.scorer = SubjectScorer(datamodule.train_set.images, self.hparams.evaluator,
-                                        self.hparams.dino_model, self.hparams.clip_model)
-        self.scorer.reset()
-        self.validation_images = []
+    def sample_size(self, condition, size):
+        side = size or self.hparams.resolution
+        return side, side
 
-    def validation_step(self, batch, batch_idx):
-        generated = self.generate(batch["text"], seed=self.hparams.val_seed + batch_idx, progress=False)
-        specs = [self.trainer.datamodule.val_set.specs[int(i)] for i in batch["index"]]
+    def build_scorer(self):
+        return SubjectScorer(self._trainer.datamodule.train_set.images, self.hparams.evaluator,
+                             self.hparams.dino_model, self.hparams.clip_model)
+
+    def score(self, generated, batch):
+        specs = [self._trainer.datamodule.val_set.specs[int(i)] for i in batch["index"]]
         self.scorer.update(generated, batch["text"], specs)
-        self.validation_images.append(generated.cpu())
 
-    def on_validation_epoch_end(self):
-        metrics = self.scorer.compute()
-        self.log_dict({f"val/{k}": v for k, v in metrics.items()})
-        self.validated_at = self.global_step
-        if not self.trainer.sanity_checking:
-            self.validation_history.append({"step": self.global_step, **metrics})
-            if self.trainer.is_global_zero:
-                grid = sample_grid(torch.cat(self.validation_images), self.trainer.datamodule.val_set.samples)
-                out = Path(self.trainer.default_root_dir) / "samples" / f"step_{self.global_step:06d}.png"
-                out.parent.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(grid).save(out)
-                log_image(self.logger, "val/samples", grid, self.global_step)
+    def grid(self, entries):
+        return sample_grid(torch.cat(entries), self._trainer.datamodule.val_set.samples)
+
+    def task_metadata(self):
+        return {"token": self.hparams.token, "class_word": self.hparams.class_word, "embedding": self.hparams.embedding}
+
+    @classmethod
+    def arguments_from_metadata(cls, meta):
+        return {"token": meta["token"], "class_word": meta["class_word"], "embedding": meta["embedding"]}
 
 
 def sample_grid(images: torch.Tensor, per_row: int) -> np.ndarray:

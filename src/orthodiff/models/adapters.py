@@ -1,0 +1,149 @@
+"""The UNet adapters the methods train, each a config dataclass that owns its injection:
+
+    adapter.kind                 the name recorded in adapter files ("oft", "lora", "full")
+    adapter.targets              which UNet modules it adapts (orthodiff.oft.matches_target)
+    adapter.inject(unet)         wrap or unfreeze the targets in place (the rest stays frozen)
+    adapter.after_step(unet)     called after every optimizer step (COFT's projection)
+
+OFTConfig (orthodiff.oft) is the project's own; LoRAConfig goes through PEFT;
+FullFinetuneConfig unfreezes the target layers. A new method adds one dataclass here
+(and to ADAPTER_TYPES), one conf/method/<name>.yaml and one test. Merging and folding
+work on any layer that keeps its frozen module as `base_layer` (OFT and PEFT both do).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from orthodiff.oft import DEFAULT_TARGETS, OFTConfig, OFTLayer, target_modules
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA through PEFT on the same layers OFT adapts. alpha=None means alpha = rank
+    (scale 1), PEFT's usual choice; targets None means DEFAULT_TARGETS."""
+
+    rank: int = 4
+    alpha: float | None = None
+    dropout: float = 0.0
+    targets: list[str] | None = None
+
+    kind = "lora"
+
+    def __post_init__(self):
+        if self.rank < 1:
+            raise ValueError(f"LoRAConfig.rank={self.rank}: must be at least 1")
+        self.targets = list(DEFAULT_TARGETS if self.targets is None else self.targets)
+
+    def inject(self, unet: nn.Module) -> None:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        config = LoraConfig(r=self.rank, lora_alpha=self.alpha or self.rank, lora_dropout=self.dropout,
+                            target_modules=list(self.targets), init_lora_weights=True)
+        inject_adapter_in_model(config, unet)  # B = 0 at init: the base model exactly
+
+    def after_step(self, unet: nn.Module) -> None:
+        pass
+
+
+@dataclass
+class FullFinetuneConfig:
+    """Full finetuning of the target layers (weights and biases), the rest frozen."""
+
+    targets: list[str] | None = None
+
+    kind = "full"
+
+    def __post_init__(self):
+        self.targets = list(DEFAULT_TARGETS if self.targets is None else self.targets)
+
+    def inject(self, unet: nn.Module) -> None:
+        names = target_modules(unet, self.targets)
+        if not names:
+            raise ValueError(f"full finetuning targets {self.targets} match no module of the UNet")
+        for name in names:
+            unet.get_submodule(name).requires_grad_(True)
+
+    def after_step(self, unet: nn.Module) -> None:
+        pass
+
+
+ADAPTER_TYPES = {cls.kind: cls for cls in (OFTConfig, LoRAConfig, FullFinetuneConfig)}
+# Lightning's resume loads hparams with torch.load(weights_only=True).
+torch.serialization.add_safe_globals(list(ADAPTER_TYPES.values()))
+
+
+def adapter_to_dict(adapter) -> dict | None:
+    return None if adapter is None else {"type": adapter.kind, **asdict(adapter)}
+
+
+def adapter_from_dict(config: dict | None):
+    if config is None:
+        return None
+    config = dict(config)
+    kind = config.pop("type")
+    if kind not in ADAPTER_TYPES:
+        raise ValueError(f"unknown adapter type {kind!r}; known: {sorted(ADAPTER_TYPES)}")
+    return ADAPTER_TYPES[kind](**config)
+
+
+def adapt_unet(unet: nn.Module, adapter) -> None:
+    """Freeze `unet` and make the adapter's parameters (only) trainable."""
+    unet.requires_grad_(False)
+    if adapter is None:
+        return
+    if type(adapter) not in ADAPTER_TYPES.values():
+        raise TypeError(f"unknown UNet adapter {type(adapter).__name__}; use one of "
+                        f"{[c.__name__ for c in ADAPTER_TYPES.values()]} or None")
+    adapter.inject(unet)
+
+
+def target_fingerprint(unet: nn.Module, targets=DEFAULT_TARGETS) -> str:
+    """A short hash of the target layers' names and weight shapes, taken on the base UNet:
+    two base models with the same fingerprint accept the same adapter."""
+    layers = sorted((name, _shapes(unet.get_submodule(name))) for name in target_modules(unet, targets))
+    return hashlib.sha256(repr(layers).encode()).hexdigest()[:16]
+
+
+def _shapes(module: nn.Module) -> tuple:
+    """A layer's weight shape; for a block (full finetuning of whole blocks), its parameters' shapes."""
+    if isinstance(getattr(module, "weight", None), torch.Tensor):
+        return tuple(module.weight.shape)
+    return tuple(tuple(p.shape) for p in module.parameters())
+
+
+def adapter_layers(unet: nn.Module) -> dict[str, nn.Module]:
+    """The UNet's wrapped layers by name: OFT layers and PEFT (LoRA) layers."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return {name: m for name, m in unet.named_modules() if isinstance(m, (OFTLayer, BaseTunerLayer))}
+
+
+def merge_adapter(unet: nn.Module) -> int:
+    """Fold OFT rotations / LoRA products into the base weights (zero inference overhead);
+    full finetuning has nothing to fold. Returns the number of layers merged."""
+    layers = adapter_layers(unet).values()
+    for layer in layers:
+        layer.merge()
+    return len(layers)
+
+
+def unmerge_adapter(unet: nn.Module) -> int:
+    layers = adapter_layers(unet).values()
+    for layer in layers:
+        layer.unmerge()
+    return len(layers)
+
+
+def fold_adapter(unet: nn.Module) -> nn.Module:
+    """Merge, then put each wrapped layer's base layer back in its place: a plain diffusers
+    UNet with the adapter in its weights (what export saves)."""
+    merge_adapter(unet)
+    for name, layer in adapter_layers(unet).items():
+        parent, _, child = name.rpartition(".")
+        setattr(unet.get_submodule(parent), child, layer.base_layer)  # OFT and PEFT both keep `base_layer`
+    return unet

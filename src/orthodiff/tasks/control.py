@@ -1,0 +1,93 @@
+"""Controllable generation: a frozen Stable Diffusion model whose UNet is adapted by the
+method (OFT/COFT by default; LoRA, full finetuning or nothing for the baselines) and fed
+by a control network (the hint encoder by default; ControlNet or T2I-Adapter for the
+baselines); see models/adapters.py and models/control_networks.py.
+
+Trainable = the adapter's tensors + the control network; everything else is frozen.
+Checkpoints hold only the trainable tensors (an SD 1.5 OFT checkpoint is ~60 MB, not 4 GB),
+and resuming restores them, the optimizer and the step.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+
+from orthodiff.data.control import CONTROL_CHANNELS, check_control
+from orthodiff.eval.control_metrics import ControlScorer, to_uint8
+from orthodiff.models.control_networks import ControlInjector, build_control_network
+from orthodiff.tasks.base import DiffusionTask
+
+
+class ControlTask(DiffusionTask):
+    task_name = "control"
+
+    def __init__(self, pretrained: str = "assets/tiny-sd", control: str = "canny",
+                 adapter=None, control_network: str = "hint", method: str | None = None, optimizer=None,
+                 empty_prompt_prob: float = 0.1, cache_latents: bool = False, cache_text: bool = True,
+                 val_steps: int = 25, val_guidance: float = 4.0, val_seed: int = 0, evaluator: str = "shapes",
+                 original_config: str | None = None):
+        super().__init__()
+        # The frozen networks are loaded here, not passed in, so hparams stay small.
+        self.save_hyperparameters(ignore=["optimizer"])
+        self.control = check_control(control)
+        if control_network is None:
+            raise ValueError(f"method {method!r} has no control network: it is a subject-driven method; "
+                             "train it with experiment=dreambooth")
+        self.load_base(pretrained, original_config)
+        # Before the UNet is adapted: ControlNet copies the base UNet's weights.
+        self.control_network = build_control_network(control_network, self.unet, CONTROL_CHANNELS[control],
+                                                     self.vae_scale_factor)
+        self.adapt(adapter, optimizer)
+        self.injector = ControlInjector(self.unet, self.control_network)
+
+    # --- hooks ------------------------------------------------------------------------------
+
+    def condition(self, batch):
+        return batch["conditioning"]
+
+    def unet_context(self, text, condition):
+        return self.injector.control(None if condition is None else condition.to(self.unet.dtype))
+
+    def training_text(self, captions):
+        # Classifier-free guidance needs the unconditional branch trained too.
+        captions = [c if torch.rand(()) >= self.hparams.empty_prompt_prob else "" for c in captions]
+        return self.encode_text(captions)
+
+    def sample_size(self, condition, size):
+        return tuple(condition.shape[-2:])
+
+    def build_scorer(self):
+        # The label space of segmentation comes from the dataset.
+        dataset = getattr(self._trainer.datamodule, "val_set", None) if self._trainer else None
+        return ControlScorer(self.control, self.hparams.evaluator, getattr(dataset, "num_classes", None),
+                             getattr(dataset, "ignore_index", None), device=self.device)
+
+    def score(self, generated, batch):
+        self.scorer.update(generated, batch)
+
+    def grid_entry(self, generated, batch):
+        return (batch["conditioning"].cpu(), generated.cpu(), ((batch["pixel_values"].cpu() + 1) / 2).clamp(0, 1))
+
+    def grid(self, entries):
+        return image_grid(entries)
+
+    def task_metadata(self):
+        return {"control": self.control, "control_network": self.hparams.control_network,
+                "control_network_config": json.dumps(dict(self.control_network.config))}
+
+    @classmethod
+    def arguments_from_metadata(cls, meta):
+        return {"control": meta["control"], "control_network": meta["control_network"]}
+
+
+def image_grid(rows: list, max_rows: int = 8) -> np.ndarray:
+    """The first `max_rows` (condition | sample | ground truth) triples as one uint8 image."""
+    conditioning, generated, truth = (torch.cat(parts)[:max_rows] for parts in zip(*rows))
+    conditioning = conditioning.expand(-1, 3, -1, -1)  # 1-channel conditions as grey
+    gap = torch.ones(len(generated), 3, generated.shape[2], 2)
+    tiles = torch.cat([conditioning, gap, generated, gap, truth], dim=3)  # (n, 3, h, 3w + 4)
+    tiles = torch.cat([tiles, torch.ones(len(tiles), 3, 2, tiles.shape[3])], dim=2)
+    return to_uint8(torch.cat(list(tiles), dim=1)[None, :, :-2])[0]
