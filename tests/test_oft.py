@@ -214,6 +214,44 @@ def test_coft_bound_holds_after_100_steps_at_large_lr(cayley_mode):
     assert worst > 0.9 * eps, "a large learning rate should push blocks to the boundary"
 
 
+def paper_project(blocks: torch.Tensor, eps: float, shared: bool) -> torch.Tensor:
+    """The OFT paper code's COFT projection, re-stated on full (r, b, b) generators: each
+    block S_i with ||S_i||_F > eps * b^2 / sqrt(r) (eps * b^2 when shared) is moved onto that
+    sphere along its own direction; blocks inside are left alone."""
+    r, b, _ = blocks.shape
+    radius = eps * b * b if shared else eps * b * b / torch.sqrt(torch.tensor(float(r)))
+    norms = torch.norm(blocks, dim=(1, 2), keepdim=True)
+    return torch.where(norms <= radius, blocks, radius * blocks / norms)
+
+
+@pytest.mark.parametrize("block_share", [False, True])
+def test_paper_coft_projects_as_the_paper_code_does(block_share):
+    torch.manual_seed(0)
+    eps, b, r = 1e-3, 16, 4  # radius 0.128 (r blocks) or 0.256 (shared) on the full generator
+    model = Wrap(nn.Linear(b * r, 8))
+    inject_oft(model, OFTConfig(block_size=b, coft=True, eps=eps, coft_norm="paper", block_share=block_share,
+                                targets=["layer"]))
+    layer = model.layer
+    radius = eps * b * b * (1 if block_share else r**-0.5)
+    assert layer.paper_radius == pytest.approx(radius)
+    # Some blocks inside the ball, some outside (the stored triangle holds 1/sqrt(2) of ||Q||_F).
+    scales = torch.tensor([1.5] if block_share else [0.3, 0.9, 1.5, 4.0])[:, None]
+    direction = torch.randn_like(layer.oft_generator)
+    layer.oft_generator.data = direction / (direction.norm(dim=1, keepdim=True) * 2**0.5) * radius * scales
+    full = skew_from_triangle(layer.oft_generator.detach().double(), b)
+    expected = paper_project(full, eps, block_share)
+    project_coft(model)
+    projected = skew_from_triangle(layer.oft_generator.detach().double(), b)
+    torch.testing.assert_close(projected, expected, atol=1e-7, rtol=1e-6)
+    norms = projected.norm(dim=(1, 2))
+    outside = scales.squeeze(1) > 1
+    assert torch.allclose(norms[outside], torch.full_like(norms[outside], radius), rtol=1e-6)
+    torch.testing.assert_close(projected[~outside], full[~outside])  # inside: untouched
+    assert OFTConfig(coft=True).coft_norm == "rotation"  # the default stays this project's exact bound
+    with pytest.raises(ValueError, match="coft_norm='generator'"):
+        OFTConfig(coft=True, coft_norm="generator")
+
+
 def test_project_coft_is_noop_for_plain_oft():
     model = Wrap(nn.Linear(16, 4))
     inject_oft(model, OFTConfig(block_size=4, eps=1e-6, targets=["layer"]))

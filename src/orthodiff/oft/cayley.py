@@ -80,3 +80,13 @@ def project_generator(generator: torch.Tensor, block_size: int, eps: float) -> t
     alpha = torch.where(inside_already, torch.ones_like(lo), lo)
     flat[outside] = flat[outside] * alpha.unsqueeze(-1)
     return flat.reshape(generator.shape).to(generator.dtype)
+
+
+@torch.no_grad()
+def project_generator_norm(generator: torch.Tensor, block_size: int, radius: float) -> torch.Tensor:
+    """Scale each block's generator so that its full skew-symmetric Q_i (not the stored upper
+    triangle, which has 1/sqrt(2) of Q's Frobenius norm) satisfies ||Q_i||_F <= radius:
+    the original OFT code's COFT constraint (see OFTConfig.coft_norm)."""
+    q_norm = generator.double().norm(dim=-1, keepdim=True) * 2**0.5
+    scale = torch.where(q_norm > radius, radius / q_norm.clamp_min(1e-300), torch.ones_like(q_norm))
+    return (generator.double() * scale).to(generator.dtype)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cayley import cayley, project_generator, skew_from_triangle
+from .cayley import cayley, project_generator, project_generator_norm, skew_from_triangle
 
 # Stable Diffusion's attention projections (self and cross) and GEGLU input projection.
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj")
@@ -25,8 +25,14 @@ class OFTConfig:
     """How to adapt a model. Set block_size or num_blocks (r = in_features / b).
 
     With neither set, num_blocks=4, the paper's reference for controllable generation.
-    eps bounds ||R_i - I||_F per block when coft=True. dropout is the probability of
-    replacing a block's rotation by the identity during training.
+    With coft=True every block is projected after each step, in one of two conventions
+    (they are not the same method; every eps must say which it is in):
+    - coft_norm="rotation" (default, this project's): the exact bound ||R_i - I||_F <= eps;
+    - coft_norm="paper" (the OFT paper's code): ||Q_i||_F <= eps * b^2 / sqrt(r) on the full
+      skew generator (b block size, r blocks; eps * b^2 with block sharing). Near the
+      identity ||R_i - I||_F ~ 2 ||Q_i||_F, so at the same eps it is far looser (for SD 1.5,
+      r=4, eps=1e-3: radius 3.2 / 12.8 / 51 on the 320/640/1280-wide layers).
+    dropout is the probability of replacing a block's rotation by the identity during training.
     Targets follow PEFT: a module matches when its full name equals a target or ends
     with "." + target; a target written "re:<pattern>" is a regex matched in full.
     """
@@ -35,6 +41,7 @@ class OFTConfig:
     num_blocks: int | None = None
     coft: bool = False
     eps: float = 1e-3
+    coft_norm: str = "rotation"
     block_share: bool = False
     cayley: str = "exact"
     neumann_terms: int = 5
@@ -48,6 +55,9 @@ class OFTConfig:
             )
         if self.block_size is None and self.num_blocks is None:
             self.num_blocks = 4
+        if self.coft_norm not in ("rotation", "paper"):
+            raise ValueError(f"OFTConfig.coft_norm={self.coft_norm!r}: use 'rotation' (||R_i - I||_F <= eps) or "
+                             "'paper' (||Q_i||_F <= eps * b^2 / sqrt(r), the OFT paper's code)")
         if self.cayley not in ("exact", "neumann"):
             raise ValueError(f"OFTConfig.cayley={self.cayley!r}: use 'exact' or 'neumann'")
         if self.cayley == "neumann" and self.neumann_terms < 2:
@@ -120,7 +130,8 @@ class OFTLayer(nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self.num_blocks, self.block_size = block_layout(in_features, config, name)
-        self.coft, self.eps = config.coft, config.eps
+        self.coft, self.eps, self.coft_norm = config.coft, config.eps, config.coft_norm
+        self.block_share = config.block_share
         self.neumann_terms = config.neumann_terms if config.cayley == "neumann" else None
         self.dropout = config.dropout
         stored_blocks = 1 if config.block_share else self.num_blocks
@@ -140,9 +151,21 @@ class OFTLayer(nn.Module):
         return r
 
     def project(self):
-        """COFT: pull every block back into ||R_i - I||_F <= eps. No-op for plain OFT."""
-        if self.coft:
+        """COFT: pull every block back into its eps-ball (OFTConfig.coft_norm says which). No-op
+        for plain OFT."""
+        if not self.coft:
+            return
+        if self.coft_norm == "rotation":
             self.oft_generator.data = project_generator(self.oft_generator.data, self.block_size, self.eps)
+        else:
+            self.oft_generator.data = project_generator_norm(self.oft_generator.data, self.block_size,
+                                                             self.paper_radius)
+
+    @property
+    def paper_radius(self) -> float:
+        """The OFT paper code's COFT radius on ||Q_i||_F: eps * b^2 / sqrt(r) (eps * b^2 shared)."""
+        radius = self.eps * self.block_size**2
+        return radius if self.block_share else radius / self.num_blocks**0.5
 
     def forward(self, x, *args, **kwargs):
         if self.disabled:
@@ -324,7 +347,7 @@ def set_oft_enabled(model: nn.Module, enabled: bool):
 
 @torch.no_grad()
 def project_coft(model: nn.Module):
-    """Project every COFT layer onto ||R_i - I||_F <= eps. Call after each optimizer step."""
+    """Project every COFT layer into its eps-ball (OFTConfig.coft_norm). Call after each optimizer step."""
     for layer in oft_layers(model):
         layer.project()
 
