@@ -6,12 +6,14 @@ PY ?= python
 install:
 	$(PY) -m pip install --quiet -e ".[dev]"
 
-# The full suite, slow tests included (CI runs exactly this).
+# Lint, then the full suite, slow tests included (CI runs exactly this).
 test: install
+	$(PY) -m ruff check src tests
 	$(PY) -m pytest -q
 
 # Skip tests marked slow.
 test-fast:
+	$(PY) -m ruff check src tests
 	$(PY) -m pytest -q -m "not slow"
 
 bench:

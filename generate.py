@@ -3,11 +3,14 @@
 [num_images=4 steps= guidance= seed=0 scheduler=ddim annotate=auto base= out=]`; a subject
 adapter (experiment=dreambooth) takes no condition: `prompt="a sks square on a black background"`."""
 
+import logging
 import sys
 
 
 def main(argv: list[str]):
     from orthodiff.cli import parse_args
+
+    logging.basicConfig(level=logging.INFO, format="generate.py: %(levelname)s: %(message)s")
     from orthodiff.generate import GenerateConfig, generate
 
     cfg = parse_args(GenerateConfig, argv, "generate.py")

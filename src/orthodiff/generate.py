@@ -5,6 +5,7 @@ needs no condition: its prompt names the token ("a sks square on a black backgro
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
@@ -22,6 +23,7 @@ SCHEDULERS = {  # name -> diffusers class, built from the base model's scheduler
     "ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "pndm": "PNDMScheduler", "euler": "EulerDiscreteScheduler",
     "euler_a": "EulerAncestralDiscreteScheduler", "dpm": "DPMSolverMultistepScheduler", "unipc": "UniPCMultistepScheduler",
 }
+log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -90,8 +92,8 @@ def generate(cfg: GenerateConfig) -> Path:
         pipe.merge()
     ids = pipe.tokenizer(cfg.prompt).input_ids
     if len(ids) > pipe.tokenizer.model_max_length:
-        print(f"warning: the prompt is {len(ids)} tokens; the text encoder reads the first "
-              f"{pipe.tokenizer.model_max_length}, the rest is ignored")
+        log.warning("the prompt is %d tokens; the text encoder reads the first %d, the rest is ignored",
+                    len(ids), pipe.tokenizer.model_max_length)
     sampling = meta["sampling"]
     steps = cfg.steps or sampling.get("steps", 25)
     guidance = cfg.guidance if cfg.guidance is not None else sampling.get("guidance", 7.5)

@@ -1,13 +1,6 @@
-"""Inference: DDIM sampling for training/validation (sampling.py) and the diffusers
-pipeline that carries an orthodiff adapter (pipeline.py)."""
+"""Inference in diffusers: the pipeline that carries an orthodiff adapter (pipeline.py) and
+the diffusers -> original SD single-file layout (single_file.py)."""
+
+from orthodiff.pipelines.pipeline import OrthodiffPipeline, load_condition
 
 __all__ = ["OrthodiffPipeline", "load_condition"]
-
-
-def __getattr__(name):
-    # Lazy: models/ imports sampling.py from here, and pipeline.py imports models/.
-    if name in __all__:
-        from orthodiff.pipelines import pipeline
-
-        return getattr(pipeline, name)
-    raise AttributeError(f"module 'orthodiff.pipelines' has no attribute {name!r}")

@@ -1,0 +1,101 @@
+"""Hydra composition: every experiment with every method its task allows composes the
+method's own adapter, the experiment's settings win, and a pair that does not fit is
+refused with one line naming both."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from orthodiff.models import FullFinetuneConfig, LoRAConfig
+from orthodiff.oft import DEFAULT_TARGETS, OFTConfig
+from orthodiff.train import check_method_fits
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+METHODS = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))
+# What each method trains in the UNet: its adapter class (None: the UNet stays frozen).
+UNET_ADAPTERS = {"oft": OFTConfig, "coft": OFTConfig, "lora": LoRAConfig, "full": FullFinetuneConfig,
+                 "controlnet": None, "t2i_adapter": None, "t2i_adapter_light": None,
+                 "textual_inversion": None, "pplus": None}
+
+
+def compose_train(overrides: list[str], conf: Path = CONF):
+    with initialize_config_dir(version_base="1.3", config_dir=str(conf)):
+        return compose("train", overrides=overrides, return_hydra_config=True)
+
+
+def experiment_lr(name: str) -> float | None:
+    """The learning rate an experiment file (or the base it includes) sets, read from YAML."""
+    config = OmegaConf.load(CONF / "experiment" / f"{name}.yaml")
+    lr = OmegaConf.select(config, "module.optimizer.lr")
+    for entry in config.get("defaults", []):
+        if isinstance(entry, str) and lr is None:
+            lr = experiment_lr(entry)
+    return lr
+
+
+def test_every_method_is_listed():
+    assert sorted(UNET_ADAPTERS) == METHODS
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_each_experiment_with_each_method_composes_the_methods_own_adapter(experiment):
+    for method in METHODS:
+        cfg = compose_train([f"experiment={experiment}", f"method={method}"])
+        HydraConfig.instance().set_config(cfg)
+        if cfg.task_name not in cfg.method.tasks:
+            with pytest.raises(SystemExit, match=f"method={method} does not fit experiment={experiment}"):
+                check_method_fits(cfg)
+            continue
+        check_method_fits(cfg)
+        assert cfg.method.name == method
+        adapter = instantiate(cfg.adapter) if cfg.adapter is not None else None
+        expected = UNET_ADAPTERS[method]
+        assert type(adapter) is (expected or type(None)), (experiment, method, cfg.adapter)
+        if expected is LoRAConfig:
+            assert not {"coft", "eps", "num_blocks"} & set(cfg.adapter), "LoRA composes no OFT keys"
+        if expected is OFTConfig:
+            assert adapter.coft == (method == "coft")
+        if cfg.task_name == "control":
+            assert cfg.method.control_network is not None
+            no_unet_adapter = method in ("controlnet", "t2i_adapter", "t2i_adapter_light")
+            assert (cfg.adapter is None) == no_unet_adapter
+        lr = experiment_lr(experiment)
+        if lr is not None:
+            assert cfg.module.optimizer.lr == lr, (experiment, method)
+
+
+def test_default_targets_live_once():
+    for method in ("oft", "lora", "full"):
+        cfg = compose_train([f"method={method}"])
+        assert cfg.adapter.targets is None  # the configs defer to the one list
+        assert instantiate(cfg.adapter).targets == list(DEFAULT_TARGETS)
+
+
+def test_an_experiment_composed_last_overrides_a_methods_task_settings(tmp_path):
+    # task_method/subject_coft.yaml sets lr 1e-3 and eps 0.2; an experiment that says
+    # otherwise must win (it used to be composed before task_method).
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF, conf)
+    (conf / "experiment" / "probe.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - dreambooth\nmodule:\n  optimizer:\n    lr: 0.123\n"
+        "adapter:\n  eps: 0.05\n")
+    cfg = compose_train(["experiment=probe", "method=coft"], conf)
+    assert cfg.module.optimizer.lr == 0.123 and cfg.adapter.eps == 0.05
+    assert compose_train(["experiment=dreambooth", "method=coft"]).module.optimizer.lr == 1e-3
+
+
+def test_the_experiments_learning_rate_reaches_the_module():
+    cfg = compose_train(["experiment=canny", "method=lora"])
+    module = instantiate(cfg.module)
+    optimizer = module.configure_optimizers()
+    assert optimizer.param_groups[0]["lr"] == experiment_lr("canny") == 1e-3
+    assert isinstance(module.adapter_config, LoRAConfig)

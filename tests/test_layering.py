@@ -1,0 +1,92 @@
+"""The parts of src/orthodiff (each subpackage or top-level module) import one way:
+oft -> models -> data/eval -> tasks -> entry points. Every import counts, the ones inside
+functions included: a cycle hidden behind a lazy import is still a cycle."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "orthodiff"
+# Parts that must not import each other in this direction (lower part -> higher part).
+LOWER_THAN = {"oft": {"models", "data", "eval", "tasks", "adapter", "pipelines", "reproduce"},
+              "models": {"data", "eval", "tasks", "adapter", "pipelines", "reproduce"},
+              "data": {"tasks", "adapter", "pipelines", "reproduce"},
+              "eval": {"tasks", "adapter", "pipelines", "reproduce"},
+              "tasks": {"adapter", "pipelines", "reproduce"}}
+
+
+def part_of(path: Path) -> str:
+    relative = path.relative_to(PACKAGE)
+    return relative.parts[0] if len(relative.parts) > 1 else relative.stem
+
+
+def imported_parts(path: Path, root: Path = PACKAGE) -> set[str]:
+    """The orthodiff parts a file imports (absolute and relative imports, at any depth)."""
+    parts = set()
+    package = path.relative_to(root.parent).with_suffix("").parts[:-1]  # e.g. ("orthodiff", "models")
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = list(package[: len(package) - node.level + 1]) if node.level else []
+            module = ".".join(base + ([node.module] if node.module else []))
+            names = [module] if node.module else [f"{module}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        for name in names:
+            pieces = name.split(".")
+            if pieces[0] == "orthodiff" and len(pieces) > 1:
+                parts.add(pieces[1])
+    return parts
+
+
+def import_graph() -> dict[str, set[str]]:
+    graph: dict[str, set[str]] = {}
+    for path in PACKAGE.rglob("*.py"):
+        part = part_of(path)
+        graph.setdefault(part, set()).update(imported_parts(path) - {part, "__init__"})
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1 visiting, 2 done
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        state[node] = 2
+        stack.pop()
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_the_parts_form_no_import_cycle():
+    graph = import_graph()
+    assert {"oft", "models", "data", "eval", "tasks", "pipelines"} <= set(graph)
+    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+def test_imports_run_from_the_core_outwards():
+    graph = import_graph()
+    wrong = sorted((part, other) for part, higher in LOWER_THAN.items() for other in graph.get(part, ()) & higher)
+    assert not wrong, f"imports against the direction oft -> models -> data/eval -> tasks -> entry points: {wrong}"
+
+
+def test_the_checker_sees_a_cycle_and_lazy_or_relative_imports(tmp_path):
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+    module = tmp_path / "orthodiff" / "models" / "x.py"
+    module.parent.mkdir(parents=True)
+    module.write_text("from ..oft import cayley\n\ndef f():\n    from orthodiff.tasks import ControlTask\n")
+    assert imported_parts(module, tmp_path / "orthodiff") == {"oft", "tasks"}
