@@ -11,7 +11,7 @@ augmentation blurs, adds noise and jitters colours on about half the images (see
 `degrade`), because generated images from a tiny diffusion model are a bit soft; targets
 stay the exact ground truth.
 
-Checkpoints go to ~/.cache/orthodiff/oracles/<name>.pt (atomic: temp file + os.replace)
+Checkpoints go to ~/.cache/orthodiff/oracles/<name>.pt (atomic: orthodiff.files.atomic_path)
 every --save-every steps; a rerun resumes from them, and one whose recipe differs starts
 over (a finished checkpoint is only re-saved and re-measured). Then each oracle is written
 in float16 to <out>/<name>/ (save_pretrained), loaded back, and measured on --n-test
@@ -27,7 +27,6 @@ import functools
 import itertools
 import json
 import math
-import os
 import shlex
 import sys
 import time
@@ -39,10 +38,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from orthodiff.data import shapes as sw
-from orthodiff.data.shapes import NUM_LANDMARKS, make_scene, split_seeds
+from orthodiff.data.shapes import NUM_LANDMARKS, keypoint_targets, make_scene, shape_masks, split_seeds
 from orthodiff.eval.metrics import depth_rmse, frechet_distance
-from orthodiff.eval.oracles import (OFFSET_SCALE, ORACLE_CLASSES, ORACLES, images_to_tensor,
-                                    load_oracle, measure)
+from orthodiff.eval.oracles import ORACLE_CLASSES, ORACLES, images_to_tensor, load_oracle, measure
+from orthodiff.files import atomic_path
 
 # The segmenter trains first; the other three start from its U-Net (the classifier's
 # kind map even from its output layer), as real evaluators start from a pretrained
@@ -101,23 +100,6 @@ def blur(images: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return x.reshape(n, c, h, w)
 
 
-def keypoint_targets(scenes) -> dict[str, torch.Tensor]:
-    """For every pixel: whether it shows a shape, and for those pixels that shape's
-    landmark offsets from the pixel / OFFSET_SCALE and its depth."""
-    n, size = len(scenes), scenes[0].image.shape[0]
-    ys, xs = np.mgrid[:size, :size]
-    grid = np.stack([xs, ys]).astype(np.float32)  # (2, H, W) pixel (x, y)
-    offsets = np.zeros((n, NUM_LANDMARKS, 2, size, size), np.float32)
-    for i, scene in enumerate(scenes):
-        for shape in scene.shapes:
-            seen = (scene.image == sw.COLORS[shape["color"]]).all(-1)  # colours are distinct
-            points = scene.landmarks[shape["z"]][:, :, None]  # (5, 2, 1)
-            offsets[i][:, :, seen] = (points - grid[:, seen][None]) / OFFSET_SCALE
-    depth = np.stack([s.depth for s in scenes])
-    return {"shape": torch.from_numpy(depth < 1), "depth": torch.from_numpy(depth),
-            "offsets": torch.from_numpy(offsets.reshape(n, 2 * NUM_LANDMARKS, size, size))}
-
-
 def color_map(scene) -> np.ndarray:
     """(H, W) int64 over BACKGROUNDS then COLORS: the background's index on background
     pixels, 4 + the shape colour's index where a shape is seen (shapes are drawn without
@@ -164,13 +146,6 @@ def learning_rate(step: int, steps: int, peak: float) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-
-def save_atomic(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(obj, temporary)
-    os.replace(temporary, path)
 
 
 @functools.lru_cache(maxsize=None)
@@ -241,7 +216,8 @@ def train_oracle(name: str, recipe: dict, seed: int, cache: Path, save_every: in
             checkpoint = {"identity": identity, "model": model.state_dict(),
                           "optimizer": optimizer.state_dict(), "step": step + 1,
                           "elapsed": elapsed + time.perf_counter() - began}
-            save_atomic(checkpoint, path)
+            with atomic_path(path) as tmp:
+                torch.save(checkpoint, tmp)
     bar.close()
     if checkpoint is None:  # nothing left to train: the loaded checkpoint is final
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
@@ -269,7 +245,7 @@ def depth_ambiguity(scenes) -> dict:
     best, unique = [], 0
     for scene in scenes:
         size = scene.image.shape[0]
-        masks = sw._masks(scene.shapes, size)
+        masks = shape_masks(scene.shapes, size)
         candidates = []
         for order in itertools.permutations(range(len(masks))):
             painted = np.full((size, size), -1)
@@ -362,9 +338,8 @@ def main(argv=None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         metrics["total_train_seconds"] = round(sum(
             m["train_seconds"] for m in metrics["oracles"].values()), 1)
-        temporary = metrics_path.with_name("metrics.json.tmp")
-        temporary.write_text(json.dumps(metrics, indent=2) + "\n")
-        os.replace(temporary, metrics_path)
+        with atomic_path(metrics_path) as tmp:
+            tmp.write_text(json.dumps(metrics, indent=2) + "\n")
     print(f"wrote {', '.join(names)} and metrics.json to {args.out}")
     return 0
 

@@ -1,4 +1,3 @@
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -7,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from orthodiff.data.shapes import MAX_SHAPES, NUM_LANDMARKS, make_scene, split_seeds
+from orthodiff.data.shapes import MAX_SHAPES, NUM_LANDMARKS, keypoint_targets, make_scene, split_seeds
 from orthodiff.eval.metrics import (classifier_scores, depth_rmse, frechet_distance,
                                     landmark_error, landmark_scores, segmentation_scores)
 from orthodiff.eval.oracles import (ORACLES, ShapeClassifier, ShapeKeypointDetector, check_images,
@@ -68,17 +67,9 @@ def test_keypoint_detector_error_is_no_worse_than_recorded(oracles):
     assert not landmarks[~mask].any()  # absent slots are zeros
 
 
-def _train_script():
-    path = ROOT / "scripts" / "train_oracles.py"
-    spec = importlib.util.spec_from_file_location("train_oracles", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_keypoint_decoding_of_exact_maps_recovers_the_landmarks_in_z_order():
     scenes = TEST_SCENES[:50]
-    targets = _train_script().keypoint_targets(scenes)
+    targets = keypoint_targets(scenes)
     maps = torch.cat([targets["shape"][:, None].float() * 20 - 10, targets["depth"][:, None],
                       targets["offsets"]], 1)
     detector = ShapeKeypointDetector()

@@ -156,7 +156,7 @@ def test_generate_cli_writes_samples_grid_and_record(adapters, tmp_path):
                  "prompt=a blue square, on a gray background" + ", very" * 80, "num_images=2", "steps=2",
                  f"out={tmp_path / 'out'}")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "tokens; the text encoder reads the first 77" in result.stdout
+    assert "tokens; the text encoder reads the first 77" in result.stderr  # a logged warning
     grid = np.asarray(Image.open(tmp_path / "out" / "grid.png"))
     assert grid.shape == (64, 64 * 3, 3)  # condition | 2 samples
     assert (tmp_path / "out" / "sample_01.png").is_file()

@@ -15,7 +15,8 @@ from orthodiff.data import (ADE20KDataset, CelebAHQDataset, CocoDataset, DepthAn
                             collate)
 from orthodiff.data import coco as coco_module
 from orthodiff.data.control import canny_edges, landmark_colors, segmentation_palette
-from orthodiff.data.datasets import read_image, resize_crop
+from orthodiff.data.datasets import resize_crop
+from orthodiff.data.readers import read_image
 
 H, W, R = 40, 56, 32  # fixture image size, training resolution
 
@@ -177,6 +178,28 @@ def test_coco_corrupt_image_is_skipped_or_raised(tmp_path):
     assert len(collate(items)["text"]) == 2
     with pytest.raises(OSError, match="000000000020.jpg"):
         CocoDataset(root, control="canny", resolution=R, on_error="raise")[1]
+
+
+def test_read_image_modes_agree_for_files_pil_images_and_arrays(tmp_path):
+    from PIL import Image
+
+    rgb = np.random.default_rng(0).integers(0, 256, (6, 8, 3), dtype=np.uint8)
+    cv2.imwrite(str(tmp_path / "rgba.png"), cv2.cvtColor(np.dstack([rgb, rgb[..., :1]]), cv2.COLOR_RGBA2BGRA))
+    cv2.imwrite(str(tmp_path / "grey.png"), rgb[..., 0])
+    np.testing.assert_array_equal(read_image(tmp_path / "rgba.png"), rgb)  # alpha dropped, RGB order
+    np.testing.assert_array_equal(read_image(tmp_path / "rgba.png", "unchanged")[..., :3], rgb)
+    np.testing.assert_array_equal(read_image(tmp_path / "grey.png", "any"), rgb[..., 0])  # grey stays grey
+    np.testing.assert_array_equal(read_image(tmp_path / "grey.png"), np.repeat(rgb[..., :1], 3, 2))
+    for source in (Image.fromarray(rgb), rgb, np.dstack([rgb, rgb[..., :1]])):
+        np.testing.assert_array_equal(read_image(source, "any"), rgb)
+        np.testing.assert_array_equal(read_image(source, "L"), cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY))
+    with pytest.raises(FileNotFoundError, match="condition image .*nowhere.png does not exist"):
+        read_image(tmp_path / "nowhere.png", what="condition image")
+    (tmp_path / "notes.txt").write_text("not an image")
+    with pytest.raises(OSError, match="notes.txt is not a readable image"):  # a ValueError too
+        read_image(tmp_path / "notes.txt")
+    with pytest.raises(ValueError, match="uint8"):
+        read_image(rgb.astype(np.float32))
 
 
 def test_missing_roots_name_the_path(tmp_path):

@@ -1,4 +1,5 @@
 import json
+import logging
 import re
 
 import cv2
@@ -185,7 +186,7 @@ def test_same_seed_renders_the_same_scene_at_other_sizes():
     assert (shrunk == small.seg).mean() > 0.97
 
 
-def test_write_read_back_and_rerun(tmp_path, capsys):
+def test_write_read_back_and_rerun(tmp_path, caplog):
     out = tmp_path / "shapes"
     assert write_dataset(out, 20, n_val=5, n_test=5, progress=False)
     info = json.loads((out / "info.json").read_text())
@@ -212,8 +213,9 @@ def test_write_read_back_and_rerun(tmp_path, capsys):
                 or seeds["val"] & seeds["test"])
     first = (out / "train" / "images" / "00000.png").stat().st_mtime_ns
 
-    assert not write_dataset(out, 20, n_val=5, n_test=5, progress=False)  # no-op
-    assert "already holds" in capsys.readouterr().out
+    with caplog.at_level(logging.INFO, logger="orthodiff.data.shapes"):
+        assert not write_dataset(out, 20, n_val=5, n_test=5, progress=False)  # no-op
+    assert "already holds" in caplog.text
     assert (out / "train" / "images" / "00000.png").stat().st_mtime_ns == first
     with pytest.raises(ValueError, match=r"different shapes dataset.*\['splits'\].*--overwrite"):
         write_dataset(out, 21, n_val=5, n_test=5, progress=False)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from orthodiff.adapter import load_adapter, save_adapter
+from orthodiff.adapter import load_adapter, read_adapter, save_adapter
 from orthodiff.data.subjects import EVAL_PROMPTS, expected_labels, reference_images, subject_images
 from orthodiff.eval.oracles import images_to_tensor
 from orthodiff.eval.subject_metrics import SubjectScorer
@@ -132,41 +132,45 @@ def test_scorer_ranks_the_subject_above_other_subjects_and_reads_the_prompts():
     assert 0 < scores["badge_circle"]["diversity"] < 1
 
 
-@pytest.mark.parametrize("method", ["textual_inversion",
-                                    pytest.param("coft", marks=pytest.mark.slow),
-                                    pytest.param("lora", marks=pytest.mark.slow),
-                                    pytest.param("full", marks=pytest.mark.slow),
-                                    pytest.param("pplus", marks=pytest.mark.slow)])
-def test_train_cli_runs_each_method(method, tmp_path):
+SUBJECT_METHODS = ["textual_inversion", "coft", "lora", "full", "pplus"]
+
+
+@pytest.mark.slow
+def test_train_cli_runs_each_method(tmp_path):
+    # One Hydra multirun, one process: the methods' runs share the start-up (imports, base model).
     result = subprocess.run(
-        [sys.executable, "train.py", "experiment=dreambooth", f"method={method}", f"data.root={tmp_path / 'subjects'}",
-         "data.subject=inlaid_triangle", "trainer.max_steps=2", "trainer.val_check_interval=2",
-         "data.samples_per_prompt=2", "data.no_token_prompts=4", "model.val_steps=2", "logger=csv",
-         f"module.prior_cache_dir={tmp_path / 'class'}", "module.num_class_images=4",
-         f"hydra.run.dir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+        [sys.executable, "train.py", "-m", "experiment=dreambooth", f"method={','.join(SUBJECT_METHODS)}",
+         f"data.root={tmp_path / 'subjects'}", "data.subject=inlaid_triangle", "trainer.max_steps=2",
+         "trainer.val_check_interval=2", "data.samples_per_prompt=2", "data.no_token_prompts=4", "model.val_steps=2",
+         "logger=csv", f"module.prior_cache_dir={tmp_path / 'class'}", "module.num_class_images=4",
+         f"hydra.sweep.dir={tmp_path / 'runs'}", "hydra.sweep.subdir=${method.name}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
-    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    for key in ("subject_fidelity", "prompt_fidelity", "diversity", "no_token_kind"):
-        assert np.isfinite(metrics["final"][key])
-    assert (tmp_path / "run" / "adapter.safetensors").is_file()
+    for method in SUBJECT_METHODS:
+        run = tmp_path / "runs" / method
+        metrics = json.loads((run / "metrics.json").read_text())
+        for key in ("subject_fidelity", "prompt_fidelity", "diversity", "no_token_kind"):
+            assert np.isfinite(metrics["final"][key]), (method, key)
+        assert read_adapter(run / "adapter.safetensors")[1]["method"] == method
+        assert list((run / "samples").glob("step_*.png")), method
     assert (tmp_path / "subjects" / "inlaid_triangle" / "00.png").is_file()  # written on first use
-    assert list((tmp_path / "run" / "samples").glob("step_*.png"))
-    if method == "textual_inversion":  # generate.py takes a subject adapter without a condition
-        out = tmp_path / "generated"
-        result = subprocess.run([sys.executable, "generate.py", f"adapter={tmp_path / 'run'}", "num_images=2",
-                                 "prompt=a sks triangle on a black background", "steps=2", f"out={out}"],
-                                cwd=ROOT, capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, result.stderr[-2000:]
-        assert json.loads((out / "generate.json").read_text())["token"] == "sks"
-        assert len(list(out.glob("sample_*.png"))) == 2
-
-
-def test_a_control_run_refuses_a_subject_method(shapes_root, tmp_path):
-    # The fixture dataset: a clean checkout has no shapes world, and the data is built before the module.
-    result = subprocess.run([sys.executable, "train.py", "method=textual_inversion", f"data.train.root={shapes_root}",
-                             "trainer.max_steps=1", f"hydra.run.dir={tmp_path}"],
+    out = tmp_path / "generated"  # generate.py takes a subject adapter without a condition
+    result = subprocess.run([sys.executable, "generate.py", f"adapter={tmp_path / 'runs' / 'textual_inversion'}",
+                             "num_images=2", "prompt=a sks triangle on a black background", "steps=2", f"out={out}"],
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode != 0 and "experiment=dreambooth" in result.stderr
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads((out / "generate.json").read_text())["token"] == "sks"
+    assert len(list(out.glob("sample_*.png"))) == 2
+
+
+def test_a_control_run_refuses_a_subject_method_before_reading_data(tmp_path):
+    # A data root that does not exist: the refusal must come before the data is read.
+    result = subprocess.run([sys.executable, "train.py", "experiment=canny", "method=textual_inversion",
+                             f"data.train.root={tmp_path / 'nowhere'}", f"hydra.run.dir={tmp_path}"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "method=textual_inversion does not fit experiment=canny" in result.stderr
+    assert "experiment=dreambooth" in result.stderr and "nowhere" not in result.stderr
 
 
 GENERATED = subject_images("badge_circle", 2, seed=5)  # stand-ins for generated images

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from orthodiff.data.shapes import (BACKGROUNDS, COLORS, SHAPES, _masks, caption_for,
-                                   make_scene)
+from orthodiff.data.shapes import BACKGROUNDS, COLORS, SHAPES, caption_for, make_scene, shape_masks
 from orthodiff.data.subjects import (EVAL_PROMPTS, SUBJECTS, WORLD_WORDS, SubjectDataset,
                                      check_token, class_prompt, expected_labels,
                                      instance_prompt, reference_images, render_subject,
@@ -58,7 +57,7 @@ def test_each_subject_shows_two_colours_inside_one_shape_unlike_every_ordinary_s
     # In the ordinary world each shape's visible part is one flat colour.
     for seed in range(200):
         scene = make_scene(seed)
-        masks = _masks(scene.shapes, 64)
+        masks = shape_masks(scene.shapes, 64)
         for z, mask in enumerate(masks):
             visible = mask & ~np.logical_or.reduce(masks[z + 1:], axis=0) if z + 1 < len(masks) else mask
             assert len(np.unique(scene.image[visible], axis=0)) == 1

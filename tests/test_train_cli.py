@@ -76,7 +76,7 @@ def test_run_writes_metrics_adapter_samples_and_a_trainable_only_checkpoint(trai
     assert meta["base_model"] == "assets/tiny-sd" and meta["control"] == "canny"
     assert meta["method"] == "coft" and meta["control_network"] == "hint"
     oft = meta["adapter_config"]
-    assert isinstance(oft, OFTConfig) and (oft.num_blocks, oft.coft, oft.eps) == (4, True, 1e-3)  # conf/adapter/coft
+    assert isinstance(oft, OFTConfig) and (oft.num_blocks, oft.coft, oft.eps) == (4, True, 1e-3)  # conf/method/coft.yaml (rotation convention)
 
     checkpoint = load_checkpoint(trained_run / "checkpoints" / "last.ckpt")
     assert checkpoint["global_step"] == 3

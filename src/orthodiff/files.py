@@ -8,16 +8,18 @@ from pathlib import Path
 
 
 @contextmanager
-def atomic_path(path: str | Path):
+def atomic_path(path: str | Path, shared: bool = False):
     """Yield a temporary path beside `path`; on success fsync it and rename it onto `path`.
 
     The rename is atomic on one filesystem, so a process killed mid-write leaves the
     previous file intact (at worst a stray `.<name>.tmp` that the next write replaces).
     The temporary file sits beside the target on purpose: staging in TMPDIR, as
-    Lightning's writer does, turns the rename into a copy when TMPDIR is another disk."""
+    Lightning's writer does, turns the rename into a copy when TMPDIR is another disk.
+    `shared`: other processes may write the same file at once (a cache that data-loader
+    workers or parallel runs fill), so each stages in its own `.<name>.<pid>.tmp`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp" if shared else f".{path.name}.tmp")
     yield tmp
     with open(tmp, "rb") as file:
         os.fsync(file.fileno())

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from orthodiff.data.datasets import ControlDataset, read_image
+from orthodiff.data.datasets import ControlDataset
 from orthodiff.data.folder import dataset_root, read_captions
+from orthodiff.data.readers import read_image
 
 ADE_HOW = ("download ADEChallengeData2016.zip from the MIT scene parsing benchmark "
            "(sceneparsing.csail.mit.edu) and point root at the unzipped ADEChallengeData2016 folder")

@@ -11,28 +11,28 @@ trained on one polarity does not transfer to the other without inverting the con
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Callable
 
 import cv2
 import numpy as np
 
-from orthodiff.data.datasets import read_image
+from orthodiff.data.readers import read_image
+from orthodiff.files import atomic_path
 
 
 def cached_png(path: Path, compute: Callable[[], np.ndarray]) -> np.ndarray:
     """The single-channel uint8 map cached at `path`, or `compute()` written there first.
-    Written to a temporary name and renamed, so a run killed mid-write never leaves a
-    truncated PNG for the next epoch to fail on."""
+    Written atomically, so a run killed mid-write never leaves a truncated PNG for the next
+    epoch to fail on."""
     if path.is_file():
         return read_image(path, "L")
     array = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.png")
-    if not cv2.imwrite(str(partial), array):
-        raise OSError(f"cannot write cache file {partial}")
-    os.replace(partial, path)
+    ok, png = cv2.imencode(".png", array)
+    if not ok:
+        raise OSError(f"cannot encode cache file {path} as PNG")
+    with atomic_path(path, shared=True) as tmp:
+        tmp.write_bytes(png.tobytes())
     return array
 
 

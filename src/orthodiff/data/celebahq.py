@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from orthodiff.data.control import render_points
-from orthodiff.data.datasets import ControlDataset, read_image
+from orthodiff.data.datasets import ControlDataset
 from orthodiff.data.folder import dataset_root, read_captions
+from orthodiff.data.readers import read_image
 
 NUM_LANDMARKS = 68
 LANDMARK_RADIUS = 2.0  # disc radius in pixels at the training resolution: 68 points stay apart at 512

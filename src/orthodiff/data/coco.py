@@ -22,8 +22,9 @@ import numpy as np
 
 from orthodiff.data.annotators import DepthAnnotator, cached_png
 from orthodiff.data.control import canny_edges
-from orthodiff.data.datasets import ControlDataset, read_image, resize_crop
+from orthodiff.data.datasets import ControlDataset, resize_crop
 from orthodiff.data.folder import dataset_root
+from orthodiff.data.readers import read_image
 
 COCO_HOW = "download {split}.zip and annotations_trainval2017.zip from cocodataset.org and unzip both into it"
 

@@ -16,7 +16,6 @@ the skipped items.
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 
@@ -26,39 +25,12 @@ import torch
 from torch.utils.data import Dataset, default_collate
 
 from orthodiff.data.control import CONTROL_CHANNELS, canny_edges, check_control, colorize_segmentation, encode_condition
+from orthodiff.data.readers import read_image
+from orthodiff.data.shapes import SEG_CLASSES, read_metadata
 
 ON_ERROR = ("skip", "raise")
 # Condition pixels that are labels or thin marks must not be blended when resized.
 NEAREST_CONTROLS = ("seg", "landmarks", "canny")
-
-
-def read_image(path: Path, mode: str = "RGB") -> np.ndarray:
-    """uint8 (H, W, 3) RGB, or (H, W) for mode "L" / "unchanged" single-channel files.
-    Raises OSError naming the file when it cannot be decoded."""
-    flags = {"RGB": cv2.IMREAD_COLOR, "L": cv2.IMREAD_GRAYSCALE, "unchanged": cv2.IMREAD_UNCHANGED}[mode]
-    image = cv2.imread(str(path), flags)
-    if image is None:
-        raise OSError(f"cannot read image {path} (missing, unreadable or not an image)")
-    if image.ndim == 3 and mode == "RGB":
-        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-    return image
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """One JSON object per non-empty line; errors name the file and the line."""
-    records = []
-    with open(path) as lines:
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path} line {number} is not valid JSON: {error}") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path} line {number} is not a JSON object")
-            records.append(record)
-    return records
 
 
 def _crop_geometry(size: tuple[int, int], resolution: int):
@@ -170,8 +142,6 @@ class ShapesDataset(ControlDataset):
 
     def __init__(self, root: str | Path, split: str, control: str, resolution: int = 64,
                  max_items: int | None = None, on_error: str = "skip"):
-        from orthodiff.data.shapes import SEG_CLASSES, read_metadata
-
         super().__init__(control, resolution, on_error)
         self.root = Path(root).expanduser() / split
         if not self.root.is_dir():

@@ -17,7 +17,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from orthodiff.data.datasets import ControlDataset, read_image, read_jsonl
+from orthodiff.data.datasets import ControlDataset
+from orthodiff.data.readers import read_image, read_jsonl
 
 # The first key present in the first record names each column; the alternatives cover
 # imagefolder ("file_name", "*_file_name") and diffusers' ControlNet script ("image", ...).
@@ -67,9 +68,7 @@ def read_condition(path: Path, control: str) -> np.ndarray:
     if control == "landmarks":
         return read_image(path, "RGB")
     condition = read_image(path, "unchanged")  # keeps single-channel class ids as they are
-    if condition.ndim == 3:  # colour-coded (drop alpha); cv2 reads BGR
-        condition = cv2.cvtColor(condition, cv2.COLOR_BGRA2RGB if condition.shape[2] == 4 else cv2.COLOR_BGR2RGB)
-    return condition
+    return np.ascontiguousarray(condition[..., :3]) if condition.ndim == 3 else condition  # colour-coded: drop alpha
 
 
 class FolderDataset(ControlDataset):

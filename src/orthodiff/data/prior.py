@@ -23,6 +23,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from orthodiff.data.readers import read_image
+
 
 def base_model_digest(pipe) -> str:
     """A content hash of the weights that shape generated images (UNet, text encoder, VAE)."""
@@ -63,7 +65,7 @@ def class_images(pipe, prompt: str, n: int, cache_dir: str | Path, seed: int = 0
             warnings.warn(f"class images in {folder} were generated with other settings: regenerating them",
                           stacklevel=2)
         elif all(f.is_file() for f in files):
-            return [np.asarray(Image.open(f).convert("RGB")) for f in files]
+            return [read_image(f) for f in files]
     # Renamed when complete; one per process, as parallel runs may make the same images.
     partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)

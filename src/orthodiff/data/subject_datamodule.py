@@ -15,9 +15,8 @@ import pytorch_lightning as pl
 from torch.utils.data import DataLoader, Dataset
 
 from orthodiff.data.datasets import collate
-from orthodiff.data.shapes import SPLIT_SEEDS, make_scene
-from orthodiff.data.subjects import (EVAL_PROMPTS, REFERENCE_SIZE, SUBJECTS, SubjectDataset, expected_labels,
-                                     write_subject)
+from orthodiff.data.shapes import REFERENCE_SIZE, SPLIT_SEEDS, make_scene
+from orthodiff.data.subjects import EVAL_PROMPTS, SUBJECTS, SubjectDataset, expected_labels, write_subject
 
 # DreamBooth's own object prompts (a selection), for real subjects.
 REAL_PROMPTS = ["a {token} {cls} in the jungle", "a {token} {cls} in the snow", "a {token} {cls} on the beach",

@@ -37,8 +37,8 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from torch import nn
 
-from orthodiff.data.shapes import (BACKGROUNDS, COLORS, MAX_SHAPES, NUM_LANDMARKS,
-                                   REFERENCE_SIZE, SEG_CLASSES, SHAPES, shape_depth)
+from orthodiff.data.shapes import (BACKGROUNDS, COLORS, MAX_SHAPES, NUM_LANDMARKS, REFERENCE_SIZE,
+                                   SEG_CLASSES, SHAPES, decode_keypoints, shape_depth)
 from orthodiff.eval.metrics import (classifier_scores, depth_rmse, landmark_scores,
                                     segmentation_scores)
 
@@ -48,8 +48,6 @@ ORACLES = ("segmenter", "depth", "keypoints", "classifier")
 DEFAULT_PATH = Path("assets/oracles")
 TRAIN_COMMAND = "python scripts/train_oracles.py"
 DEPTH_LEVELS = (1.0,) + tuple(shape_depth(z) for z in range(MAX_SHAPES))  # background first
-# Landmark offsets are predicted in units of this many pixels, so targets are about +-1.
-OFFSET_SCALE = 16.0
 
 
 def images_to_tensor(images) -> torch.Tensor:
@@ -190,10 +188,9 @@ class ShapeKeypointDetector(_Oracle):
     and depth, hidden landmarks included. Supervising every shape pixel teaches it in a
     few hundred steps; a centre-heatmap detector (CenterNet) found no shapes after 350.
 
-    Decoding: each shape pixel votes for its predicted centre; local maxima of the
-    smoothed votes with at least `min_votes` votes within 5x5 pixels are shapes (at most
-    MAX_SHAPES); a shape's landmarks and depth are the means over the pixels whose
-    centre vote falls within `radius` pixels of its peak."""
+    The maps, their training targets (keypoint_targets) and their decoding by voting
+    (decode_keypoints, with `min_votes` and `radius`) live together in
+    orthodiff.data.shapes.keypoints."""
 
     @register_to_config
     def __init__(self, widths=(16, 32, 64, 96, 128), min_votes: int = 20,
@@ -207,46 +204,7 @@ class ShapeKeypointDetector(_Oracle):
         return self.unet(images)[0]
 
     def _predict(self, images):
-        maps = self(images).float()
-        n, _, height, width = maps.shape
-        ys, xs = torch.meshgrid(torch.arange(height, device=maps.device),
-                                torch.arange(width, device=maps.device), indexing="ij")
-        grid = torch.stack([xs, ys]).to(maps).repeat(NUM_LANDMARKS, 1, 1)  # (10, H, W)
-        points = (grid + maps[:, 2:] * OFFSET_SCALE).flatten(2)  # (N, 10, H * W)
-        depth = maps[:, 1].flatten(1)
-        voters = maps[:, 0].flatten(1) > 0
-        centre = points[:, :2].round().long()
-        inside = voters & (centre >= 0).all(1) & (centre[:, 0] < width) & (centre[:, 1] < height)
-        votes = torch.zeros(n, height * width, device=maps.device)
-        votes.scatter_add_(1, (centre[:, 1] * width + centre[:, 0]).clamp(0, height * width - 1),
-                           inside.float())
-        votes = votes.view(n, 1, height, width)
-        # Peaks of the votes smoothed by a 5x5 binomial kernel; a ramp of 1e-6 breaks ties
-        # so that a plateau gives one peak. Each peak's score is its 5x5 vote count.
-        binomial = torch.tensor([1.0, 4, 6, 4, 1], device=maps.device) / 16
-        kernel = (binomial[:, None] * binomial[None])[None, None]
-        smooth = F.conv2d(votes, kernel, padding=2).flatten(1)
-        smooth = smooth + 1e-6 * torch.linspace(0, 1, height * width, device=maps.device)
-        smooth = smooth.view(n, 1, height, width)
-        peaks = smooth * (smooth == F.max_pool2d(smooth, 5, 1, 2))
-        index = peaks.flatten(1).topk(MAX_SHAPES, dim=1).indices  # (N, MAX_SHAPES)
-        counts = (F.avg_pool2d(votes, 5, 1, 2) * 25).flatten(1).gather(1, index)
-        present = counts >= self.config.min_votes
-        peak_xy = torch.stack([index % width, index // width], -1).to(maps)  # (N, S, 2)
-        # Pixels whose centre vote lands within `radius` of a peak belong to that shape.
-        distance = (points[:, None, :2] - peak_xy[..., None]).norm(dim=2)  # (N, S, H * W)
-        member = (voters[:, None] & (distance <= self.config.radius)).float()
-        weight = member / member.sum(2, keepdim=True).clamp_min(1)
-        landmarks = torch.einsum("nsp,nkp->nsk", weight, points)
-        landmarks = landmarks.view(n, MAX_SHAPES, NUM_LANDMARKS, 2)
-        shape_depth = torch.einsum("nsp,np->ns", weight, depth)
-        present &= member.sum(2) > 0
-        order = torch.where(present, shape_depth, -torch.inf).argsort(1, descending=True)
-        landmarks = landmarks.gather(1, order[:, :, None, None].expand_as(landmarks))
-        present = present.gather(1, order)  # deepest first: the z-order where it is visible
-        landmarks = landmarks * present[:, :, None, None]
-        mask = present[:, :, None].expand(-1, -1, NUM_LANDMARKS)
-        return landmarks.cpu().numpy(), mask.cpu().numpy()
+        return decode_keypoints(self(images).float(), self.config.min_votes, self.config.radius)
 
     def predict(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Images (N, 3, 64, 64) in [0, 1] -> landmarks (N, MAX_SHAPES, NUM_LANDMARKS, 2)

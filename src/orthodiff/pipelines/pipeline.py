@@ -19,35 +19,14 @@ import cv2
 import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline
-from PIL import Image, UnidentifiedImageError
 
 from orthodiff.adapter import attach_adapter
 from orthodiff.data.control import canny_edges, check_control, encode_condition
+from orthodiff.data.readers import read_image
 from orthodiff.models.adapters import merge_adapter, unmerge_adapter
 from orthodiff.models.control_networks import ControlInjector
 
 ANNOTATE = ("auto", "always", "never")
-
-
-def read_image(source) -> np.ndarray:
-    """A path, PIL image or array -> uint8 array, (H, W) grey or (H, W, 3) RGB."""
-    if isinstance(source, (str, Path)):
-        path = Path(source).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"condition image {path} does not exist")
-        try:
-            source = Image.open(path)
-            source.load()
-        except (UnidentifiedImageError, OSError) as error:
-            raise ValueError(f"condition image {path} is not a readable image ({error})") from None
-    if isinstance(source, Image.Image):
-        source = np.asarray(source.convert("L" if source.mode in ("1", "L", "I", "I;16", "F") else "RGB"))
-    image = np.asarray(source)
-    if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
-        raise ValueError(f"a condition image must be uint8 (H, W) or (H, W, 3); got {image.dtype} {image.shape}")
-    if image.ndim == 3 and image.shape[2] == 4:
-        image = image[..., :3]
-    return image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image
 
 
 def is_edge_map(image: np.ndarray) -> bool:
@@ -68,7 +47,7 @@ def load_condition(source, control: str, size: tuple[int, int], annotate: str = 
     check_control(control)
     if annotate not in ANNOTATE:
         raise ValueError(f"annotate={annotate!r}: choose one of {ANNOTATE}")
-    image = read_image(source)
+    image = read_image(source, "any", what="condition image")
     height, width = size
     if control == "canny" and (annotate == "always" or (annotate == "auto" and not is_edge_map(image))):
         # Annotate at the output size: edges of a downscaled image, not downscaled edges.

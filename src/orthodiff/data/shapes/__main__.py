@@ -1,0 +1,5 @@
+import sys
+
+from orthodiff.data.shapes.cli import main
+
+sys.exit(main())
