@@ -6,12 +6,13 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="reproduce")
 def main(cfg: DictConfig):
-    from orthodiff.eval.tables import reproduce
+    from orthodiff.reproduce import reproduce
 
     try:
-        reproduce(cfg)
+        paths = reproduce(cfg)
     except ValueError as error:  # an unknown table: the list of valid ones
         raise SystemExit(f"reproduce.py: {error}") from None
+    print("reports: " + " ".join(map(str, paths)))
 
 
 if __name__ == "__main__":

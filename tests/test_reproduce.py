@@ -1,13 +1,19 @@
-"""reproduce.py: the table list, the params table, and every run-based table on a
-2-step schedule over the fixture dataset (slow: about a dozen train.py runs)."""
+"""reproduce.py: the table list, the params table, the cell cache, the controllable table's
+cells and every control's headline metric; every run-based table on a 2-step schedule
+over the fixture dataset (slow: about a dozen train.py runs)."""
 
 import csv
+import json
+import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
+
+from orthodiff.eval.control_metrics import CONTROL_CONFIGS, headline_metric
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -96,9 +102,77 @@ def test_all_tables_on_a_two_step_schedule(shapes_root, tmp_path):
     assert int(float(subject["textual_inversion"]["trainable params"])) == 64  # the tiny text width
     assert (reports / "subject_samples_badge_circle.png").is_file()
 
+    # A later table with the same settings reuses the finished cells: no train.py launch rewrites them.
+    cells = [tmp_path / "runs" / f"canny-{method}-s0" / "metrics.json" for method in ("coft", "lora", "full", "controlnet")]
+    trained = {cell: cell.stat().st_mtime_ns for cell in cells}
     again = reproduce("table=energy", f"out_dir={tmp_path / 'reports'}", f"runs_dir={tmp_path / 'runs'}",
                       "methods=[coft,lora,full,controlnet]", "controls=[canny,seg]", "seeds=[0,1]",
                       "schedule.steps=2", "schedule.val_every=1", "schedule.val_items=4", "schedule.batch_size=4",
                       f"train_overrides=[{quoted(fixture)}]", timeout=300)
-    assert again.returncode == 0 and "controllable" not in again.stderr  # finished runs are reused
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert {cell: cell.stat().st_mtime_ns for cell in cells} == trained
+    assert again.stdout.count(": reused ") == len(cells) and ": training in " not in again.stdout, again.stdout
 
+
+
+def fake_train(launches: list):
+    """Stands in for subprocess.run of train.py: records the launch and writes the
+    metrics.json a finished run leaves in its hydra.run.dir."""
+    def run(command, **kwargs):
+        launches.append(command)
+        run_dir = Path(command[-1].split("=", 1)[1])
+        (run_dir / "metrics.json").write_text(json.dumps({"final": {"canny_iou": 0.5}, "run": len(launches)}))
+        return subprocess.CompletedProcess(command, 0, stdout="", stderr="")
+    return run
+
+
+def test_a_finished_cell_is_reused_until_its_overrides_or_base_weights_change(tmp_path, monkeypatch, caplog):
+    from orthodiff.reproduce import cells
+
+    launches = []
+    monkeypatch.setattr(cells.subprocess, "run", fake_train(launches))
+    cfg = OmegaConf.create({"runs_dir": str(tmp_path), "jobs": 1})
+    with caplog.at_level(logging.INFO, logger=cells.__name__):
+        first = cells.train_cell(cfg, "cell", ["method=coft"])
+        again = cells.train_cell(cfg, "cell", ["method=coft"])
+    assert len(launches) == 1 and again == first and first["final"] == {"canny_iou": 0.5}
+    assert [r.getMessage().split(":")[1].split()[0] for r in caplog.records] == ["training", "reused"]
+    cells.train_cell(cfg, "cell", ["method=lora"])  # other overrides: retrained
+    assert len(launches) == 2
+    monkeypatch.setattr(cells, "embedded_model_digest", lambda: "re-pretrained")
+    cells.train_cell(cfg, "cell", ["method=lora"])  # other base weights: retrained
+    assert len(launches) == 3
+    (tmp_path / "cell" / "metrics.json").write_text(json.dumps({"step0": {}}))  # a run that died before "final"
+    assert cells.train_cell(cfg, "cell", ["method=lora"])["run"] == 4
+
+
+def test_controllable_runs_every_seed_on_the_first_control(tmp_path, monkeypatch):
+    from orthodiff.reproduce import controllable
+
+    def run_all(cfg, cells, desc):
+        return [{"final": {"seg_miou": 0.1 * seed, "canny_iou": 0.3}, "run_dir": f"{c}-{m}-s{seed}",
+                 "cost": {"trainable_parameters": 10, "seconds_per_step": 1.0, "peak_memory_mb": 5}}
+                for m, c, seed in cells]
+
+    monkeypatch.setattr(controllable, "run_all", run_all)
+    monkeypatch.setattr(controllable, "run_eval", lambda cfg, run: {"image_quality": {"fid": 1.0, "fid_extractor": "x"}})
+    cfg = OmegaConf.create({"out_dir": str(tmp_path), "jobs": 1, "methods": ["coft"], "controls": ["seg", "canny"],
+                            "seeds": [0, 1], "eval_samples": 4, "train_overrides": [],
+                            "schedule": {"steps": 2, "val_every": 1, "val_items": 4, "batch_size": 4}})
+    controllable.table(cfg)
+    [row] = read_csv(tmp_path / "controllable.csv")
+    assert row["seg seg_miou"] == "0.0500 ± 0.0707" and row["canny canny_iou"] == "0.3000"
+    assert row["FID (seg, x features)"] == "1.0"
+    assert "seeds [0, 1] for seg, seed 0 for the others" in (tmp_path / "controllable.md").read_text()
+
+
+@pytest.mark.parametrize("control", sorted(p.stem for p in CONTROL_CONFIGS.glob("*.yaml")))
+def test_each_controls_headline_metric_is_a_figure_its_scorer_computes(shapes_root, control):
+    from orthodiff.data.datasets import ShapesDataset, collate
+    from orthodiff.eval.control_metrics import ControlScorer
+
+    data = ShapesDataset(shapes_root, "val", control, max_items=4)
+    batch = collate([data[i] for i in range(len(data))])
+    scorer = ControlScorer(control, num_classes=getattr(data, "num_classes", None))
+    scorer.update((batch["pixel_values"] + 1) / 2, batch)
+    assert headline_metric(control) in scorer.compute()

@@ -13,20 +13,31 @@ depth-estimation model such as DPT). Canny needs no evaluator.
 
 Usage: `scorer = ControlScorer("seg")`, then `scorer.update(generated, batch)` per batch
 ((N, 3, H, W) float images in [0, 1] and the dataset batch), and `scorer.compute()`.
+Which of a control's figures is its headline (and which way is better) is said once, in
+conf/control/<control>.yaml (`metric`, `metric_mode`: what a sweeper optimizes);
+`headline_metric` reads it there for Python.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 
 from orthodiff.data.control import canny_edges, check_control
 from orthodiff.eval.metrics import depth_rmse, landmark_scores, segmentation_scores
 
-METRIC_KEYS = {"canny": ("canny_iou", "canny_f1"), "seg": ("seg_miou", "seg_macc", "seg_aacc"),
-               "depth": ("depth_rmse",), "landmarks": ("landmark_error",)}
+CONTROL_CONFIGS = Path(__file__).resolve().parents[3] / "conf" / "control"
 ORACLE_FOR = {"seg": "segmenter", "depth": "depth", "landmarks": "keypoints"}
+
+
+def headline_metric(control: str) -> str:
+    """A control's headline figure, as `ControlScorer.compute()` and metrics.json name it:
+    conf/control/<control>.yaml's `metric` without its "val/" prefix."""
+    return OmegaConf.load(CONTROL_CONFIGS / f"{check_control(control)}.yaml").metric.split("/", 1)[-1]
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

@@ -1,0 +1,41 @@
+"""The paper's tables, rebuilt from runs: `python reproduce.py table=<name>` (conf/reproduce.yaml).
+
+Each table writes reports/<name>.md and .csv (and its plot), stamped with the command,
+seeds, git revision and machine. Training runs are train.py subprocesses (one per
+method x control x seed cell, all with the same short, fixed-length schedule) whose
+run directories are kept in `runs_dir` and reused by later tables with the same
+settings, so `table=all` trains each cell once.
+
+    cells.py         the cell runner: train.py / eval.py per cell, the cache in runs_dir
+    report.py        the report writer: .csv, stamped .md, settings lines
+    params.py  controllable.py  convergence.py  energy.py  ablation.py  subject.py
+                     one module per table, each a `table(cfg) -> Path` (the .md written)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from orthodiff.reproduce import ablation, controllable, convergence, energy, params, subject
+
+log = logging.getLogger(__name__)
+
+TABLES = {"params": params.table, "controllable": controllable.table, "convergence": convergence.table,
+          "energy": energy.table, "ablation_r": ablation.table, "subject": subject.table}
+
+
+def reproduce(cfg: DictConfig) -> list[Path]:
+    """Write cfg.table's report (every table's for table=all); returns the reports' paths."""
+    if cfg.table != "all" and cfg.table not in TABLES:
+        raise ValueError(f"unknown table {cfg.table!r}; valid tables: {', '.join([*TABLES, 'all'])}")
+    if cfg.jobs < 1:
+        raise ValueError(f"jobs={cfg.jobs}: the number of cells trained at once must be >= 1")
+    names = list(TABLES) if cfg.table == "all" else [cfg.table]
+    started = time.time()
+    paths = [TABLES[name](cfg) for name in names]
+    log.info("reproduce %s: %.0f s", cfg.table, time.time() - started)
+    return paths

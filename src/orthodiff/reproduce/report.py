@@ -1,0 +1,92 @@
+"""A table's report: reports/<name>.csv and .md, the .md stamped with where it came from
+(command, git revision, machine, how its cells were trained)."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import platform
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from orthodiff.reproduce.cells import ROOT, cell_env
+
+log = logging.getLogger(__name__)
+
+
+def _settings(schedule: str, overrides) -> str:
+    return f"- {schedule}; train overrides: {list(overrides) or 'none (the embedded default)'}"
+
+
+def control_settings(cfg: DictConfig) -> str:
+    return _settings(f"seeds: {list(cfg.seeds)}; schedule: {OmegaConf.to_container(cfg.schedule)}",
+                     cfg.train_overrides)
+
+
+def subject_settings(cfg: DictConfig) -> str:
+    return _settings(f"seed: {cfg.subject.seed}; each method's own settings (conf/task_method/subject_<method>.yaml)",
+                     cfg.subject.train_overrides)
+
+
+def stamp(cfg: DictConfig, settings: str | None) -> list[str]:
+    """Where a report came from; `settings` is the line saying how its cells were trained (None: no cells)."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout
+
+    # The reports this run rewrites do not count as changes to the code that made them.
+    reports = (Path(cfg.out_dir).resolve()).as_posix()
+    changed = [line for line in git("status", "--porcelain", "--untracked-files=no").splitlines()
+               if not (ROOT / line[3:]).resolve().as_posix().startswith(reports)]
+    dirty = " (uncommitted changes)" if changed else ""
+    return [f"- command: `python reproduce.py {' '.join(sys.argv[1:])}`",
+            f"- git revision: {git('rev-parse', '--short', 'HEAD').strip() or 'unknown'}{dirty}",
+            f"- written: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} on {platform.machine()}, "
+            f"torch {torch.__version__}; cells trained {cfg.jobs} at a time, "
+            f"{cell_env(cfg)['OMP_NUM_THREADS']} torch thread(s) each"] + ([settings] if settings else [])
+
+
+def fmt(value) -> str:
+    if isinstance(value, float):
+        return "n/a" if math.isnan(value) else f"{value:.4g}"
+    return str(value)
+
+
+def mean_std(values: list[float]) -> str:
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return "n/a"
+    return f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}" if len(values) > 1 else f"{values[0]:.4f}"
+
+
+def out_dir(cfg: DictConfig) -> Path:
+    """The folder of the reports and their figures (created)."""
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def write_report(cfg: DictConfig, name: str, title: str, rows: list[dict], notes: list[str],
+                 plots: list[str] = (), settings: str | None = None) -> Path:
+    out = out_dir(cfg)
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    with open(out / f"{name}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = [f"# {title}", "", *stamp(cfg, settings), "", "| " + " | ".join(columns) + " |",
+             "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(row.get(c, "")) for c in columns) + " |" for row in rows]
+    lines += ["", *notes, *(f"![{p}]({p})" for p in plots)]
+    path = out / f"{name}.md"
+    path.write_text("\n".join(lines) + "\n")
+    log.info("%s: %s", name, path)
+    return path
+
+
