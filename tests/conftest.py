@@ -22,8 +22,7 @@ def tiny_clip(tmp_path_factory):
     """A randomly initialised CLIP folder (model + processor, save_pretrained format) with
     the real CLIP BPE tokenizer; seed 2 gives positive cosines on the test pairs, so the
     score is not floored at 0 and checks the embeddings."""
-    from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor,
-                              CLIPTokenizer)
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
     folder = tmp_path_factory.mktemp("tiny-clip")
     torch.manual_seed(2)

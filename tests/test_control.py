@@ -7,9 +7,8 @@ import torch
 from orthodiff.data import ShapesDataset, collate
 from orthodiff.eval.control_metrics import ControlScorer, edge_scores
 from orthodiff.models import ControlEncoder, ControlInjector
-from orthodiff.tasks import ControlTask, NonFiniteLossError
 from orthodiff.oft import OFTConfig, oft_layers
-
+from orthodiff.tasks import ControlTask, NonFiniteLossError
 
 
 def test_control_encoder_matches_controlnet_hint_block_at_sd15_scale():

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from orthodiff.adapter import save_adapter
-from orthodiff.tasks import ControlTask
 from orthodiff.oft import OFTConfig
+from orthodiff.tasks import ControlTask
 
 ROOT = Path(__file__).resolve().parents[1]
 

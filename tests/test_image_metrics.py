@@ -8,10 +8,17 @@ import torch
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from orthodiff.data.shapes import make_scene, split_seeds
-from orthodiff.eval.image_metrics import (INCEPTION_WEIGHTS, ShapesFeatures, caption_labels,
-                                          clip_score, feature_extractor, image_quality,
-                                          parse_caption, prompt_alignment,
-                                          prompt_recognition)
+from orthodiff.eval.image_metrics import (
+    INCEPTION_WEIGHTS,
+    ShapesFeatures,
+    caption_labels,
+    clip_score,
+    feature_extractor,
+    image_quality,
+    parse_caption,
+    prompt_alignment,
+    prompt_recognition,
+)
 from orthodiff.eval.metrics import frechet_distance
 from orthodiff.eval.oracles import images_to_tensor, load_oracle, scene_labels
 

@@ -10,8 +10,8 @@ from safetensors.torch import save_file
 from orthodiff.adapter import load_adapter, read_adapter, save_adapter
 from orthodiff.data import ShapesDataset, collate
 from orthodiff.models import FullFinetuneConfig, LoRAConfig
-from orthodiff.tasks import ControlTask
 from orthodiff.oft import OFTConfig
+from orthodiff.tasks import ControlTask
 
 METHODS = {
     # name: (adapter, control network, the only trainable tensors' name fragments)
@@ -104,7 +104,8 @@ def test_version_1_adapter_files_still_load(batch, tmp_path):
     oft = module.adapter_config
     metadata = {"format": "orthodiff-adapter", "format_version": "1", "base_model": "assets/tiny-sd",
                 "target_fingerprint": module.target_fingerprint, "control": "canny",
-                "oft_config": json.dumps(oft.__dict__), "control_encoder_config": json.dumps(dict(module.control_network.config))}
+                "oft_config": json.dumps(oft.__dict__),
+                "control_encoder_config": json.dumps(dict(module.control_network.config))}
     save_file(tensors, tmp_path / "v1.safetensors", metadata=metadata)
     reloaded = load_adapter(tmp_path / "v1.safetensors")
     assert reloaded.hparams.method == "coft"

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from orthodiff.oft import (
+    DEFAULT_TARGETS,
     OFTConfig,
     cayley,
     count_parameters,
@@ -96,7 +97,8 @@ def test_conv_identity_at_init_and_dense_reference(shape):
     layer = model.layer
     dense = reference_rotation(layer.oft_generator.detach(), layer.block_size, layer.num_blocks)
     w = conv.weight.double().reshape(conv.out_channels, -1) @ dense
-    ref = F.conv2d(x.double(), w.reshape(conv.weight.shape), conv.bias.double(), conv.stride, conv.padding, conv.dilation)
+    ref = F.conv2d(x.double(), w.reshape(conv.weight.shape), conv.bias.double(), conv.stride, conv.padding,
+                   conv.dilation)
     assert (model(x).double() - ref).abs().max() < 1e-5
 
 
@@ -176,7 +178,8 @@ def test_gradcheck_float64():
     randomize(conv_model, 0.2)
     conv = conv_model.layer
     xc = torch.randn(1, 2, 4, 4, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda g, x: _forward_with(conv, g, x), (conv.oft_generator.detach().clone().requires_grad_(), xc))
+    generator = conv.oft_generator.detach().clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda g, x: _forward_with(conv, g, x), (generator, xc))
 
 
 def _forward_with(layer, generator, x):
@@ -372,7 +375,7 @@ def test_tiny_unet_inject_merge_and_conv_targets():
     x, t, text = torch.randn(2, 4, 16, 16), torch.tensor([10, 500]), torch.randn(2, 7, 32)
     with torch.no_grad():
         base = unet(x, t, text).sample
-    names = inject_oft(unet, OFTConfig(num_blocks=4, targets=["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "conv1"]))
+    names = inject_oft(unet, OFTConfig(num_blocks=4, targets=[*DEFAULT_TARGETS, "conv1"]))
     assert sum(n.endswith("conv1") for n in names) > 0
     with torch.no_grad():
         assert torch.equal(unet(x, t, text).sample, base)

@@ -7,11 +7,25 @@ import pytest
 import torch
 
 from orthodiff.data.shapes import MAX_SHAPES, NUM_LANDMARKS, keypoint_targets, make_scene, split_seeds
-from orthodiff.eval.metrics import (classifier_scores, depth_rmse, frechet_distance,
-                                    landmark_error, landmark_scores, segmentation_scores)
-from orthodiff.eval.oracles import (ORACLES, ShapeClassifier, ShapeKeypointDetector, check_images,
-                                    images_to_tensor, load_oracle, load_oracles, measure,
-                                    scene_labels)
+from orthodiff.eval.metrics import (
+    classifier_scores,
+    depth_rmse,
+    frechet_distance,
+    landmark_error,
+    landmark_scores,
+    segmentation_scores,
+)
+from orthodiff.eval.oracles import (
+    ORACLES,
+    ShapeClassifier,
+    ShapeKeypointDetector,
+    check_images,
+    images_to_tensor,
+    load_oracle,
+    load_oracles,
+    measure,
+    scene_labels,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "assets" / "oracles"

@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from orthodiff.data import (ADE20KDataset, CelebAHQDataset, CocoDataset, DepthAnnotator, FolderDataset,
-                            collate)
+from orthodiff.data import ADE20KDataset, CelebAHQDataset, CocoDataset, DepthAnnotator, FolderDataset, collate
 from orthodiff.data import coco as coco_module
 from orthodiff.data.control import canny_edges, landmark_colors, segmentation_palette
 from orthodiff.data.datasets import resize_crop

@@ -65,7 +65,8 @@ def test_all_tables_on_a_two_step_schedule(shapes_root, tmp_path):
         "methods=[coft,lora,full,controlnet]", "controls=[canny,seg]", "seeds=[0,1]",
         "schedule.steps=2", "schedule.val_every=1", "schedule.val_items=4", "schedule.batch_size=4",
         "eval_samples=4", f"train_overrides=[{quoted(fixture)}]",
-        f"eval_overrides=[{quoted([f'data.train.root={shapes_root}', 'steps=2', 'batch_size=4'])}]", "ablation.num_blocks=[2,4]",
+        f"eval_overrides=[{quoted([f'data.train.root={shapes_root}', 'steps=2', 'batch_size=4'])}]",
+        "ablation.num_blocks=[2,4]",
         "ablation.control=canny", "subject.methods=[coft,textual_inversion]", "subject.subjects=[badge_circle]",
         f"subject.train_overrides=[{quoted(subject_fixture(tmp_path))}]")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -103,7 +104,8 @@ def test_all_tables_on_a_two_step_schedule(shapes_root, tmp_path):
     assert (reports / "subject_samples_badge_circle.png").is_file()
 
     # A later table with the same settings reuses the finished cells: no train.py launch rewrites them.
-    cells = [tmp_path / "runs" / f"canny-{method}-s0" / "metrics.json" for method in ("coft", "lora", "full", "controlnet")]
+    cells = [tmp_path / "runs" / f"canny-{method}-s0" / "metrics.json"
+             for method in ("coft", "lora", "full", "controlnet")]
     trained = {cell: cell.stat().st_mtime_ns for cell in cells}
     again = reproduce("table=energy", f"out_dir={tmp_path / 'reports'}", f"runs_dir={tmp_path / 'runs'}",
                       "methods=[coft,lora,full,controlnet]", "controls=[canny,seg]", "seeds=[0,1]",
@@ -155,7 +157,8 @@ def test_controllable_runs_every_seed_on_the_first_control(tmp_path, monkeypatch
                 for m, c, seed in cells]
 
     monkeypatch.setattr(controllable, "run_all", run_all)
-    monkeypatch.setattr(controllable, "run_eval", lambda cfg, run: {"image_quality": {"fid": 1.0, "fid_extractor": "x"}})
+    quality = {"image_quality": {"fid": 1.0, "fid_extractor": "x"}}
+    monkeypatch.setattr(controllable, "run_eval", lambda cfg, run: quality)
     cfg = OmegaConf.create({"out_dir": str(tmp_path), "jobs": 1, "methods": ["coft"], "controls": ["seg", "canny"],
                             "seeds": [0, 1], "eval_samples": 4, "train_overrides": [],
                             "schedule": {"steps": 2, "val_every": 1, "val_items": 4, "batch_size": 4}})

@@ -7,9 +7,18 @@ import numpy as np
 import pytest
 
 from orthodiff.data import shapes as sw
-from orthodiff.data.shapes import (BACKGROUNDS, COLORS, MAX_SHAPES, NUM_LANDMARKS,
-                                   SEG_CLASSES, SHAPES, make_scene, read_metadata,
-                                   render_landmarks, write_dataset)
+from orthodiff.data.shapes import (
+    BACKGROUNDS,
+    COLORS,
+    MAX_SHAPES,
+    NUM_LANDMARKS,
+    SEG_CLASSES,
+    SHAPES,
+    make_scene,
+    read_metadata,
+    render_landmarks,
+    write_dataset,
+)
 
 SCENES = [make_scene(seed) for seed in range(300)]
 
@@ -165,7 +174,7 @@ def test_render_landmarks_draws_a_disc_per_present_point():
     image = render_landmarks(s.landmarks, s.landmark_mask, 64)
     assert image.shape == (64, 64, 3) and image.dtype == np.uint8
     for z in range(2):
-        for index, (x, y) in enumerate(np.round(s.landmarks[z]).astype(int)):
+        for x, y in np.round(s.landmarks[z]).astype(int):
             assert tuple(image[y, x]) in sw.LANDMARK_COLORS
     lit = (image.max(axis=2) > 0).sum()
     assert 10 * 5 <= lit <= 10 * 13  # 10 discs of radius 1.5 px (5-13 px each, some overlap)

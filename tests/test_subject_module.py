@@ -16,8 +16,8 @@ from orthodiff.data.subjects import EVAL_PROMPTS, expected_labels, reference_ima
 from orthodiff.eval.oracles import images_to_tensor
 from orthodiff.eval.subject_metrics import SubjectScorer
 from orthodiff.models import LoRAConfig
-from orthodiff.tasks import SubjectTask
 from orthodiff.oft import OFTConfig
+from orthodiff.tasks import SubjectTask
 
 ROOT = Path(__file__).resolve().parents[1]
 

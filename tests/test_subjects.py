@@ -7,11 +7,22 @@ import pytest
 import torch
 
 from orthodiff.data.shapes import BACKGROUNDS, COLORS, SHAPES, caption_for, make_scene, shape_masks
-from orthodiff.data.subjects import (EVAL_PROMPTS, SUBJECTS, WORLD_WORDS, SubjectDataset,
-                                     check_token, class_prompt, expected_labels,
-                                     instance_prompt, reference_images, render_subject,
-                                     single_piece_tokens, subject_images, subject_mask,
-                                     write_subject)
+from orthodiff.data.subjects import (
+    EVAL_PROMPTS,
+    SUBJECTS,
+    WORLD_WORDS,
+    SubjectDataset,
+    check_token,
+    class_prompt,
+    expected_labels,
+    instance_prompt,
+    reference_images,
+    render_subject,
+    single_piece_tokens,
+    subject_images,
+    subject_mask,
+    write_subject,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 PLACE = {"center": [31.0, 33.0], "size": 18.0, "rotation": 12.0}
@@ -81,7 +92,7 @@ def test_eval_prompts_use_only_the_words_the_tiny_model_was_trained_on():
     for spec in EVAL_PROMPTS:
         assert set(spec) <= keys and spec["background"] in BACKGROUNDS
         assert "{token}" in spec["prompt"] and "{cls}" in spec["prompt"]
-        for name, subject in SUBJECTS.items():
+        for subject in SUBJECTS.values():
             prompt = spec["prompt"].format(token="sks", cls=subject.class_word)
             assert set(re.findall(r"[a-z]+", prompt)) <= WORLD_WORDS | {"sks"}, prompt
     assert {spec.get("background") for spec in EVAL_PROMPTS} == set(BACKGROUNDS)

@@ -13,8 +13,16 @@ from orthodiff.data.datasets import ControlDataset, ShapesDataset, collate
 from orthodiff.data.folder import FolderDataset
 from orthodiff.data.readers import read_image, read_jsonl
 from orthodiff.data.subject_datamodule import SubjectDataModule, SubjectPrompts
-from orthodiff.data.subjects import (EVAL_PROMPTS, SUBJECTS, SubjectDataset, check_token, reference_images,
-                                     render_subject, subject_images, write_subject)
+from orthodiff.data.subjects import (
+                                     EVAL_PROMPTS,
+                                     SUBJECTS,
+                                     SubjectDataset,
+                                     check_token,
+                                     reference_images,
+                                     render_subject,
+                                     subject_images,
+                                     write_subject,
+)
 
 __all__ = ["ADE20KDataset", "CelebAHQDataset", "CocoDataset", "ControlDataModule", "ControlDataset", "DepthAnnotator",
            "EVAL_PROMPTS", "FolderDataset", "SUBJECTS", "ShapesDataset", "SubjectDataModule", "SubjectDataset",

@@ -21,7 +21,8 @@ class ControlDataModule(pl.LightningDataModule):
         self.val_batch_size = val_batch_size or batch_size
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, self.batch_size, shuffle=True, drop_last=len(self.train_set) >= self.batch_size,
+        return DataLoader(self.train_set, self.batch_size, shuffle=True,
+                          drop_last=len(self.train_set) >= self.batch_size,
                           num_workers=self.num_workers, collate_fn=collate, persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:

@@ -39,8 +39,7 @@ from torchmetrics.image.kid import KernelInceptionDistance
 from torchmetrics.multimodal import CLIPScore
 
 from orthodiff.data.shapes import BACKGROUNDS, COLORS, SHAPES
-from orthodiff.eval.oracles import (DEFAULT_PATH, IMAGE_SIZE, images_to_tensor, load_oracle,
-                                    scene_labels)
+from orthodiff.eval.oracles import DEFAULT_PATH, IMAGE_SIZE, images_to_tensor, load_oracle, scene_labels
 
 EXTRACTORS = ("shapes", "inception")
 # torch-fidelity's FID Inception (TF 2015-12-05 weights converted to PyTorch); torch.hub

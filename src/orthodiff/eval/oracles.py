@@ -37,10 +37,18 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from torch import nn
 
-from orthodiff.data.shapes import (BACKGROUNDS, COLORS, MAX_SHAPES, NUM_LANDMARKS, REFERENCE_SIZE,
-                                   SEG_CLASSES, SHAPES, decode_keypoints, shape_depth)
-from orthodiff.eval.metrics import (classifier_scores, depth_rmse, landmark_scores,
-                                    segmentation_scores)
+from orthodiff.data.shapes import (
+    BACKGROUNDS,
+    COLORS,
+    MAX_SHAPES,
+    NUM_LANDMARKS,
+    REFERENCE_SIZE,
+    SEG_CLASSES,
+    SHAPES,
+    decode_keypoints,
+    shape_depth,
+)
+from orthodiff.eval.metrics import classifier_scores, depth_rmse, landmark_scores, segmentation_scores
 
 IMAGE_SIZE = REFERENCE_SIZE
 PAIRS = tuple((color, kind) for color in COLORS for kind in SHAPES)  # index c * 4 + k

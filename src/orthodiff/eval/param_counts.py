@@ -119,7 +119,8 @@ def gap_candidates(unet: nn.Module, targets: list[nn.Module], oft: dict[int, int
          "counting b(b+1)/2 per block instead of b(b-1)/2"),
         ("transformer_norms", sum(total_parameters(m) for m in norms),
          "GroupNorm + LayerNorms of the 16 transformer blocks"),
-        ("transformer_proj_in_out", sum(total_parameters(t.proj_in) + total_parameters(t.proj_out) for t in transformers),
+        ("transformer_proj_in_out",
+         sum(total_parameters(t.proj_in) + total_parameters(t.proj_out) for t in transformers),
          "proj_in + proj_out of the transformer blocks"),
         ("resnet_conv_oft", sum(oft_parameter_count(c.weight[0].numel(), c.weight[0, 0].numel()) for c in res_convs),
          "OFT on ResNet convs with one k²×k² block per input channel (the paper code's conv OFT)"),
@@ -152,7 +153,8 @@ def parameter_table(config: str | Path = SD15_UNET_CONFIG) -> list[ParamCount]:
         ParamCount("unet", total_parameters(unet), "SD 1.5 UNet, all parameters"),
         ParamCount("controlnet", total_parameters(controlnet), "diffusers ControlNetModel.from_unet"),
         ParamCount("t2i_adapter_full", total_parameters(t2i_full), "T2IAdapter full_adapter, 320-1280, 2 res blocks"),
-        ParamCount("t2i_adapter_light", total_parameters(t2i_light), "T2IAdapter light_adapter, 320-1280, 4 res blocks"),
+        ParamCount("t2i_adapter_light", total_parameters(t2i_light),
+                   "T2IAdapter light_adapter, 320-1280, 4 res blocks"),
         ParamCount("control_encoder", encoder_count, "ControlEncoder 3 -> 320, /8 (ControlNet's hint block)"),
     ]
     oft, targets = {}, []

@@ -37,7 +37,8 @@ def resolve_pretrained(pretrained: str) -> str:
     return str(in_repo) if in_repo.exists() else pretrained
 
 
-def load_base_model(pretrained: str, dtype: torch.dtype = torch.float32, original_config: str | None = None) -> BaseModel:
+def load_base_model(pretrained: str, dtype: torch.dtype = torch.float32,
+                    original_config: str | None = None) -> BaseModel:
     """Load VAE, text encoder, tokenizer, UNet and scheduler of a Stable Diffusion model.
 
     `pretrained` is a diffusers pipeline folder, a single-file checkpoint (.safetensors /

@@ -12,6 +12,7 @@ positions use stride 2 (all three for SD's f=8, two for the tiny model's f=4).
 from __future__ import annotations
 
 import math
+
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin

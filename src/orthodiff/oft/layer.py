@@ -362,7 +362,8 @@ def load_oft_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]):
     expected = oft_state_dict(model)
     for key in state_dict:
         if key not in expected:
-            raise KeyError(f"adapter key {key!r} has no OFT layer in this model (expected keys like {next(iter(expected), None)!r})")
+            raise KeyError(f"adapter key {key!r} has no OFT layer in this model "
+                           f"(expected keys like {next(iter(expected), None)!r})")
     for key, tensor in expected.items():
         if key not in state_dict:
             raise KeyError(f"adapter is missing key {key!r}")

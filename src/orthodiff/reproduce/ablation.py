@@ -19,7 +19,8 @@ def table(cfg: DictConfig) -> Path:
              for r in ablation.num_blocks]
     rows = []
     for r, run in zip(ablation.num_blocks, run_all(cfg, cells, "ablation_r")):
-        rows.append({"r": r, key: run["final"].get(key), "trainable params (this model)": run["cost"]["trainable_parameters"],
+        rows.append({"r": r, key: run["final"].get(key),
+                     "trainable params (this model)": run["cost"]["trainable_parameters"],
                      "OFT params at SD 1.5": oft_count(r)[0],
                      "paper total incl. encoder (M)": PAPER_TOTALS_M.get(r, "n/a")})
     notes = ["Published (OFT paper, ADE20K mIoU): r=2 27.18, r=4 27.06, r=8 24.09, r=16 21.0."]

@@ -34,6 +34,7 @@ def table(cfg: DictConfig) -> Path:
     fig.tight_layout()
     fig.savefig(out_dir(cfg) / "convergence.png", dpi=100)
     plt.close(fig)
-    notes = [f"Validation on {cfg.schedule.val_items} fixed scenes every {cfg.schedule.val_every} steps, seed {cfg.seeds[0]}."]
+    notes = [f"Validation on {cfg.schedule.val_items} fixed scenes every {cfg.schedule.val_every} steps, "
+             f"seed {cfg.seeds[0]}."]
     return write_report(cfg, "convergence", f"Convergence ({control})", rows, notes, ["convergence.png"],
                         settings=control_settings(cfg))

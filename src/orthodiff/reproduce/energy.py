@@ -56,7 +56,8 @@ def table(cfg: DictConfig) -> Path:
         module = load_adapter(Path(run["run_dir"]) / "adapter.safetensors")
         base_unet = base_unet or load_base_model(module.hparams.pretrained).unet
         found = energy_rows(module, base_unet)
-        rows.append({"method": method, **(found[0] if found else {"layers": 0, "mean |ΔHE|/HE": "n/a (no pretrained layers)"})})
+        none = {"layers": 0, "mean |ΔHE|/HE": "n/a (no pretrained layers)"}
+        rows.append({"method": method, **(found[0] if found else none)})
     notes = ["HE(W) = Σ_{i≠j} ‖ŵ_i − ŵ_j‖⁻¹ over unit-normalized neurons (rows), float64; effective weights "
              "read off the trained layers. OFT/COFT rotate every neuron by the same R, so their change "
              "is float error; LoRA and full finetuning change angles between neurons."]

@@ -50,19 +50,57 @@ captions, split seeds), ``render`` (placing shapes, ``make_scene``), ``keypoints
 format) and ``cli``. Everything public is importable from here.
 """
 
-from orthodiff.data.shapes.catalogue import (BACKGROUNDS, COLORS, DEPTH_STEP, GENERATOR_VERSION, LANDMARK_COLORS,
-                                             MAX_ROTATION, MAX_SHAPES, MIN_CONTRAST, MIN_VISIBLE, NUM_LANDMARKS,
-                                             REFERENCE_SIZE, SEG_CLASSES, SHAPES, SIZE_RANGE, SPLIT_SEEDS,
-                                             SPLIT_STRIDE, UNIT_LANDMARKS, UNIT_OUTLINES, allowed_colors, article,
-                                             caption_for, check_names, default_eval_size, gray_level, shape_depth,
-                                             split_seeds)
+from orthodiff.data.shapes.catalogue import (
+                                             BACKGROUNDS,
+                                             COLORS,
+                                             DEPTH_STEP,
+                                             GENERATOR_VERSION,
+                                             LANDMARK_COLORS,
+                                             MAX_ROTATION,
+                                             MAX_SHAPES,
+                                             MIN_CONTRAST,
+                                             MIN_VISIBLE,
+                                             NUM_LANDMARKS,
+                                             REFERENCE_SIZE,
+                                             SEG_CLASSES,
+                                             SHAPES,
+                                             SIZE_RANGE,
+                                             SPLIT_SEEDS,
+                                             SPLIT_STRIDE,
+                                             UNIT_LANDMARKS,
+                                             UNIT_OUTLINES,
+                                             allowed_colors,
+                                             article,
+                                             caption_for,
+                                             check_names,
+                                             default_eval_size,
+                                             gray_level,
+                                             shape_depth,
+                                             split_seeds,
+)
 from orthodiff.data.shapes.cli import main
 from orthodiff.data.shapes.keypoints import OFFSET_SCALE, decode_keypoints, keypoint_targets
-from orthodiff.data.shapes.render import (Scene, depth_to_png, make_scene, place_polygon, polygon_mask,
-                                          render_landmarks, sample_placement, shape_landmarks, shape_masks,
-                                          shape_outline)
-from orthodiff.data.shapes.writer import (FILE_KEYS, FOLDERS, dataset_info, read_metadata, scene_record,
-                                          write_dataset, write_split)
+from orthodiff.data.shapes.render import (
+                                             Scene,
+                                             depth_to_png,
+                                             make_scene,
+                                             place_polygon,
+                                             polygon_mask,
+                                             render_landmarks,
+                                             sample_placement,
+                                             shape_landmarks,
+                                             shape_masks,
+                                             shape_outline,
+)
+from orthodiff.data.shapes.writer import (
+                                             FILE_KEYS,
+                                             FOLDERS,
+                                             dataset_info,
+                                             read_metadata,
+                                             scene_record,
+                                             write_dataset,
+                                             write_split,
+)
 
 __all__ = ["BACKGROUNDS", "COLORS", "DEPTH_STEP", "FILE_KEYS", "FOLDERS", "GENERATOR_VERSION", "LANDMARK_COLORS",
            "MAX_ROTATION", "MAX_SHAPES", "MIN_CONTRAST", "MIN_VISIBLE", "NUM_LANDMARKS", "OFFSET_SCALE",

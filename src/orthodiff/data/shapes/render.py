@@ -10,10 +10,25 @@ import cv2
 import numpy as np
 
 from orthodiff.data.control import canny_edges, render_points
-from orthodiff.data.shapes.catalogue import (BACKGROUNDS, COLORS, LANDMARK_COLORS, MAX_ROTATION, MAX_SHAPES,
-                                             MIN_VISIBLE, NUM_LANDMARKS, REFERENCE_SIZE, SEG_CLASSES, SHAPES,
-                                             SIZE_RANGE, UNIT_LANDMARKS, UNIT_OUTLINES, allowed_colors,
-                                             caption_for, check_names, shape_depth)
+from orthodiff.data.shapes.catalogue import (
+    BACKGROUNDS,
+    COLORS,
+    LANDMARK_COLORS,
+    MAX_ROTATION,
+    MAX_SHAPES,
+    MIN_VISIBLE,
+    NUM_LANDMARKS,
+    REFERENCE_SIZE,
+    SEG_CLASSES,
+    SHAPES,
+    SIZE_RANGE,
+    UNIT_LANDMARKS,
+    UNIT_OUTLINES,
+    allowed_colors,
+    caption_for,
+    check_names,
+    shape_depth,
+)
 
 
 @dataclass

@@ -15,9 +15,20 @@ from tqdm import tqdm
 
 from orthodiff.data.control import CANNY_THRESHOLDS
 from orthodiff.data.readers import read_jsonl
-from orthodiff.data.shapes.catalogue import (BACKGROUNDS, COLORS, DEPTH_STEP, GENERATOR_VERSION, MAX_SHAPES,
-                                             NUM_LANDMARKS, REFERENCE_SIZE, SEG_CLASSES, SHAPES, SPLIT_SEEDS,
-                                             default_eval_size, split_seeds)
+from orthodiff.data.shapes.catalogue import (
+    BACKGROUNDS,
+    COLORS,
+    DEPTH_STEP,
+    GENERATOR_VERSION,
+    MAX_SHAPES,
+    NUM_LANDMARKS,
+    REFERENCE_SIZE,
+    SEG_CLASSES,
+    SHAPES,
+    SPLIT_SEEDS,
+    default_eval_size,
+    split_seeds,
+)
 from orthodiff.data.shapes.render import Scene, depth_to_png, make_scene, render_landmarks
 
 logger = logging.getLogger(__name__)

@@ -47,13 +47,36 @@ The parts: ``catalogue`` (the subjects, the evaluation prompts and their labels)
 public is importable from here.
 """
 
-from orthodiff.data.subjects.catalogue import (EVAL_PROMPTS, MIN_DETAIL_CONTRAST, SUBJECT_SIZE_RANGE, SUBJECTS, Subject,
-                                               class_prompt, expected_labels, get_subject, instance_prompt,
-                                               subject_colors)
-from orthodiff.data.subjects.dataset import (DEFAULT_TEMPLATE, DREAMBOOTH_CLASSES, IMAGE_SUFFIXES, SubjectDataset,
-                                             find_class_word, read_dreambooth_classes, subject_class_word)
-from orthodiff.data.subjects.render import (check_image_count, check_image_size, reference_images, render_subject,
-                                            subject_images, subject_mask, subject_placements)
+from orthodiff.data.subjects.catalogue import (
+                                               EVAL_PROMPTS,
+                                               MIN_DETAIL_CONTRAST,
+                                               SUBJECT_SIZE_RANGE,
+                                               SUBJECTS,
+                                               Subject,
+                                               class_prompt,
+                                               expected_labels,
+                                               get_subject,
+                                               instance_prompt,
+                                               subject_colors,
+)
+from orthodiff.data.subjects.dataset import (
+                                               DEFAULT_TEMPLATE,
+                                               DREAMBOOTH_CLASSES,
+                                               IMAGE_SUFFIXES,
+                                               SubjectDataset,
+                                               find_class_word,
+                                               read_dreambooth_classes,
+                                               subject_class_word,
+)
+from orthodiff.data.subjects.render import (
+                                               check_image_count,
+                                               check_image_size,
+                                               reference_images,
+                                               render_subject,
+                                               subject_images,
+                                               subject_mask,
+                                               subject_placements,
+)
 from orthodiff.data.subjects.tokens import CANDIDATE_TOKENS, WORLD_WORDS, check_token, single_piece_tokens
 from orthodiff.data.subjects.writer import GENERATOR_VERSION, MARKER, write_subject
 

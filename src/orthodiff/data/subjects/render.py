@@ -10,10 +10,26 @@ import zlib
 
 import numpy as np
 
-from orthodiff.data.shapes import (BACKGROUNDS, COLORS, REFERENCE_SIZE, SHAPES, SIZE_RANGE, UNIT_OUTLINES,
-                                   allowed_colors, gray_level, place_polygon, polygon_mask, sample_placement)
-from orthodiff.data.subjects.catalogue import (MIN_DETAIL_CONTRAST, SUBJECT_SIZE_RANGE, Subject, get_subject,
-                                               subject_colors)
+from orthodiff.data.shapes import (
+    BACKGROUNDS,
+    COLORS,
+    REFERENCE_SIZE,
+    SHAPES,
+    SIZE_RANGE,
+    UNIT_OUTLINES,
+    allowed_colors,
+    gray_level,
+    place_polygon,
+    polygon_mask,
+    sample_placement,
+)
+from orthodiff.data.subjects.catalogue import (
+    MIN_DETAIL_CONTRAST,
+    SUBJECT_SIZE_RANGE,
+    Subject,
+    get_subject,
+    subject_colors,
+)
 
 
 def check_image_size(image_size) -> int:
