@@ -6,11 +6,12 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 def main(cfg: DictConfig):
+    from orthodiff.data.datasets import TooManySkippedError
     from orthodiff.evaluate import evaluate
 
     try:
         return evaluate(cfg)
-    except (FileNotFoundError, ValueError) as error:  # bad input: the message, not a traceback
+    except (FileNotFoundError, ValueError, TooManySkippedError) as error:  # bad input: the message, not a traceback
         raise SystemExit(f"eval.py: {error}") from None
 
 

@@ -24,7 +24,7 @@ METHODS = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))
 # What each method trains in the UNet: its adapter class (None: the UNet stays frozen).
 UNET_ADAPTERS = {"oft": OFTConfig, "coft": OFTConfig, "lora": LoRAConfig, "full": FullFinetuneConfig,
                  "controlnet": None, "t2i_adapter": None, "t2i_adapter_light": None,
-                 "textual_inversion": None, "pplus": None}
+                 "textual_inversion": None, "pplus": None, "perfusion": None, "encoder": None}
 
 
 def compose_train(overrides: list[str], conf: Path = CONF):

@@ -59,8 +59,8 @@ def adapter(tmp_path_factory):
     """A COFT canny adapter: the module's trainable tensors nudged away from zero (so the
     control network is not the identity) and saved."""
     from orthodiff.adapter import save_adapter
-    from orthodiff.tasks import ControlTask
     from orthodiff.oft import OFTConfig
+    from orthodiff.tasks import ControlTask
 
     torch.manual_seed(0)
     module = ControlTask(control="canny", adapter=OFTConfig(num_blocks=4, coft=True), control_network="hint",
@@ -174,3 +174,36 @@ def test_adapters_are_found_under_the_folders(tmp_path, adapter):
     assert condition_from_sketch({"composite": np.full((32, 32, 3), 255, np.uint8)}, (64, 64), "canny") is None
     # gradio writes a .pyi stub beside any module that subclasses a component: none here.
     assert not (ROOT / "src" / "orthodiff" / "demo.pyi").exists()
+
+
+def test_twenty_concurrent_requests_are_answered_or_refused_and_memory_settles(server, client, adapter, photo):
+    """20 /generate requests at once against one server (one generation at a time, a queue of
+    orthodiff.demo.MAX_QUEUE behind it): each is answered or refused with a message, the
+    server keeps serving, and its resident memory ends within 10 % of where it started
+    (after a first request loaded the pipeline)."""
+    psutil = pytest.importorskip("psutil")
+    from orthodiff.demo import MAX_QUEUE
+
+    _, process, log = server
+    kwargs = dict(condition=None, sketch=None, prompt="a red circle", adapter_choice=None, adapter_path=str(adapter),
+                  steps=2, guidance=4.0, seed=0, num_images=1, annotate="auto")
+    generate(client, **{**kwargs, "condition": handle_file(str(photo))})  # loads the pipeline
+    server_process = psutil.Process(process.pid)
+    before = server_process.memory_info().rss
+    jobs = [client.submit(**{**kwargs, "condition": handle_file(str(photo)), "seed": k}, api_name="/generate")
+            for k in range(20)]
+    answered, refused = 0, []
+    for job in jobs:
+        try:
+            _, gallery, _ = job.result(timeout=240)
+            assert len(gallery) == 1
+            answered += 1
+        except Exception as error:  # refused: the queue was full
+            refused.append(f"{type(error).__name__}: {error}")
+    assert answered >= MAX_QUEUE // 2 and answered + len(refused) == 20, refused
+    assert all("queue" in message.lower() for message in refused), refused
+    assert process.poll() is None, log.read_text()[-3000:]
+    condition, _, _ = generate(client, **{**kwargs, "condition": handle_file(str(photo))})  # still serving
+    assert np.asarray(Image.open(condition)).shape[:2] == (64, 64)
+    after = server_process.memory_info().rss
+    assert after <= 1.10 * before, (before / 2**20, after / 2**20, answered, len(refused))

@@ -9,11 +9,12 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "orthodiff"
 # Parts that must not import each other in this direction (lower part -> higher part).
-LOWER_THAN = {"oft": {"models", "data", "eval", "tasks", "adapter", "pipelines", "reproduce"},
-              "models": {"data", "eval", "tasks", "adapter", "pipelines", "reproduce"},
-              "data": {"tasks", "adapter", "pipelines", "reproduce"},
-              "eval": {"tasks", "adapter", "pipelines", "reproduce"},
-              "tasks": {"adapter", "pipelines", "reproduce"}}
+ENTRY_LEVEL = {"adapter", "pipelines", "reproduce", "editing", "preflight"}
+LOWER_THAN = {"oft": {"models", "data", "eval", "tasks"} | ENTRY_LEVEL,
+              "models": {"data", "eval", "tasks"} | ENTRY_LEVEL,
+              "data": {"tasks"} | ENTRY_LEVEL,
+              "eval": {"tasks"} | ENTRY_LEVEL,
+              "tasks": ENTRY_LEVEL}
 
 
 def part_of(path: Path) -> str:

@@ -66,7 +66,7 @@ def test_method_trains_only_its_tensors_and_round_trips(name, batch, tmp_path):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        module.on_train_batch_end(None, batch, 0)
+        module.after_step()
     changed = [n for n, p in module.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
     assert changed, "no trainable tensor moved"
     assert all(torch.isfinite(p).all() for p in module.parameters())

@@ -14,7 +14,7 @@ import torch
 from orthodiff.data import ADE20KDataset, CelebAHQDataset, CocoDataset, DepthAnnotator, FolderDataset, collate
 from orthodiff.data import coco as coco_module
 from orthodiff.data.control import canny_edges, landmark_colors, segmentation_palette
-from orthodiff.data.datasets import resize_crop
+from orthodiff.data.datasets import SkippedItem, resize_crop
 from orthodiff.data.readers import read_image
 
 H, W, R = 40, 56, 32  # fixture image size, training resolution
@@ -171,10 +171,11 @@ def test_coco_corrupt_image_is_skipped_or_raised(tmp_path):
     root = write_coco(tmp_path / "coco")
     (root / "val2017" / "000000000020.jpg").write_bytes(b"not a jpeg")
     dataset = CocoDataset(root, control="canny", resolution=R)
-    with pytest.warns(UserWarning, match="000000000020.jpg"):
-        items = [dataset[i] for i in range(3)]
-    assert items[1] is None and len(dataset.skipped) == 1
-    assert len(collate(items)["text"]) == 2
+    items = [dataset[i] for i in range(3)]
+    assert isinstance(items[1], SkippedItem) and items[1].index == 1 and "000000000020.jpg" in items[1].error
+    assert len(dataset.skipped) == 1
+    batch = collate(items)
+    assert len(batch["text"]) == 2 and batch["skipped"] == [items[1]]  # counted where batches arrive
     with pytest.raises(OSError, match="000000000020.jpg"):
         CocoDataset(root, control="canny", resolution=R, on_error="raise")[1]
 
@@ -291,8 +292,8 @@ def test_ade20k_bad_annotations_are_skipped_and_captions_file_when_named_must_ex
     write_gray(root / "annotations/validation/ADE_val_00000002.png", np.full((H, W), 151, np.uint8))
     with pytest.warns(UserWarning):
         dataset = ADE20KDataset(root, resolution=R)
-    with pytest.warns(UserWarning, match="ADE_val_00000002.png holds class id 151"):
-        assert dataset[1] is None
+    skipped = dataset[1]
+    assert isinstance(skipped, SkippedItem) and "ADE_val_00000002.png holds class id 151" in skipped.error
     with pytest.raises(FileNotFoundError, match="mine.jsonl"):
         ADE20KDataset(root, captions=root / "mine.jsonl")
     with pytest.raises(FileNotFoundError, match=re.escape(str(root / "images" / "training"))):

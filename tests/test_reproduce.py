@@ -43,7 +43,7 @@ def subject_fixture(tmp_path) -> list[str]:
 def test_unknown_table_lists_the_valid_ones(tmp_path):
     result = reproduce("table=bogus", f"out_dir={tmp_path}")
     assert result.returncode != 0
-    assert "params, controllable, convergence, energy, ablation_r, subject, all" in result.stderr
+    assert "params, controllable, convergence, energy, ablation_r, subject, edit, all" in result.stderr
     result = reproduce("table=params", "jobs=0", f"out_dir={tmp_path}")
     assert result.returncode != 0 and "jobs=0" in result.stderr
 
@@ -67,10 +67,13 @@ def test_all_tables_on_a_two_step_schedule(shapes_root, tmp_path):
         "eval_samples=4", f"train_overrides=[{quoted(fixture)}]",
         f"eval_overrides=[{quoted([f'data.train.root={shapes_root}', 'steps=2', 'batch_size=4'])}]",
         "ablation.num_blocks=[2,4]",
-        "ablation.control=canny", "subject.methods=[coft,textual_inversion]", "subject.subjects=[badge_circle]",
-        f"subject.train_overrides=[{quoted(subject_fixture(tmp_path))}]")
+        "ablation.control=canny", "subject.methods=[coft,textual_inversion,perfusion]", "subject.subjects=[badge_circle]",
+        f"subject.train_overrides=[{quoted(subject_fixture(tmp_path))}]",
+        "edit.steps=3", "edit.seeds=2", "edit.learn_seeds=1", "edit.real_images=1", "edit.iterations=1",
+        "edit.null_iterations=1")
     assert result.returncode == 0, result.stderr[-3000:]
     reports = tmp_path / "reports"
+    assert (reports / "edit.md").is_file() and (reports / "edit.csv").is_file()
     controllable = {row["method"]: row for row in read_csv(reports / "controllable.csv")}
     assert set(controllable) == {"coft", "lora", "full", "controlnet"}
     assert "±" in controllable["coft"]["canny canny_iou"]  # two seeds on canny
@@ -95,8 +98,10 @@ def test_all_tables_on_a_two_step_schedule(shapes_root, tmp_path):
     assert "python reproduce.py table=all" in (reports / "controllable.md").read_text()
 
     subject = {row["method"]: row for row in read_csv(reports / "subject.csv")}
-    assert set(subject) == {"base model (step 0 of coft)", "coft", "textual_inversion", "ideal images",
+    assert set(subject) == {"base model (step 0 of coft)", "coft", "textual_inversion", "perfusion", "ideal images",
                             "ideal images through the VAE"}
+    assert subject["perfusion"]["no_token_kind change, every prompt edited"] not in ("", "n/a")
+    assert float(subject["textual_inversion"]["seconds per subject"]) > 0
     # The rendered ideal answers are the subject: far above the base model's samples.
     ideal = float(subject["ideal images"]["subject_fidelity"])
     assert ideal > float(subject["base model (step 0 of coft)"]["subject_fidelity"]) + 0.2

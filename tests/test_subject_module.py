@@ -34,7 +34,7 @@ def _train(module, steps=3, lr=1e-2):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        module.on_train_batch_end(None, None, step)
+        module.after_step()
 
 
 def _unet_state(module):
@@ -132,7 +132,7 @@ def test_scorer_ranks_the_subject_above_other_subjects_and_reads_the_prompts():
     assert 0 < scores["badge_circle"]["diversity"] < 1
 
 
-SUBJECT_METHODS = ["textual_inversion", "coft", "lora", "full", "pplus"]
+SUBJECT_METHODS = ["textual_inversion", "coft", "lora", "full", "pplus", "perfusion"]
 
 
 @pytest.mark.slow

@@ -47,12 +47,13 @@ def load_checkpoint(path: Path) -> dict:
 
 
 def check_metrics(metrics: dict, keys=("step0", "final"), final_step: int = 3):
-    assert set(keys) <= set(metrics) <= set(keys) | {"history", "cost"}, metrics
+    assert set(keys) <= set(metrics) <= set(keys) | {"history", "cost", "skipped"}, metrics
     if "final" in keys:  # the run's validations in step order, and what it cost
         steps = [entry["step"] for entry in metrics["history"]]
         assert steps == sorted(steps) and steps[-1] == final_step and CANNY_KEYS <= set(metrics["history"][-1])
         cost = metrics["cost"]
         assert cost["seconds_per_step"] > 0 and cost["peak_memory_mb"] > 100 and cost["trainable_parameters"] > 0
+        assert metrics["skipped"]["train"] == {"skipped": 0, "drawn": 4 * final_step, "first": []}
     for values in (metrics[key] for key in keys):
         assert set(values) == CANNY_KEYS, values
         # F1 = 2b/(p+t) >= IoU = b/(p+t-b) image by image; both in [0, 1]. The tiny model

@@ -5,7 +5,8 @@ target layers' shapes, the UNet adapter config, the control network and its conf
 control type, and the sampling settings it was validated with (optional).
 The task (orthodiff.tasks) adds its own metadata: a control task its control type, network
 and network config; a subject task (no control network) the token, the class word and the
-learned embedding kind, with its learned token vectors stored under "embedding.…".
+learned embedding kind, with its learned token vectors stored under "embedding.…"
+(Perfusion: also i*, C^-1 i*, i*_super and o*_V, its gate settings and C's digest).
 
 Format versions: 1 (OFT + hint encoder only: "oft_config", "control_encoder.…" keys) is
 read and converted; 2 is written.
@@ -21,9 +22,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from orthodiff.data.subjects import check_token
 from orthodiff.files import atomic_path
 from orthodiff.models.adapters import adapt_unet, adapter_from_dict, adapter_to_dict, target_fingerprint
 from orthodiff.models.control_networks import control_network_from_config
+from orthodiff.models.embeddings import TokenEmbedding
+from orthodiff.models.perfusion import Perfusion, PerfusionConfig
 from orthodiff.oft import DEFAULT_TARGETS
 from orthodiff.tasks import TASKS
 
@@ -106,6 +110,9 @@ def check_tensors(path, tensors: dict[str, torch.Tensor], expected: dict[str, to
         if tensor.shape != expected[key].shape:
             raise ValueError(f"adapter {path}: {key} has shape {tuple(tensor.shape)}, the model expects "
                              f"{tuple(expected[key].shape)}")
+        if not tensor.is_floating_point():  # float16/bfloat16 are cast on loading; integers are no weights
+            raise ValueError(f"adapter {path}: {key} is {tensor.dtype}, the model expects floating point "
+                             f"({expected[key].dtype})")
 
 
 def load_adapter(path: str | Path, pretrained: str | None = None, **module_kwargs):
@@ -145,3 +152,59 @@ def attach_adapter(unet: nn.Module, path: str | Path, base_name: str = "this bas
     parts.load_state_dict(tensors, strict=False)
     parts.requires_grad_(False)
     return network.eval(), meta
+
+
+def attach_subject_adapter(unet: nn.Module, text_encoder: nn.Module, tokenizer, path: str | Path,
+                           base_name: str = "this base model",
+                           token: str | None = None) -> tuple[nn.Module | None, dict]:
+    """Adapt a plain diffusers `unet` and `text_encoder` in place with a subject adapter: its
+    UNet adapter (OFT/LoRA/full), its token embedding (Textual Inversion, method=encoder) or
+    Perfusion's embedding and K/V edit. `token` replaces the adapter's token (two concepts
+    trained with the same one). Returns the embedding module (None: a UNet adapter) and the
+    metadata; P+ is refused (diffusers' pipeline gives every layer one text encoding)."""
+    tensors, meta = read_adapter(path)
+    if meta["task"] != "subject":
+        raise ValueError(f"{path} is a {meta['task']} adapter, not a subject-driven one")
+    kind = meta["embedding"]
+    if kind == "pplus":
+        raise ValueError(f"{path} is a P+ adapter (one text encoding per cross-attention layer), which diffusers' "
+                         "pipeline cannot feed: sample it with generate.py or orthodiff.adapter.load_adapter(path)")
+    targets = getattr(meta["adapter_config"], "targets", DEFAULT_TARGETS)
+    check_fingerprint(path, meta, target_fingerprint(unet, targets), base_name)  # before adapting: names change
+    token_id = check_token(tokenizer, token or meta["token"])
+    class_id = tokenizer(meta["class_word"], add_special_tokens=False).input_ids[-1]
+    adapt_unet(unet, meta["adapter_config"])
+    parts = nn.ModuleDict({"unet": unet})
+    if kind == "textual_inversion":
+        parts["embedding"] = TokenEmbedding(text_encoder, token_id, class_id)
+    elif kind == "perfusion":
+        parts["embedding"] = Perfusion(text_encoder, unet, token_id, class_id,
+                                       PerfusionConfig(**json.loads(meta["perfusion"])))
+        parts["embedding"].covariance_digest = meta.get("covariance_digest", "")
+    trainable = {name for name, p in parts.named_parameters() if p.requires_grad}
+    check_tensors(path, tensors, {k: v for k, v in parts.state_dict().items()
+                                  if k in trainable or k.startswith("embedding.")})
+    parts.load_state_dict(tensors, strict=False)
+    parts.requires_grad_(False)
+    embedding = parts["embedding"] if "embedding" in parts else None
+    return (embedding.eval() if embedding is not None else None), meta
+
+
+def add_perfusion_concept(perfusion: Perfusion, tokenizer, path: str | Path, token: str | None = None) -> dict:
+    """A second Perfusion concept, trained apart on the same base model, joins `perfusion`
+    (the paper's multi-concept inference); `token` replaces its adapter's token when both
+    were trained with the same one. Returns its metadata."""
+    tensors, meta = read_adapter(path)
+    if meta.get("embedding") != "perfusion":
+        raise ValueError(f"{path} is not a Perfusion adapter (method={meta['method'] or 'none'}): only Perfusion "
+                         "concepts combine at inference")
+    check_fingerprint(path, meta, target_fingerprint(perfusion.unet[0], DEFAULT_TARGETS), "the first concept's base")
+    token_id = check_token(tokenizer, token or meta["token"])
+    if token_id in perfusion.token_ids:
+        raise ValueError(f"both concepts use the token {token or meta['token']!r}: give the second another "
+                         "one-piece token (token=..., e.g. 'ohwx')")
+    expected = {f"embedding.{k}": v for k, v in perfusion.state_dict().items()}
+    check_tensors(path, tensors, expected)
+    perfusion.add_concept(token_id, {k.removeprefix("embedding."): v for k, v in tensors.items()},
+                          meta.get("covariance_digest", ""))
+    return meta

@@ -1,5 +1,6 @@
 """The Gradio demo (`python demo.py`): upload or draw a condition, type a prompt, pick an
-adapter, generate.
+adapter, generate. A subject adapter (experiment=dreambooth: "a sks square ...") needs no
+condition; for a Perfusion one the beta/tau sliders set its gate.
 
     python demo.py [--host 127.0.0.1] [--port 7860] [--adapters DIR ...] [--base MODEL] [--share false]
 
@@ -41,11 +42,14 @@ from safetensors import safe_open  # noqa: E402
 
 from orthodiff.generate import SCHEDULERS, adapter_file, build_pipeline  # noqa: E402
 from orthodiff.pipelines.pipeline import ANNOTATE  # noqa: E402
+from orthodiff.preflight import MissingResourceError, check_base_model  # noqa: E402
 
 DEFAULT_ADAPTER_DIRS = ("outputs", "assets/adapters")
 ADAPTER_NAME = "adapter.safetensors"
 MAX_CACHED = 2  # pipelines kept loaded (an SD 1.5 one is ~4 GB)
+MAX_QUEUE = 8  # /generate requests waiting at most; more are refused with "queue is full", not held in memory
 DEFAULT_STEPS, DEFAULT_GUIDANCE = 25, 7.5  # generate.py's, for adapters that record none
+DEFAULT_BETA, DEFAULT_TAU = 0.7, 0.15  # Perfusion's inference gate (PerfusionConfig)
 BAD_INPUT = (FileNotFoundError, ValueError, RuntimeError, OSError)
 
 
@@ -179,19 +183,22 @@ class Demo:
 
     def generate(self, condition, sketch, source: str, prompt: str, adapter_choice: str | None,
                  adapter_path: str | None, steps: float, guidance: float, seed: float, num_images: float,
-                 annotate: str, progress=gr.Progress()):
+                 annotate: str, beta: float = DEFAULT_BETA, tau: float = DEFAULT_TAU,
+                 progress=gr.Progress()):  # noqa: B008 (gradio injects the tracker through this default)
         """Generate from a condition (an uploaded image, or a drawing) and a prompt with an
-        adapter. Returns the condition as the network saw it, the samples and a summary."""
+        adapter, or from a prompt alone with a subject adapter (beta/tau: a Perfusion
+        adapter's gate). Returns the condition as the network saw it (None for a subject
+        adapter), the samples and a summary."""
         try:
             return self._generate(condition, sketch, source, prompt, adapter_choice, adapter_path, steps,
-                                  guidance, seed, num_images, annotate, progress)
+                                  guidance, seed, num_images, annotate, progress, beta, tau)
         except gr.Error:
             raise
         except BAD_INPUT as error:
             raise gr.Error(str(error), print_exception=False) from None
 
     def _generate(self, condition, sketch, source, prompt, adapter_choice, adapter_path, steps, guidance, seed,
-                  num_images, annotate, progress):
+                  num_images, annotate, progress, beta=DEFAULT_BETA, tau=DEFAULT_TAU):
         if annotate not in ANNOTATE:
             raise ValueError(f"annotate={annotate!r}: choose one of {', '.join(ANNOTATE)}")
         steps, num_images, seed = int(steps), int(num_images), int(seed)
@@ -204,16 +211,19 @@ class Demo:
         pipe, meta = self.pipeline(adapter)
         loaded = time.perf_counter() - start
         native = pipe.unet.config.sample_size * pipe.vae_scale_factor
-        drawn = condition_from_sketch(sketch, (native, native), pipe.control) if sketch is not None else None
-        image = drawn if source == "draw" and drawn is not None else condition if condition is not None else drawn
-        if image is None:
-            raise ValueError("no condition: upload an image (a photo to annotate, or a ready "
-                             f"{pipe.control} map) or draw one")
 
         def step_end(pipeline, step, timestep, kwargs):
             progress((step + 1) / steps, desc="denoising")
             return kwargs
 
+        if pipe.task == "subject":
+            return self._generate_subject(pipe, meta, adapter, prompt, steps, guidance, seed, num_images, beta, tau,
+                                          step_end, start, loaded, native)
+        drawn = condition_from_sketch(sketch, (native, native), pipe.control) if sketch is not None else None
+        image = drawn if source == "draw" and drawn is not None else condition if condition is not None else drawn
+        if image is None:
+            raise ValueError("no condition: upload an image (a photo to annotate, or a ready "
+                             f"{pipe.control} map) or draw one")
         with self.lock:  # one generation at a time per pipeline: the control hooks are per call
             result = pipe(prompt or "", control_image=image, annotate=annotate, num_images_per_prompt=num_images,
                           num_inference_steps=steps, guidance_scale=float(guidance),
@@ -226,6 +236,22 @@ class Demo:
                 + (f" (loading {loaded:.1f} s)" if loaded > 0.5 else ""))
         return seen, [(sample, f"seed {seed}, #{k}") for k, sample in enumerate(result.images)], info
 
+    def _generate_subject(self, pipe, meta, adapter, prompt, steps, guidance, seed, num_images, beta, tau, step_end,
+                          start, loaded, native):
+        perfusion = meta.get("embedding") == "perfusion"
+        gate = {"perfusion_beta": float(beta), "perfusion_tau": float(tau)} if perfusion else {}
+        with self.lock:
+            result = pipe(prompt or "", num_images_per_prompt=num_images, num_inference_steps=steps,
+                          guidance_scale=float(guidance), generator=torch.Generator().manual_seed(seed),
+                          callback_on_step_end=step_end, **gate)
+        took = time.perf_counter() - start
+        gate_info = f", gate beta {float(beta):g} tau {float(tau):g}" if perfusion else ""
+        info = (f"{meta['method'] or 'no'} subject adapter (token {meta['token']!r}{gate_info}), {Path(adapter).name} "
+                f"in {Path(adapter).parent.name}/: {num_images} image(s) of {native}x{native}, {steps} steps, guidance "
+                f"{float(guidance):g}, seed {seed}, {took:.1f} s"
+                + (f" (loading {loaded:.1f} s)" if loaded > 0.5 else ""))
+        return None, [(sample, f"seed {seed}, #{k}") for k, sample in enumerate(result.images)], info
+
 
 def build_app(adapter_dirs=DEFAULT_ADAPTER_DIRS, base: str | None = None, device: str = "auto") -> gr.Blocks:
     demo = Demo(adapter_dirs, base, device)
@@ -235,7 +261,8 @@ def build_app(adapter_dirs=DEFAULT_ADAPTER_DIRS, base: str | None = None, device
     with gr.Blocks(title="orthodiff demo") as app:
         gr.Markdown("# orthodiff\nControllable generation with an orthogonally finetuned (OFT/COFT) adapter: "
                     "give a condition (an image to annotate, a ready condition map, or a drawing), "
-                    "a prompt and an adapter, then **Generate**.")
+                    "a prompt and an adapter, then **Generate**. A subject adapter (\"a sks square ...\") "
+                    "needs no condition.")
         source = gr.State("upload")
         with gr.Row():
             with gr.Column():
@@ -266,6 +293,10 @@ def build_app(adapter_dirs=DEFAULT_ADAPTER_DIRS, base: str | None = None, device
                     num_images = gr.Slider(1, 8, value=2, step=1, label="images")
                 annotate = gr.Radio(list(ANNOTATE), value="auto", label="annotate",
                                     info="auto: Canny edges of an image unless it is already an edge map")
+                with gr.Row():
+                    beta = gr.Slider(0, 1.5, value=DEFAULT_BETA, step=0.05, label="Perfusion gate beta",
+                                     info="Perfusion adapters: higher keeps more of the prompt")
+                    tau = gr.Slider(0.01, 0.5, value=DEFAULT_TAU, step=0.01, label="Perfusion gate tau")
                 run = gr.Button("Generate", variant="primary")
             with gr.Column():
                 seen = gr.Image(label="condition as the network saw it", type="numpy", format="png",
@@ -280,9 +311,10 @@ def build_app(adapter_dirs=DEFAULT_ADAPTER_DIRS, base: str | None = None, device
             event(demo.sampling_defaults, [adapter_choice, adapter_path], [steps, guidance],
                   api_visibility="private")
         run.click(demo.generate, [condition, sketch, source, prompt, adapter_choice, adapter_path, steps, guidance,
-                                  seed, num_images, annotate], [seen, samples, info],
+                                  seed, num_images, annotate, beta, tau], [seen, samples, info],
                   api_name="generate", concurrency_limit=1)
         app.orthodiff = demo  # for tests and scripts: the cache, the folders
+    app.queue(max_size=MAX_QUEUE)  # one generation at a time (concurrency_limit=1), a bounded line behind it
     return app
 
 
@@ -303,6 +335,11 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--share", type=_bool, nargs="?", const=True, default=False,
                         help="a public gradio.live link (default: false)")
     args = parser.parse_args(argv)
+    if args.base:  # adapters name their own base model: those are checked when one is picked
+        try:
+            check_base_model("--base", args.base)
+        except MissingResourceError as error:
+            raise SystemExit(f"demo.py: {error}") from None
     app = build_app(args.adapters, args.base, args.device)
     app.launch(server_name=args.host, server_port=args.port, share=args.share, ssr_mode=False,
                footer_links=["api"])

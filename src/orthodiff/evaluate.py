@@ -22,10 +22,11 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from orthodiff.adapter import load_adapter
-from orthodiff.data.datasets import collate
+from orthodiff.data.datasets import SkipBudget, collate
 from orthodiff.eval.control_metrics import ControlScorer
 from orthodiff.eval.image_metrics import INCEPTION_WEIGHTS, ImageQuality, clip_score, prompt_alignment
 from orthodiff.files import atomic_path
+from orthodiff.preflight import check_base_model, check_eval
 from orthodiff.tasks import ControlTask
 from orthodiff.tasks.control import image_grid
 
@@ -61,8 +62,11 @@ def fid_extractor(fid: DictConfig) -> str:
 
 def evaluate(cfg: DictConfig) -> dict:
     start = time.time()
+    check_base_model("model.pretrained", cfg.model.pretrained, "model.original_config",
+                     cfg.model.get("original_config"))
     module = load_model(cfg.ckpt, cfg.model.pretrained)
     control = module.control
+    check_eval(cfg, control)  # evaluator, CLIP, Inception, annotator: before anything is generated
     if cfg.get("control") is not None and cfg.control.name != control:
         raise ValueError(f"ckpt {cfg.ckpt} is a {control!r} adapter but control={cfg.control.name} was asked for: "
                          f"drop control= or evaluate a {cfg.control.name!r} adapter")
@@ -79,8 +83,10 @@ def evaluate(cfg: DictConfig) -> dict:
     quality = ImageQuality(extractor, cfg.fid.inception_weights if extractor == "inception" else None,
                            kid_subset_size=cfg.fid.kid_subset_size, seed=cfg.seed)
     loader = torch.utils.data.DataLoader(dataset, cfg.batch_size, shuffle=False, collate_fn=collate)
+    skips = SkipBudget("test", len(dataset), cfg.data.get("max_skip_fraction", 0.01))
     captions, generated_all, grid_rows = [], [], []
     for index, batch in enumerate(tqdm(loader, desc="eval batches")):
+        batch = skips.take(batch)
         if not batch:
             continue
         generated = module.generate(batch["text"], batch["conditioning"], seed=cfg.seed + index,
@@ -111,6 +117,7 @@ def evaluate(cfg: DictConfig) -> dict:
         "control_metrics": scorer.compute(),
         "image_quality": quality.compute(),
         "prompt_alignment": alignment,
+        "skipped": skips.report(),
         "seconds": round(time.time() - start, 1),
     }
     out = Path(cfg.out)

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from diffusers import StableDiffusionPipeline
 
+from orthodiff.adapter import read_adapter
 from orthodiff.generate import DTYPES, adapter_file, build_pipeline
 from orthodiff.models.adapters import fold_adapter
 
@@ -49,6 +50,7 @@ def export(cfg: ExportConfig) -> Path:
     out = Path(cfg.out).expanduser()
     if out.exists() and any(out.iterdir()) and not cfg.overwrite:
         raise FileExistsError(f"out={out} already holds files: pass overwrite=true or another folder")
+    check_exportable(adapter_file(cfg.adapter))
     pipe, meta = build_pipeline(adapter_file(cfg.adapter), cfg.base, "cpu", torch.float32)
     pipe.injector.remove()
     fold_adapter(pipe.unet)
@@ -75,6 +77,19 @@ def export(cfg: ExportConfig) -> Path:
     partial.rename(out)
     print(f"merged model ({meta['method'] or 'no UNet adapter'}, {meta['control']} control) in {out}")
     return out
+
+
+def check_exportable(path: Path) -> None:
+    """Export folds a controllable-generation adapter into fixed weights; say why a subject
+    adapter is refused."""
+    _, meta = read_adapter(path)
+    if meta.get("embedding") == "perfusion":
+        raise ValueError(f"{path} is a Perfusion adapter: its gated rank-one edit depends on the prompt (the gate "
+                         "reads each text token's similarity to the concept), so it cannot be folded into fixed "
+                         "weights; sample it with generate.py or OrthodiffPipeline.load_adapter")
+    if meta["task"] != "control":
+        raise ValueError(f"{path} is a {meta['task']}-driven adapter (token {meta.get('token')!r}): export writes "
+                         "controllable-generation adapters; sample it with generate.py or OrthodiffPipeline")
 
 
 def main(argv: list[str]):

@@ -18,6 +18,7 @@ from PIL import Image
 from orthodiff.adapter import read_adapter
 from orthodiff.models.base import resolve_pretrained
 from orthodiff.pipelines import OrthodiffPipeline
+from orthodiff.preflight import check_base_model
 
 SCHEDULERS = {  # name -> diffusers class, built from the base model's scheduler config
     "ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "pndm": "PNDMScheduler", "euler": "EulerDiscreteScheduler",
@@ -46,6 +47,10 @@ class GenerateConfig:
     dtype: str = "auto"               # auto: float16 on cuda, float32 on cpu; or float32/float16/bfloat16
     merge: bool = True                # fold the adapter into the weights: base-model speed
     out: str | None = None            # None: outputs/generate/<time>
+    beta: float | None = None         # Perfusion adapters: the gate's threshold (None: the adapter's, 0.7)
+    tau: float | None = None          # Perfusion adapters: the gate's temperature (None: the adapter's, 0.15)
+    second_concept: str | None = None  # Perfusion: a second concept's adapter, trained apart (multi-concept)
+    second_token: str | None = None   # its token, when both concepts were trained with the same one
 
 
 def adapter_file(path: str) -> Path:
@@ -57,8 +62,14 @@ def adapter_file(path: str) -> Path:
     return path
 
 
+def base_key(base: str | None) -> str:
+    """How a base-model error names where the value came from."""
+    return "base" if base else "base (none given: the adapter's base_model)"
+
+
 def build_pipeline(adapter: Path, base: str | None, device: str, dtype: torch.dtype):
     _, meta = read_adapter(adapter)  # fails early, before loading a base model, on a foreign file
+    check_base_model(base_key(base), base or meta["base_model"])
     source = resolve_pretrained(base or meta["base_model"])
     if not Path(source).exists() and "/" not in source:
         raise FileNotFoundError(f"base model {source!r} is neither a local folder nor a hub id: "
@@ -82,8 +93,14 @@ def generate(cfg: GenerateConfig) -> Path:
     dtype_name = ("float16" if device.startswith("cuda") else "float32") if cfg.dtype == "auto" else cfg.dtype
     if dtype_name not in DTYPES:
         raise ValueError(f"dtype={cfg.dtype!r}: choose auto or one of {', '.join(DTYPES)}")
-    if read_adapter(adapter_file(cfg.adapter))[1]["task"] == "subject":
+    meta = read_adapter(adapter_file(cfg.adapter))[1]
+    # The base model (with its tokenizer) is checked before any model loads.
+    check_base_model(base_key(cfg.base), cfg.base or meta["base_model"])
+    if meta["task"] == "subject":
         return generate_subject(cfg, device)
+    if cfg.beta is not None or cfg.tau is not None or cfg.second_concept:
+        raise ValueError("beta=, tau= and second_concept= are for Perfusion adapters; this one is for controllable "
+                         "generation")
     if cfg.condition is None:
         raise ValueError("condition= is required: this adapter is for controllable generation (give an image)")
     pipe, meta = build_pipeline(adapter_file(cfg.adapter), cfg.base, device, DTYPES[dtype_name])
@@ -113,15 +130,29 @@ def generate(cfg: GenerateConfig) -> Path:
 def generate_subject(cfg: GenerateConfig, device: str) -> Path:
     """A subject adapter's samples, from the training module's own DDIM sampler (float32;
     scheduler= and dtype= apply to controllable-generation adapters only)."""
-    from orthodiff.adapter import load_adapter
+    from orthodiff.adapter import add_perfusion_concept, load_adapter
 
-    module = load_adapter(adapter_file(cfg.adapter), pretrained=cfg.base).to(device)
+    module = load_adapter(adapter_file(cfg.adapter), pretrained=cfg.base)
+    tokens = [module.hparams.token]
+    if cfg.second_concept:
+        if module.hparams.embedding != "perfusion":
+            raise ValueError("second_concept= combines Perfusion concepts; this adapter is "
+                             f"method={module.hparams.method}")
+        second = add_perfusion_concept(module.embedding, module.tokenizer, adapter_file(cfg.second_concept),
+                                       cfg.second_token)
+        tokens.append(cfg.second_token or second["token"])
+    module.to(device)
     sampling = {"steps": module.hparams.val_steps, "guidance": module.hparams.val_guidance}
     steps, guidance = cfg.steps or sampling["steps"], cfg.guidance if cfg.guidance is not None else sampling["guidance"]
     size = cfg.height or cfg.width or module.hparams.resolution
-    images = module.generate([cfg.prompt] * cfg.num_images, seed=cfg.seed, steps=steps, guidance=guidance, size=size)
-    record = {**asdict(cfg), "steps": steps, "guidance": guidance, "device": device, "base_model": module.hparams.pretrained,
-              "method": module.hparams.method, "token": module.hparams.token}
+    with module.perfusion_gate(cfg.beta, cfg.tau):
+        images = module.generate([cfg.prompt] * cfg.num_images, seed=cfg.seed, steps=steps, guidance=guidance,
+                                 size=size)
+        perfusion = module.hparams.embedding == "perfusion"
+        gate = {"beta": module.embedding.beta, "tau": module.embedding.tau} if perfusion else {}
+    record = {**asdict(cfg), "steps": steps, "guidance": guidance, "device": device,
+              "base_model": module.hparams.pretrained, "method": module.hparams.method, "token": module.hparams.token,
+              "tokens": tokens, **gate}
     return write_outputs(cfg.out, [np.uint8(image.permute(1, 2, 0).cpu().numpy() * 255) for image in images], record)
 
 

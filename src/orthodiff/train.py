@@ -1,5 +1,8 @@
-"""Training entry (called by train.py): build everything from the config, validate at step 0,
-fit, validate again, export the adapter, write metrics.json, return the swept metric."""
+"""Training entry (called by train.py): check what the run needs, build everything from the
+config, validate at step 0, fit, validate again, export the adapter, write metrics.json,
+return the swept metric. What stops a run early (a missing model, a bad setting, a
+systematic data fault, a non-finite loss) does so in one line (see the README's
+"Reliability" section)."""
 
 from __future__ import annotations
 
@@ -12,15 +15,17 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.plugins import TorchCheckpointIO
 
 from orthodiff.adapter import save_adapter
+from orthodiff.data.datasets import TooManySkippedError
 from orthodiff.data.subjects import subject_class_word
 from orthodiff.files import atomic_path
+from orthodiff.preflight import MissingResourceError, check_train
 from orthodiff.tasks import NonFiniteLossError
-
 
 # data.class_word of the subject configs: `${subject_class:${data.root},${data.subject}}`.
 OmegaConf.register_new_resolver("subject_class", subject_class_word, replace=True)
@@ -59,7 +64,8 @@ class TrainingCost(pl.Callback):
             peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process_rss"
         return {"seconds_per_step": sum(steps) / max(len(steps), 1), "timed_steps": len(steps),
                 "peak_memory_mb": round(peak, 1), "peak_memory_kind": kind,
-                "trainable_parameters": sum(p.numel() for p in module.parameters() if p.requires_grad)}
+                "trainable_parameters": sum(p.numel() for p in module.parameters() if p.requires_grad),
+                **getattr(module, "extra_cost", {})}  # e.g. method=encoder's encode_seconds
 
 
 def output_dir() -> Path:
@@ -88,16 +94,32 @@ def check_method_fits(cfg: DictConfig) -> None:
                          f"({'experiment=dreambooth' if 'subject' in cfg.method.tasks else 'a control experiment'})")
 
 
+def build(key: str, node: DictConfig, **kwargs):
+    """instantiate(node); a bad setting or a missing file (the ValueError or FileNotFoundError
+    it raises) ends the run in one line naming the config group."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as error:
+        cause = error.__cause__
+        if not isinstance(cause, (ValueError, FileNotFoundError)):
+            raise
+        raise SystemExit(f"train.py: {key}: {' '.join(str(cause).split())}") from None
+
+
 def train(cfg: DictConfig) -> float:
     check_method_fits(cfg)
+    try:
+        check_train(cfg)  # models, tokenizer, oracles, caches, the resume checkpoint: before any data is read
+    except MissingResourceError as error:
+        raise SystemExit(f"train.py: {error}") from None
     pl.seed_everything(cfg.seed, workers=True)
     out = output_dir()
     # The test split is eval.py's, not built here.
-    datamodule = instantiate(cfg.data, **({"test": None} if "test" in cfg.data else {}))
-    module = instantiate(cfg.module)
+    datamodule = build("data", cfg.data, **({"test": None} if "test" in cfg.data else {}))
+    module = build("module", cfg.module)
     cost = TrainingCost()
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()] + [cost]
-    logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    logger = instantiate(cfg.logger) if cfg.get("logger") else False  # logger=none: no logger
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, default_root_dir=str(out),
                                       plugins=[AtomicCheckpointIO()])
     fast_dev_run = bool(cfg.trainer.get("fast_dev_run"))
@@ -115,6 +137,8 @@ def train(cfg: DictConfig) -> float:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.resume)
     except NonFiniteLossError as error:
         raise SystemExit(f"train.py: {error}\nlast checkpoint: {out / 'checkpoints' / 'last.ckpt'}") from None
+    except TooManySkippedError as error:
+        raise SystemExit(f"train.py: {error}") from None
     if fast_dev_run:
         return float("nan")
     checkpoint = next((c for c in callbacks if isinstance(c, pl.callbacks.ModelCheckpoint)), None)
@@ -125,6 +149,7 @@ def train(cfg: DictConfig) -> float:
     metrics["final"] = final or plain_metrics(trainer.validate(module, datamodule=datamodule))
     metrics["history"] = module.validation_history  # this run's validations (convergence plots)
     metrics["cost"] = cost.summary(module)
+    metrics["skipped"] = datamodule.skip_report() if hasattr(datamodule, "skip_report") else {}
     if trainer.is_global_zero:
         save_adapter(out / "adapter.safetensors", module)
         write_json(out / "metrics.json", metrics)

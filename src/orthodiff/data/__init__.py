@@ -12,7 +12,7 @@ from orthodiff.data.datamodule import ControlDataModule
 from orthodiff.data.datasets import ControlDataset, ShapesDataset, collate
 from orthodiff.data.folder import FolderDataset
 from orthodiff.data.readers import read_image, read_jsonl
-from orthodiff.data.subject_datamodule import SubjectDataModule, SubjectPrompts
+from orthodiff.data.subject_datamodule import SubjectDataModule, SubjectPrompts, SubjectWorldDataModule
 from orthodiff.data.subjects import (
                                      EVAL_PROMPTS,
                                      SUBJECTS,
@@ -26,5 +26,6 @@ from orthodiff.data.subjects import (
 
 __all__ = ["ADE20KDataset", "CelebAHQDataset", "CocoDataset", "ControlDataModule", "ControlDataset", "DepthAnnotator",
            "EVAL_PROMPTS", "FolderDataset", "SUBJECTS", "ShapesDataset", "SubjectDataModule", "SubjectDataset",
-           "SubjectPrompts", "check_token", "collate", "read_image", "read_jsonl", "reference_images", "render_subject",
+           "SubjectPrompts", "SubjectWorldDataModule", "check_token", "collate", "read_image", "read_jsonl",
+           "reference_images", "render_subject",
            "subject_images", "write_subject"]

@@ -51,13 +51,23 @@ class DepthAnnotator:
         self.model, self.device, self.invert = str(model), device, invert
         self.pipeline = None
 
+    def load(self):
+        """The transformers pipeline. A model that cannot load is a RuntimeError, not the
+        OSError it comes as: skip-on-error must not take it for one unreadable image."""
+        from transformers import pipeline  # slow import, only when a map is missing
+
+        try:
+            return pipeline("depth-estimation", model=self.model, device=self.device)
+        except Exception as error:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise RuntimeError(f"the depth model {self.model!r} could not be loaded ({reason}); give a local path "
+                               "to a depth-estimation model folder (depth_model=...)") from error
+
     def __call__(self, image: np.ndarray) -> np.ndarray:
         from PIL import Image
 
         if self.pipeline is None:
-            from transformers import pipeline  # slow import, only when a map is missing
-
-            self.pipeline = pipeline("depth-estimation", model=self.model, device=self.device)
+            self.pipeline = self.load()
         depth = self.pipeline(Image.fromarray(image))["predicted_depth"]
         depth = depth.float().squeeze().cpu().numpy()
         height, width = image.shape[:2]

@@ -9,14 +9,22 @@ Every dataset yields dicts
                   seg (R, R) int64 class ids; depth (R, R) float in [0, 1];
                   landmarks (S, K, 2) pixels + landmark_mask (S, K)
 and subclasses only say where records live (`records`) and how to read one (`load`).
-An unreadable file is skipped and counted in a warning (on_error="skip", the default:
-a run never dies mid-epoch for one file) or raised (on_error="raise"); `collate` drops
-the skipped items.
+
+Skip-on-error: an unreadable item (a file that fails to decode, a label out of range: an
+OSError or ValueError from `load`) comes back as a `SkippedItem` naming it (on_error="skip",
+the default: one bad file must not kill a 20-epoch run), or raises (on_error="raise").
+`collate` drops skipped items and lists them under the batch's "skipped" key; `SkipBudget`
+counts them where batches arrive (the datamodule, eval.py) and stops the run when skipping
+is no longer the odd bad file but a systematic fault (a missing annotator model makes
+every item fail). Errors that are not about one item (a config mistake, a model that
+cannot load) are not caught here and stop the run at once.
 """
 
 from __future__ import annotations
 
-import warnings
+import logging
+from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -31,6 +39,19 @@ from orthodiff.data.shapes import SEG_CLASSES, read_metadata
 ON_ERROR = ("skip", "raise")
 # Condition pixels that are labels or thin marks must not be blended when resized.
 NEAREST_CONTROLS = ("seg", "landmarks", "canny")
+# Longer side / shorter side beyond which an image is skipped rather than centre-cropped: a
+# 10,000 x 10 strip would be upscaled 50x (and, at 512 px, take ~800 MB) to keep 1 % of it.
+MAX_ASPECT_RATIO = 10
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SkippedItem:
+    """What a dataset gives for an item it could not read: its index and why (the message
+    names the file). Workers send it back like an item, so the main process can count it."""
+
+    index: int
+    error: str
 
 
 def _crop_geometry(size: tuple[int, int], resolution: int):
@@ -83,20 +104,31 @@ class ControlDataset(Dataset):
     def load(self, record) -> dict:
         raise NotImplementedError
 
-    def __getitem__(self, index: int) -> dict | None:
+    def describe(self, record) -> str:
+        """The item's file, for messages: the first file name in its record."""
+        values = record.values() if isinstance(record, dict) else record if isinstance(record, tuple) else [record]
+        return str(next((value for value in values if isinstance(value, (str, Path))), record))
+
+    def __getitem__(self, index: int) -> dict | SkippedItem:
+        record = self.records[index]
         try:
-            return {**self.prepare(self.load(self.records[index])), "index": index}
+            raw = self.load(record)  # its errors name the file
+            try:
+                item = self.prepare(raw)
+            except (ValueError, cv2.error) as error:  # prepare sees arrays: name the file here
+                raise ValueError(f"{self.describe(record)}: {error}") from None
+            return {**item, "index": index}
         except (OSError, ValueError, cv2.error) as error:
             if self.on_error == "raise":
                 raise
             self.skipped.append(str(error))
-            warnings.warn(f"skipped item {index} ({len(self.skipped)} skipped so far in this "
-                          f"worker): {error}", stacklevel=2)
-            return None
+            return SkippedItem(index, str(error))
 
     def prepare(self, raw: dict) -> dict:
         image, condition, target = raw["image"], raw.get("condition"), dict(raw.get("target", {}))
         size = image.shape[:2]
+        if max(size) > MAX_ASPECT_RATIO * min(size):
+            raise ValueError(f"image of {size[1]} x {size[0]} px: aspect ratio above {MAX_ASPECT_RATIO}:1")
         if condition is not None and condition.shape[:2] != size:  # resized together with the image
             condition = cv2.resize(condition, size[::-1], interpolation=cv2.INTER_NEAREST
                                    if self.control in NEAREST_CONTROLS else cv2.INTER_LINEAR)
@@ -127,11 +159,69 @@ class ControlDataset(Dataset):
 
 
 def collate(items: list) -> dict:
-    """default_collate over the items that loaded (skipped ones are None)."""
-    items = [item for item in items if item is not None]
-    if not items:
-        return {}
-    return default_collate(items)
+    """default_collate over the items that loaded; the skipped ones (SkippedItem) are listed
+    under "skipped" when there are any (a batch of skipped items only is {"skipped": [...]});
+    None items are dropped."""
+    loaded = [item for item in items if isinstance(item, dict)]
+    skipped = [item for item in items if isinstance(item, SkippedItem)]
+    batch = default_collate(loaded) if loaded else {}
+    if skipped:
+        batch["skipped"] = skipped
+    return batch
+
+
+class TooManySkippedError(RuntimeError):
+    pass
+
+
+class SkipBudget:
+    """Counts the items skipped in one stream of batches (training, validation, evaluation)
+    and stops the run when more than `max_fraction` of the last `window` items drawn (the
+    dataset's size when smaller; at least one item is always tolerated) were skipped. An
+    item counts once: a known-bad file skipped again next epoch does not count again.
+
+    `take(batch)` removes the batch's "skipped" list, logs each new skip and raises
+    TooManySkippedError, naming the first error, beyond the budget; `report()` is what
+    metrics.json records."""
+
+    def __init__(self, name: str, dataset_size: int, max_fraction: float = 0.01, window: int = 1000):
+        if not 0 <= max_fraction < 1:
+            raise ValueError(f"max_skip_fraction={max_fraction}: choose a fraction in [0, 1)")
+        self.name, self.max_fraction = name, max_fraction
+        self.recent: deque[bool] = deque(maxlen=max(1, min(window, dataset_size)))  # per item drawn: a new skip?
+        self.allowed = max(1, int(max_fraction * self.recent.maxlen))
+        self.drawn = 0
+        self.bad: set[int] = set()
+        self.first: list[str] = []  # the first few errors (each names its file)
+
+    def take(self, batch: dict) -> dict:
+        skipped = batch.pop("skipped", [])
+        loaded = len(batch.get("text", ()))
+        self.drawn += loaded + len(skipped)
+        self.recent.extend([False] * loaded)
+        for item in skipped:
+            new = item.index not in self.bad
+            self.recent.append(new)
+            if new:
+                self.bad.add(item.index)
+                if len(self.first) < 5:
+                    self.first.append(item.error)
+                log.warning("skipped %s item %d (%d skipped so far): %s", self.name, item.index, len(self.bad),
+                            item.error)
+        if sum(self.recent) > self.allowed:
+            raise TooManySkippedError(
+                f"{sum(self.recent)} of the last {len(self.recent)} {self.name} items could not be read (more than "
+                f"data.max_skip_fraction={self.max_fraction:g} allows); the first error: {self.first[0]}")
+        return batch
+
+    def report(self) -> dict:
+        return {"skipped": len(self.bad), "drawn": self.drawn, "first": list(self.first)}
+
+    def state_dict(self) -> dict:
+        return {"bad": sorted(self.bad), "drawn": self.drawn, "first": list(self.first)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.bad, self.drawn, self.first = set(state["bad"]), state["drawn"], list(state["first"])
 
 
 class ShapesDataset(ControlDataset):

@@ -11,6 +11,7 @@ Paths are relative to the root. metadata.jsonl wins when both are present.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import cv2
 import numpy as np
 
 from orthodiff.data.datasets import ControlDataset
-from orthodiff.data.readers import read_image, read_jsonl
+from orthodiff.data.readers import BadLine, read_image, read_jsonl
 
 # The first key present in the first record names each column; the alternatives cover
 # imagefolder ("file_name", "*_file_name") and diffusers' ControlNet script ("image", ...).
@@ -28,6 +29,7 @@ INDEX_FORMATS = {
                        "text": ("text",)},
     "prompt.json": {"image": ("target",), "condition": ("source",), "text": ("prompt",)},
 }
+log = logging.getLogger(__name__)
 
 
 def dataset_root(root: str | Path, what: str, how: str) -> Path:
@@ -91,22 +93,30 @@ class FolderDataset(ControlDataset):
         if index is None:
             raise FileNotFoundError(f"{self.root} holds neither metadata.jsonl nor prompt.json: "
                                     "write one index file listing image, condition and caption per line")
-        records = read_jsonl(index)[:max_items]
-        if not records:
-            raise ValueError(f"{index} lists no records")
+        # A line that is not JSON is skipped like an unreadable image (or raises, on_error="raise").
+        records = read_jsonl(index, on_error="keep" if on_error == "skip" else "raise")[:max_items]
+        good = [record for record in records if not isinstance(record, BadLine)]
+        if not good:
+            raise ValueError(f"{index} lists no records" + (f" ({len(records)} unreadable lines)" if records else ""))
         keys = INDEX_FORMATS[index.name]
         given = {"image": image_key, "condition": condition_key, "text": text_key}
-        self.keys = {column: given[column] or next((k for k in keys[column] if k in records[0]), keys[column][0])
+        self.keys = {column: given[column] or next((k for k in keys[column] if k in good[0]), keys[column][0])
                      for column in keys}
         needed = ["image"] + ([] if control == "canny" else ["condition"])
         for number, record in enumerate(records, 1):
             for column in needed:
-                if record.get(self.keys[column]) is None:
+                if not isinstance(record, BadLine) and record.get(self.keys[column]) is None:
                     raise ValueError(f"{index} record {number} has no {self.keys[column]!r} ({column}); "
                                      f"it has {sorted(record)} (set {column}_key to the right one)")
+        uncaptioned = sum(not record.get(self.keys["text"]) for record in good)
+        if uncaptioned:  # trained as the unconditional branch, as caption dropout does
+            log.warning("%d of %d records in %s have no caption (%r): they train with an empty one", uncaptioned,
+                        len(good), index, self.keys["text"])
         self.records = records
 
-    def load(self, record: dict) -> dict:
+    def load(self, record: dict | BadLine) -> dict:
+        if isinstance(record, BadLine):
+            raise ValueError(record.error)
         image = read_image(self.root / record[self.keys["image"]])
         name = record.get(self.keys["condition"])
         condition = None if name is None else read_condition(self.root / name, self.control)
@@ -122,5 +132,5 @@ class FolderDataset(ControlDataset):
             if condition.shape != image.shape[:2]:  # the target lives at the image's size
                 condition = cv2.resize(condition, image.shape[1::-1], interpolation=cv2.INTER_LINEAR)
             target["depth"] = condition.astype(np.float32) / 255
-        return {"image": image, "condition": condition, "text": str(record.get(self.keys["text"], "")),
+        return {"image": image, "condition": condition, "text": str(record.get(self.keys["text"]) or ""),
                 "target": target}

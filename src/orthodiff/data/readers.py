@@ -10,6 +10,7 @@ given in memory go through the same checks and conversions.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -69,8 +70,17 @@ def read_image(source, mode: str = "RGB", what: str = "image") -> np.ndarray:
     return image
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """One JSON object per non-empty line; errors name the file and the line."""
+@dataclass
+class BadLine:
+    """A line of a JSON-lines file that is not a JSON object, kept in its place by
+    read_jsonl(on_error="keep"): a dataset skips it as it skips an unreadable image."""
+
+    error: str
+
+
+def read_jsonl(path: Path, on_error: str = "raise") -> list:
+    """One JSON object per non-empty line; errors name the file and the line. A bad line
+    raises ValueError (on_error="raise") or is returned as a BadLine (on_error="keep")."""
     records = []
     with open(path) as lines:
         for number, line in enumerate(lines, 1):
@@ -78,9 +88,10 @@ def read_jsonl(path: Path) -> list[dict]:
                 continue
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path} line {number} is not valid JSON: {error}") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path} line {number} is not a JSON object")
-            records.append(record)
+                error = None if isinstance(record, dict) else f"{path} line {number} is not a JSON object"
+            except json.JSONDecodeError as decode_error:
+                error = f"{path} line {number} is not valid JSON: {decode_error}"
+            if error is not None and on_error == "raise":
+                raise ValueError(error)
+            records.append(record if error is None else BadLine(error))
     return records

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytorch_lightning as pl
 from torch.utils.data import DataLoader, Dataset
 
+from orthodiff.data.datamodule import DataModule
 from orthodiff.data.datasets import collate
 from orthodiff.data.shapes import REFERENCE_SIZE, SPLIT_SEEDS, make_scene
 from orthodiff.data.subjects import EVAL_PROMPTS, SUBJECTS, SubjectDataset, expected_labels, write_subject
+from orthodiff.data.subjects.composites import CompositeSubjectDataset
 
 # DreamBooth's own object prompts (a selection), for real subjects.
 REAL_PROMPTS = ["a {token} {cls} in the jungle", "a {token} {cls} in the snow", "a {token} {cls} on the beach",
@@ -51,15 +52,15 @@ class SubjectPrompts(Dataset):
         return {"text": self.texts[index], "index": index}
 
 
-class SubjectDataModule(pl.LightningDataModule):
+class SubjectDataModule(DataModule):
     """One subject in the DreamBooth layout under `root`. A shapes-world subject
     (orthodiff.data.subjects.SUBJECTS) missing from `root` is written there first."""
 
     def __init__(self, root: str, subject: str, token: str = "sks", class_word: str | None = None,
                  num_images: int = 4, resolution: int = REFERENCE_SIZE, repeats: int = 100, batch_size: int = 4,
                  val_batch_size: int = 16, samples_per_prompt: int = 4, no_token_prompts: int = 32,
-                 prompts: list | None = None, num_workers: int = 0):
-        super().__init__()
+                 prompts: list | None = None, num_workers: int = 0, seed: int = 0, max_skip_fraction: float = 0.01):
+        super().__init__(seed, max_skip_fraction)
         root = Path(root).expanduser()
         if subject in SUBJECTS and not (root / subject).is_dir():
             write_subject(root, subject, n=num_images)
@@ -73,8 +74,27 @@ class SubjectDataModule(pl.LightningDataModule):
         self.batch_size, self.val_batch_size, self.num_workers = batch_size, val_batch_size, num_workers
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, self.batch_size, shuffle=True, num_workers=self.num_workers,
-                          collate_fn=collate, persistent_workers=self.num_workers > 0)
+        return self.train_loader(self.train_set, self.batch_size, self.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, self.val_batch_size, shuffle=False, collate_fn=collate)
+
+
+class SubjectWorldDataModule(DataModule):
+    """Many composite subjects (data/subjects/composites.py, never an evaluation subject),
+    each seen on two backgrounds: what a subject encoder trains on (experiment=subject_encoder).
+    Training and validation subjects come from disjoint seed ranges."""
+
+    def __init__(self, token: str = "sks", resolution: int = REFERENCE_SIZE, num_train: int = 100_000,
+                 num_val: int = 32, batch_size: int = 8, val_batch_size: int = 16, num_workers: int = 0,
+                 seed: int = 0, max_skip_fraction: float = 0.01):
+        super().__init__(seed, max_skip_fraction)
+        self.train_set = CompositeSubjectDataset(SPLIT_SEEDS["train"], num_train, token, resolution)
+        self.val_set = CompositeSubjectDataset(SPLIT_SEEDS["val"], num_val, token, resolution)
+        self.batch_size, self.val_batch_size, self.num_workers = batch_size, val_batch_size, num_workers
+
+    def train_dataloader(self) -> DataLoader:
+        return self.train_loader(self.train_set, self.batch_size, self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, self.val_batch_size, shuffle=False, collate_fn=collate)

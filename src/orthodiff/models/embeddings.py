@@ -37,16 +37,32 @@ class TokenEmbedding(nn.Module):
     def __init__(self, text_encoder: nn.Module, token_id: int, init_id: int, count: int = 1):
         super().__init__()
         table = text_encoder.get_input_embeddings()
+        self.text_encoder = [text_encoder]  # a list: not a submodule (stays out of state_dict)
         self.token_id = token_id
         self.vectors = nn.Parameter(table.weight[init_id].detach().clone().float().repeat(count, 1))
         self.active = 0  # which vector the hook swaps in (P+ switches between them)
+        self.rows: torch.Tensor | None = None  # (N, D): one vector per prompt instead (per_row)
         self.handle = table.register_forward_hook(self._swap)
+
+    def encode(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The text encoding of `input_ids`, the token's rows read through the learned vector."""
+        return self.text_encoder[0](input_ids)[0]
 
     def _swap(self, module, inputs, output):
         mask = (inputs[0] == self.token_id).unsqueeze(-1)
         if not mask.any():
             return output
-        return torch.where(mask, self.vectors[self.active].to(output.dtype), output)
+        vector = self.vectors[self.active] if self.rows is None else self.rows[:, None, :]
+        return torch.where(mask, vector.to(output.dtype), output)
+
+    @contextmanager
+    def per_row(self, vectors: torch.Tensor):
+        """Prompt i's token reads vectors[i] inside (a subject encoder's output, one per image)."""
+        self.rows = vectors
+        try:
+            yield
+        finally:
+            self.rows = None
 
     def remove(self):
         self.handle.remove()

@@ -6,6 +6,14 @@ orthodiff adapter (OFT/COFT, LoRA or full finetuning) and its control network.
     pipe.merge()                                                 # optional: zero overhead
     image = pipe("a red circle on a gray background", control_image="edges.png").images[0]
 
+A subject adapter (experiment=dreambooth: OFT/LoRA/full, Textual Inversion, method=encoder,
+Perfusion; not P+) takes no control image; Perfusion's gate is set per call, and a second
+Perfusion concept trained apart joins with a second load_adapter:
+
+    pipe.load_adapter("runs/square/adapter.safetensors")
+    pipe.load_adapter("runs/circle/adapter.safetensors", token="ohwx")   # Perfusion only
+    pipe("a sks square and a ohwx circle on a white background", perfusion_beta=0.7, perfusion_tau=0.15)
+
 The control enters through ControlInjector's hooks, so diffusers' own denoising loop,
 schedulers, callbacks and dtype handling run unchanged. The control image is a ready
 condition map or, with `annotate`, a raw image turned into one (Canny on the fly).
@@ -20,11 +28,12 @@ import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline
 
-from orthodiff.adapter import attach_adapter
+from orthodiff.adapter import add_perfusion_concept, attach_adapter, attach_subject_adapter, read_adapter
 from orthodiff.data.control import canny_edges, check_control, encode_condition
 from orthodiff.data.readers import read_image
 from orthodiff.models.adapters import merge_adapter, unmerge_adapter
 from orthodiff.models.control_networks import ControlInjector
+from orthodiff.models.perfusion import Perfusion
 
 ANNOTATE = ("auto", "always", "never")
 
@@ -69,12 +78,24 @@ class OrthodiffPipeline(StableDiffusionPipeline):
     adapter_metadata: dict | None = None
     control_network: torch.nn.Module | None = None
     last_condition: torch.Tensor | None = None
+    embedding: torch.nn.Module | None = None   # a subject adapter's token embedding or Perfusion
 
-    def load_adapter(self, path: str | Path) -> "OrthodiffPipeline":
-        """Adapt this pipeline's UNet with an adapter file (once per pipeline)."""
+    def load_adapter(self, path: str | Path, token: str | None = None) -> "OrthodiffPipeline":
+        """Adapt this pipeline's UNet with an adapter file (once per pipeline; a second
+        Perfusion concept may join a first). `token` replaces a subject adapter's token."""
+        base_name = self.name_or_path or "this pipeline's base"
+        if isinstance(self.embedding, Perfusion):
+            add_perfusion_concept(self.embedding, self.tokenizer, path, token)
+            return self
         if self.adapter_metadata is not None:
             raise RuntimeError("this pipeline already carries an adapter: load a fresh pipeline for another one")
-        network, metadata = attach_adapter(self.unet, path, base_name=self.name_or_path or "this pipeline's base")
+        if read_adapter(path)[1]["task"] == "subject":
+            self.embedding, self.adapter_metadata = attach_subject_adapter(self.unet, self.text_encoder, self.tokenizer,
+                                                                           path, base_name, token)
+            if self.embedding is not None:
+                self.embedding.to(self.unet.device)
+            return self
+        network, metadata = attach_adapter(self.unet, path, base_name=base_name)
         network.to(self.unet.device)
         if self.unet.dtype != network.dtype:  # diffusers warns on every dtype cast, needed or not
             network.to(dtype=self.unet.dtype)
@@ -85,7 +106,11 @@ class OrthodiffPipeline(StableDiffusionPipeline):
 
     @property
     def control(self) -> str | None:
-        return self.adapter_metadata["control"] if self.adapter_metadata else None
+        return self.adapter_metadata.get("control") if self.adapter_metadata else None
+
+    @property
+    def task(self) -> str | None:
+        return self.adapter_metadata["task"] if self.adapter_metadata else None
 
     def merge(self) -> int:
         """Fold the adapter into the UNet's weights: the same speed as the base model."""
@@ -96,6 +121,8 @@ class OrthodiffPipeline(StableDiffusionPipeline):
 
     def to(self, *args, **kwargs):
         pipe = super().to(*args, **kwargs)
+        if self.embedding is not None:
+            self.embedding.to(self.unet.device)
         if self.control_network is not None:  # not a registered component: move it too
             self.control_network.to(self.unet.device)
             if self.control_network.dtype != self.unet.dtype:
@@ -107,6 +134,14 @@ class OrthodiffPipeline(StableDiffusionPipeline):
         if self.adapter_metadata is None:
             raise RuntimeError("no adapter loaded: call pipe.load_adapter(path) first "
                                "(or use StableDiffusionPipeline for the base model)")
+        if self.task == "subject":
+            if control_image is not None:
+                raise ValueError(f"this is a subject adapter (token {self.adapter_metadata['token']!r}): it takes no "
+                                 "control image")
+            return self._subject_call(prompt, height=height, width=width,
+                                      num_images_per_prompt=num_images_per_prompt, **kwargs)
+        if "perfusion_beta" in kwargs or "perfusion_tau" in kwargs:
+            raise ValueError("perfusion_beta/perfusion_tau are Perfusion's gate: this is a control adapter")
         if control_image is None:
             raise ValueError(f"this adapter is controlled by {self.control} maps: pass control_image=")
         native = self.unet.config.sample_size * self.vae_scale_factor
@@ -123,3 +158,33 @@ class OrthodiffPipeline(StableDiffusionPipeline):
             return super().__call__(prompt=prompt, height=height, width=width,
                                     num_images_per_prompt=num_images_per_prompt, **kwargs)
 
+
+    def _subject_call(self, prompt, perfusion_beta: float | None = None, perfusion_tau: float | None = None,
+                      num_images_per_prompt: int = 1, **kwargs):
+        """A subject adapter's samples: a token embedding acts through the text encoder's hook,
+        Perfusion's edit through its K/V hooks with the mask of the prompts that name a
+        concept, stacked as diffusers stacks the UNet's batch ([negative; prompt] with
+        guidance)."""
+        if not isinstance(self.embedding, Perfusion):
+            if perfusion_beta is not None or perfusion_tau is not None:
+                raise ValueError(f"perfusion_beta/perfusion_tau are Perfusion's gate; this adapter is "
+                                 f"method={self.adapter_metadata['method'] or 'none'}")
+            return super().__call__(prompt=prompt, num_images_per_prompt=num_images_per_prompt, **kwargs)
+        if prompt is None:
+            raise ValueError("a Perfusion adapter needs prompt= (which prompts name the concept is read from "
+                             "their tokens), not prompt_embeds")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        negative = kwargs.get("negative_prompt") or ""
+        negative = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
+        mask = self.embedding.concept_mask(self._token_ids(prompts)).repeat_interleave(num_images_per_prompt, 0)
+        guided = kwargs.get("guidance_scale", 7.5) > 1 and self.unet.config.time_cond_proj_dim is None
+        if guided:
+            negative_mask = self.embedding.concept_mask(self._token_ids(negative))
+            mask = torch.cat([negative_mask.repeat_interleave(num_images_per_prompt, 0), mask])
+        gate = self.embedding.gate(perfusion_beta, perfusion_tau)
+        with self.embedding.route([None, mask.to(self.unet.device)]), gate:
+            return super().__call__(prompt=prompt, num_images_per_prompt=num_images_per_prompt, **kwargs)
+
+    def _token_ids(self, prompts: list[str]) -> torch.Tensor:
+        return self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                              truncation=True, return_tensors="pt").input_ids

@@ -20,12 +20,12 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from orthodiff.reproduce import ablation, controllable, convergence, energy, params, subject
+from orthodiff.reproduce import ablation, controllable, convergence, edit, energy, params, subject
 
 log = logging.getLogger(__name__)
 
 TABLES = {"params": params.table, "controllable": controllable.table, "convergence": convergence.table,
-          "energy": energy.table, "ablation_r": ablation.table, "subject": subject.table}
+          "energy": energy.table, "ablation_r": ablation.table, "subject": subject.table, "edit": edit.table}
 
 
 def reproduce(cfg: DictConfig) -> list[Path]:

@@ -90,3 +90,33 @@ def write_report(cfg: DictConfig, name: str, title: str, rows: list[dict], notes
     return path
 
 
+
+
+def labelled_grid(rows: list[list[np.ndarray]], row_labels: list[str], column_labels: list[str], path: Path,
+                  title: str | None = None) -> Path:
+    """A grid of equal-sized uint8 tiles (rows of columns) saved as a figure whose rows are
+    named on the left and columns on top (wrapped prompts), at the tiles' own resolution."""
+    import textwrap
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid = np.concatenate([np.concatenate(row, axis=1) for row in rows], axis=0)
+    tile_h, tile_w = rows[0][0].shape[:2]
+    dpi = 100
+    width, height = grid.shape[1] / dpi, grid.shape[0] / dpi  # inches; 2.2 on the left for names, 0.9 on top
+    fig = plt.figure(figsize=(width + 2.2, height + 0.9), dpi=dpi)
+    ax = fig.add_axes([2.0 / (width + 2.2), 0.05 / (height + 0.9), width / (width + 2.2), height / (height + 0.9)])
+    ax.imshow(grid, interpolation="nearest")
+    ax.set_yticks([tile_h * (k + 0.5) for k in range(len(rows))], row_labels, fontsize=7)
+    ax.set_xticks([tile_w * (k + 0.5) for k in range(len(column_labels))],
+                  [textwrap.fill(label, 16) for label in column_labels], fontsize=4.5)
+    ax.xaxis.tick_top()
+    ax.tick_params(length=0)
+    if title:
+        fig.suptitle(title, x=0.01, y=0.995, ha="left", va="top", fontsize=8)
+    fig.savefig(path, dpi=2 * dpi)  # tiles at twice their size (nearest), so the labels are readable
+    plt.close(fig)
+    return path

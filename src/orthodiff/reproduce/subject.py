@@ -1,5 +1,9 @@
 """table=subject: subject-driven generation (DreamBooth protocol, miniature): every method
-on every subject, the base model, and the scores of ideal answers as a ceiling."""
+on every subject, the base model, and the scores of ideal answers as a ceiling; the cost of
+a new subject (seconds of training, or of encoding for method=encoder, whose one-off
+pretraining is not counted), and for Perfusion the forgetting of its edit applied to every
+prompt as the paper's code does (the deployed adapter edits only prompts naming the concept).
+`subject.methods=[perfusion,encoder]` restricts the cells."""
 
 from __future__ import annotations
 
@@ -8,16 +12,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from orthodiff.data.subjects import EVAL_PROMPTS, expected_labels, reference_images, subject_images
+from orthodiff.adapter import load_adapter
+from orthodiff.data.shapes import SPLIT_SEEDS, make_scene
+from orthodiff.data.subjects import EVAL_PROMPTS, expected_labels, get_subject, reference_images, subject_images
 from orthodiff.eval.oracles import images_to_tensor
 from orthodiff.eval.subject_metrics import SubjectScorer
 from orthodiff.models.base import load_base_model
 from orthodiff.models.tiny_sd import TINY_SD_PATH
 from orthodiff.reproduce.cells import run_all, train_cell
-from orthodiff.reproduce.report import fmt, mean_std, out_dir, subject_settings, write_report
+from orthodiff.reproduce.report import fmt, labelled_grid, mean_std, out_dir, subject_settings, write_report
 
 SUBJECT_SCORES = ("subject_fidelity", "prompt_fidelity", "background_accuracy", "diversity", "no_token_kind",
                   "no_token_color")
@@ -62,6 +68,36 @@ def _vae_round_trip(vae, images: torch.Tensor):
     return ((vae.decode(latents).sample + 1) / 2).clamp(0, 1)
 
 
+def seconds_per_subject(cost: dict) -> float:
+    """What a new subject costs: its training steps (validation excluded), or encoding."""
+    steps = cost["timed_steps"] + 1 if cost["timed_steps"] else 0
+    return cost["seconds_per_step"] * steps + cost.get("encode_seconds", 0.0)
+
+
+@torch.no_grad()
+def every_prompt_forgetting(run_dir: Path, subject: str) -> dict:
+    """Perfusion's no-token recognition with its edit applied to every prompt (the paper's
+    code; the adapter as trained edits only prompts that name the concept): the run's
+    validation captions without the token, in its batches and with its seeds."""
+    data = OmegaConf.load(Path(run_dir) / ".hydra" / "config.yaml").data
+    module = load_adapter(Path(run_dir) / "adapter.safetensors")
+    module.embedding.every_prompt = True
+    token_prompts = len(data.prompts or EVAL_PROMPTS) * data.samples_per_prompt
+    texts = [None] * token_prompts + [make_scene(SPLIT_SEEDS["test"] + k).caption for k in range(data.no_token_prompts)]
+    size = data.val_batch_size
+    images, captions = [], []
+    for batch in range(token_prompts // size, -(-len(texts) // size)):
+        batch_texts = texts[batch * size:(batch + 1) * size]
+        kept = [k for k, text in enumerate(batch_texts) if text is not None]
+        generated = module.generate([text or "" for text in batch_texts], seed=module.hparams.val_seed + batch,
+                                    progress=False)  # the whole batch: each sample's noise depends on its place
+        images.append(generated[kept])
+        captions += [batch_texts[k] for k in kept]
+    scorer = SubjectScorer(subject_images(subject))
+    scorer.update(torch.cat(images), captions, [None] * len(captions))
+    return scorer.compute()
+
+
 def sample_tiles(run_dir: Path, first: bool, size: int, rows: int) -> list[np.ndarray]:
     """The first sample of each of the first `rows` prompts from a run's first or last
     validation grid (samples/step_*.png: one prompt's samples per row)."""
@@ -85,11 +121,18 @@ def table(cfg: DictConfig) -> Path:
         detail.append({"method": f"base model (step 0 of {first})", "subject": subject, **base})
         for method in settings.methods:
             run = runs[(method, subject)]
+            kind = base.get("no_token_kind", math.nan)
+            extra = {}
+            if method == "perfusion" and embedded:
+                extra["no_token_kind change, every prompt edited"] = (
+                    every_prompt_forgetting(run["run_dir"], subject)["no_token_kind"] - kind)
             detail.append({"method": method, "subject": subject, **run["final"],
-                           "no_token_kind change": run["final"].get("no_token_kind", math.nan) - base.get("no_token_kind", math.nan),
+                           "no_token_kind change": run["final"].get("no_token_kind", math.nan) - kind, **extra,
                            "trainable params": run["cost"]["trainable_parameters"],
                            "adapter KB": round((Path(run["run_dir"]) / "adapter.safetensors").stat().st_size / 1024, 1),
-                           "minutes": round(run["wall_seconds"] / 60, 2), "s/step": round(run["cost"]["seconds_per_step"], 3),
+                           "seconds per subject": round(seconds_per_subject(run["cost"]), 2),
+                           "minutes": round(run["wall_seconds"] / 60, 2),
+                           "s/step": round(run["cost"]["seconds_per_step"], 3),
                            "peak memory MB": run["cost"]["peak_memory_mb"]})
         for name, scores in ceilings.get(subject, {}).items():
             detail.append({"method": name, "subject": subject, **scores})
@@ -97,11 +140,12 @@ def table(cfg: DictConfig) -> Path:
     for method in dict.fromkeys(row["method"] for row in detail):
         mine = [row for row in detail if row["method"] == method]
         row = {"method": method}
-        for key in [*SUBJECT_SCORES, "no_token_kind change", "trainable params", "adapter KB", "minutes",
-                    "peak memory MB"]:
+        for key in [*SUBJECT_SCORES, "no_token_kind change", "no_token_kind change, every prompt edited",
+                    "trainable params", "adapter KB", "seconds per subject", "minutes", "peak memory MB"]:
             values = [r[key] for r in mine if isinstance(r.get(key), (int, float))]
             if values:
-                row[key] = mean_std(values) if key in SUBJECT_SCORES or key.endswith("change") else fmt(float(np.mean(values)))
+                scores = key in SUBJECT_SCORES or "change" in key
+                row[key] = mean_std(values) if scores else fmt(float(np.mean(values)))
         rows.append(row)
     out = out_dir(cfg)
     plots = []
@@ -114,20 +158,27 @@ def table(cfg: DictConfig) -> Path:
         lines = [training + [np.full((size, size, 3), 255, np.uint8)] * (prompts - len(training)),
                  sample_tiles(runs[(first, subject)]["run_dir"], True, size, prompts)]
         lines += [sample_tiles(runs[(m, subject)]["run_dir"], False, size, prompts) for m in settings.methods]
-        grid = np.concatenate([np.concatenate(line, axis=1) for line in lines], axis=0)
-        Image.fromarray(grid).save(out / f"subject_samples_{subject}.png")
+        columns = [entry["prompt"].format(token="sks", cls=get_subject(subject).class_word) for entry in EVAL_PROMPTS]
+        labelled_grid(lines, ["training images", f"base model (step 0 of {first})", *settings.methods], columns,
+                      out / f"subject_samples_{subject}.png", title=subject)
         plots.append(f"subject_samples_{subject}.png")
     notes = [f"Mean ± std over subjects {list(settings.subjects)} (seed {settings.seed}); per-subject rows in "
              "subject_detail.csv. Each method trains with its own settings (conf/task_method/subject_<method>.yaml); "
              "minutes = the whole train.py run (validation included; the first method's run also validates "
              f"the base model at step 0) with {cfg.jobs} cell(s) at a time. subject_fidelity: mean centred "
-             "cosine of the classifier's features between token-prompt samples and the subject's training images; prompt_fidelity: share of what "
+             "cosine of the classifier's features between token-prompt samples and the subject's training images; "
+             "prompt_fidelity: share of what "
              "each prompt asks (background, recolouring, extra shape) that the classifier finds; no_token_*: "
              "prompted kind/colour recognition on 32 ordinary captions (forgetting: compare with the base row). "
              "The 'ideal images' rows score perfect answers, as rendered and after the tiny VAE's round trip: "
              "the ceiling for any model decoding through that VAE.",
+             "seconds per subject: the training steps (s/step x steps, validation excluded), or for "
+             "method=encoder the encoding of the subject's images (its one-off pretraining, experiment="
+             "subject_encoder, is not counted). Perfusion edits only the prompts that name its concept, so its "
+             "no_token change is the base model's by construction; 'every prompt edited' applies its edit to "
+             "the no-token prompts too, as the paper's code does.",
              "Sample grids: row 1 the training images, row 2 the base model, then one row per method in the "
-             f"order {list(settings.methods)}; columns are the evaluation prompts (subjects.EVAL_PROMPTS, "
+             f"order {list(settings.methods)} (labelled); columns are the evaluation prompts (subjects.EVAL_PROMPTS, "
              "first sample each, same seeds for every method)."]
     how = subject_settings(cfg)
     write_report(cfg, "subject_detail", "Subject-driven generation, per subject", detail, [], settings=how)

@@ -5,7 +5,8 @@ few hooks."""
 from .base import DiffusionTask, NonFiniteLossError
 from .control import ControlTask
 from .subject import SubjectTask
+from .subject_encoder import SubjectEncoderTask
 
-TASKS = {task.task_name: task for task in (ControlTask, SubjectTask)}
+TASKS = {task.task_name: task for task in (ControlTask, SubjectTask, SubjectEncoderTask)}
 
-__all__ = ["TASKS", "ControlTask", "DiffusionTask", "NonFiniteLossError", "SubjectTask"]
+__all__ = ["TASKS", "ControlTask", "DiffusionTask", "NonFiniteLossError", "SubjectEncoderTask", "SubjectTask"]

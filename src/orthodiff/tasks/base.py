@@ -15,11 +15,19 @@ A task (ControlTask, SubjectTask) calls, in its __init__:
 and supplies the hooks below the "hooks" line: what conditions the UNet, the text it
 reads, extra losses, the latent size of a sample, the scorer, the grid and the adapter
 metadata it adds.
+
+Resuming reproduces the uninterrupted run: the training step's random draws (noise,
+timesteps, caption dropout, latent sampling, adapter dropout) continue from where the
+previous step's ended, whatever ran in between (validation, data loading, a restart):
+`random_stream` restores torch's, numpy's and Python's generator states at the start of
+each step, and the checkpoint holds them. The data order is the datamodule's
+(orthodiff.data.datamodule).
 """
 
 from __future__ import annotations
 
 import contextlib
+import random
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +46,28 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+def random_states() -> dict:
+    """torch's (CPU and every initialized CUDA device), numpy's and Python's global generator
+    states, in types a weights-only checkpoint load accepts."""
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
+    return {"torch": torch.get_rng_state(), "cuda": cuda,
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+            "python": random.getstate()}
+
+
+def set_random_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    numpy = states["numpy"]
+    np.random.set_state((numpy["kind"], numpy["keys"].numpy().astype(np.uint32), numpy["position"],
+                         numpy["has_gauss"], numpy["cached_gaussian"]))
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
 class DiffusionTask(pl.LightningModule):
     task_name: str  # "control" / "subject": the adapter file's "task"
 
@@ -47,6 +77,7 @@ class DiffusionTask(pl.LightningModule):
         self.validation_history: list[dict] = []  # {"step", metric: value} per validation: convergence
         self.scorer = None
         self.validation_images: list = []
+        self.step_random_states: dict | None = None  # where the last training step's random draws ended
 
     def load_base(self, pretrained: str, original_config: str | None = None) -> None:
         base = load_base_model(pretrained, original_config=original_config)
@@ -128,7 +159,8 @@ class DiffusionTask(pl.LightningModule):
         against the scheduler's target (noise or velocity); reduction "none" gives one
         loss per sample."""
         noise = torch.randn_like(latents)
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(latents),), device=self.device)
+        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(latents),),
+                                  device=self.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         prediction_type = self.noise_scheduler.config.prediction_type
         if prediction_type == "epsilon":
@@ -142,14 +174,31 @@ class DiffusionTask(pl.LightningModule):
 
     # --- training ------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def random_stream(self):
+        """Training's own random stream under a Trainer: draws continue from where the
+        previous step's ended (or the checkpoint's, after a resume), not from whatever
+        validation or data loading drew in between. Outside a Trainer (a hand-written
+        loop) the global generators are left as the caller seeds them."""
+        if self._trainer is None:
+            yield
+            return
+        if self.step_random_states is not None:
+            set_random_states(self.step_random_states)
+        try:
+            yield
+        finally:
+            self.step_random_states = random_states()
+
     def training_step(self, batch, batch_idx):
         if not batch:  # every item of the batch was unreadable and skipped
             return None
-        latents = self.encode_images(batch["pixel_values"], batch.get("index"))
-        text = self.training_text(batch["text"])
-        condition = self.condition(batch)
-        loss = self.diffusion_loss(latents, lambda noisy, t: self(noisy, t, text, condition))
-        loss = self.add_losses(loss, len(latents))
+        with self.random_stream():
+            latents = self.encode_images(batch["pixel_values"], batch.get("index"))
+            text = self.training_text(batch["text"])
+            condition = self.condition(batch)
+            loss = self.diffusion_loss(latents, lambda noisy, t: self(noisy, t, text, condition))
+            loss = self.add_losses(loss, len(latents))
         if not torch.isfinite(loss):
             raise NonFiniteLossError(f"loss is {loss.item()} at step {self.global_step}: training stopped; "
                                      "the last checkpoint holds the last good weights (try a lower lr)")
@@ -162,15 +211,28 @@ class DiffusionTask(pl.LightningModule):
         for name in self.adapted_layers:
             self.unet.get_submodule(name).train()
 
-    def on_train_batch_end(self, outputs, batch, batch_idx):
+    def optimizer_step(self, *args, **kwargs):
+        super().optimizer_step(*args, **kwargs)
+        # Part of the step: checkpoints are written in callbacks' on_train_batch_end, before
+        # the module's own, and must hold projected weights.
+        self.after_step()
+
+    def after_step(self) -> None:
+        """What the method does after every optimizer step (COFT's projection); a
+        hand-written loop calls it after optimizer.step()."""
         if self.adapter_config is not None:
-            self.adapter_config.after_step(self.unet)  # COFT's projection
+            self.adapter_config.after_step(self.unet)
 
     def configure_optimizers(self):
         return self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
 
     def on_save_checkpoint(self, checkpoint):
         checkpoint["state_dict"] = self.trainable_state_dict()
+        if self.step_random_states is not None:
+            checkpoint["random_states"] = self.step_random_states
+
+    def on_load_checkpoint(self, checkpoint):
+        self.step_random_states = checkpoint.get("random_states")  # absent in checkpoints before issue 19
 
     # --- sampling and validation -----------------------------------------------------
 

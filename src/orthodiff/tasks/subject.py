@@ -5,7 +5,14 @@ Methods share this one loop and differ in what trains (models/adapters.py, embed
 - OFT / COFT / LoRA on the UNet's attention layers, or full finetuning (DreamBooth),
   optionally with the prior-preservation loss on class images the base model generated;
 - Textual Inversion (embedding="textual_inversion"): one input embedding for the token;
-- P+ (embedding="pplus"): one embedding per UNet cross-attention layer.
+- P+ (embedding="pplus"): one embedding per UNet cross-attention layer;
+- Perfusion (embedding="perfusion", models/perfusion.py): gated rank-one edits of the
+  cross-attention K/V projections, keys locked to the class word's, plus the token's
+  embedding;
+- the encoder method (embedding="encoder", models/subject_encoder.py): a subject encoder,
+  trained once on many subjects (tasks/subject_encoder.py), writes the token's embedding
+  from the subject's images when fitting starts (one forward pass); the training steps
+  that follow, if any (E4T's few tuning steps), are Textual Inversion's.
 
 Validation generates every token prompt several times and the no-token prompts, and
 scores them with eval/subject_metrics.py (subject and prompt fidelity, diversity,
@@ -15,19 +22,27 @@ no-token accuracy).
 from __future__ import annotations
 
 import contextlib
+import json
+import time
 import warnings
+from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from orthodiff.data.prior import base_model_digest, class_images
+from orthodiff.data.shapes import SPLIT_SEEDS, scene_caption
 from orthodiff.data.subjects import check_token
 from orthodiff.eval.control_metrics import to_uint8
 from orthodiff.eval.subject_metrics import SubjectScorer
+from orthodiff.models.base import resolve_pretrained
 from orthodiff.models.embeddings import PerLayerEmbedding, TokenEmbedding
+from orthodiff.models.perfusion import Perfusion, PerfusionConfig, text_covariance
+from orthodiff.models.subject_encoder import ImageFeatures, SubjectEncoder
 from orthodiff.tasks.base import DiffusionTask
 
-EMBEDDINGS = ("none", "textual_inversion", "pplus")
+EMBEDDINGS = ("none", "textual_inversion", "pplus", "perfusion", "encoder")
 
 
 class SubjectTask(DiffusionTask):
@@ -39,7 +54,9 @@ class SubjectTask(DiffusionTask):
                  prior_cache_dir: str = "~/.cache/orthodiff/class_images", resolution: int = 64,
                  cache_latents: bool = True, cache_text: bool = True, val_steps: int = 25,
                  val_guidance: float = 4.0, val_seed: int = 0, evaluator: str = "shapes",
-                 dino_model: str | None = None, clip_model: str | None = None, original_config: str | None = None):
+                 dino_model: str | None = None, clip_model: str | None = None, original_config: str | None = None,
+                 perfusion: PerfusionConfig | None = None, encoder: str | None = None,
+                 image_encoder: str | None = None):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"])
         if embedding not in EMBEDDINGS:
@@ -60,6 +77,19 @@ class SubjectTask(DiffusionTask):
             self.embedding = TokenEmbedding(self.text_encoder, self.token_id, init_id)
         elif embedding == "pplus":
             self.embedding = PerLayerEmbedding(self.text_encoder, self.unet, self.token_id, init_id)
+        elif embedding == "perfusion":
+            self.embedding = Perfusion(self.text_encoder, self.unet, self.token_id, init_id,
+                                       perfusion or PerfusionConfig(), covariance=self.text_covariance)
+        elif embedding == "encoder":
+            self.embedding = TokenEmbedding(self.text_encoder, self.token_id, init_id)
+            self.subject_encoder = load_subject_encoder(encoder, base_model_digest(self), pretrained)
+            trained_on = self.subject_encoder.config.image_encoder
+            self.image_features = ImageFeatures(self.vae, image_encoder or trained_on)
+            if (image_encoder or trained_on) != trained_on:
+                raise ValueError(f"the subject encoder {encoder} reads {trained_on or 'the base VAE'}'s features, not "
+                                 f"image_encoder={image_encoder}'s: train one on them (python train.py "
+                                 f"experiment=subject_encoder image_encoder={image_encoder})")
+            self.class_id, self.encoded, self.extra_cost = init_id, False, {}
         self.class_moments, self.prior_prompt = None, None  # the prior's class images and prompt (setup)
 
     def _check_token(self, token: str, strict: bool) -> int | None:
@@ -113,17 +143,14 @@ class SubjectTask(DiffusionTask):
     # --- hooks ------------------------------------------------------------------------------
 
     def prompt_states(self, captions):
-        """Text encodings, through the learned embeddings when there are some (a list of
-        one encoding per cross-attention layer for P+)."""
+        """Text encodings, through the learned embeddings when there are some: for P+ a list
+        of one encoding per cross-attention layer, for Perfusion [encoding, concept mask]."""
         if self.embedding is None:
             return self.encode_text(captions)
-        ids = self.token_ids(captions)
-        if isinstance(self.embedding, PerLayerEmbedding):
-            return self.embedding.encode(ids)
-        return self.text_encoder(ids)[0]
+        return self.embedding.encode(self.token_ids(captions))
 
     def unet_context(self, text, condition):
-        # P+: each cross-attention layer reads its own encoding.
+        # P+: each cross-attention layer reads its own encoding; Perfusion: which prompts name the concept.
         return self.embedding.route(text) if isinstance(text, list) else contextlib.nullcontext()
 
     def add_losses(self, loss, batch_size):
@@ -150,11 +177,108 @@ class SubjectTask(DiffusionTask):
         return sample_grid(torch.cat(entries), self._trainer.datamodule.val_set.samples)
 
     def task_metadata(self):
-        return {"token": self.hparams.token, "class_word": self.hparams.class_word, "embedding": self.hparams.embedding}
+        # The encoder's output is a Textual Inversion embedding: its adapter is read as one.
+        embedding = "textual_inversion" if self.hparams.embedding == "encoder" else self.hparams.embedding
+        meta = {"token": self.hparams.token, "class_word": self.hparams.class_word, "embedding": embedding}
+        if self.hparams.embedding == "encoder":
+            meta["encoder"] = str(self.hparams.encoder)
+        if isinstance(self.embedding, Perfusion):
+            meta["perfusion"] = json.dumps(asdict(self.embedding.config))
+            meta["covariance_digest"] = self.embedding.covariance_digest
+        return meta
 
     @classmethod
     def arguments_from_metadata(cls, meta):
-        return {"token": meta["token"], "class_word": meta["class_word"], "embedding": meta["embedding"]}
+        arguments = {"token": meta["token"], "class_word": meta["class_word"], "embedding": meta["embedding"]}
+        if "perfusion" in meta:
+            arguments["perfusion"] = PerfusionConfig(**json.loads(meta["perfusion"]))
+        return arguments
+
+    @classmethod
+    def from_metadata(cls, meta, **kwargs):
+        module = super().from_metadata(meta, **kwargs)
+        if isinstance(module.embedding, Perfusion):  # which C the concept was trained with
+            module.embedding.covariance_digest = meta.get("covariance_digest", "")
+        return module
+
+    # --- the encoder method ---------------------------------------------------------------
+
+    def on_fit_start(self):
+        """embedding="encoder": the token's word from the subject's images, before any step
+        (not on a resume: the checkpoint holds the word)."""
+        if self.hparams.embedding != "encoder" or self.encoded or self.trainer.ckpt_path:
+            return
+        self.encode_subject(self.trainer.datamodule.train_set.images)
+
+    @torch.no_grad()
+    def encode_subject(self, images: list[np.ndarray]) -> torch.Tensor:
+        """The token's word: the mean of the encoder's words for uint8 `images` (H, W, 3)."""
+        started = time.perf_counter()
+        pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div(255).to(self.device)
+        class_embedding = self.text_encoder.get_input_embeddings().weight[self.class_id].float()
+        words = self.subject_encoder.to(self.device)(self.image_features(pixels), class_embedding)
+        self.embedding.vectors.copy_(words.mean(0, keepdim=True))
+        self.extra_cost = {"encode_seconds": round(time.perf_counter() - started, 4), "encoded_images": len(images)}
+        self.encoded = True
+        self.validated_at = -1  # the word changed since any validation
+        return self.embedding.vectors[0].detach().clone()
+
+    # --- Perfusion ----------------------------------------------------------------------
+
+    def trainable_state_dict(self):
+        """The trainable tensors and the learned embeddings' buffers (Perfusion's i*, C^-1 i*,
+        i*_super: learned, though not by the optimizer)."""
+        state = super().trainable_state_dict()
+        if self.embedding is not None:
+            parameters = {name for name, _ in self.embedding.named_parameters()}
+            state.update({f"embedding.{k}": v for k, v in self.embedding.state_dict().items() if k not in parameters})
+        return state
+
+    def text_covariance(self) -> torch.Tensor:
+        """Perfusion's C: from the config's file (C itself, .pt/.safetensors) or caption list
+        (.txt, one a line), else from the shapes world's training captions."""
+        config = self.embedding.config
+        source = config.covariance
+        if source is None:
+            captions = [scene_caption(SPLIT_SEEDS["train"] + k) for k in range(config.covariance_captions)]
+        else:
+            path = Path(source).expanduser()
+            if not path.is_file():
+                raise FileNotFoundError(f"covariance={source}: no such file (a .txt of captions, or C in "
+                                        ".pt/.safetensors)")
+            if path.suffix == ".txt":
+                captions = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+            elif path.suffix == ".safetensors":
+                from safetensors.torch import load_file
+
+                return load_file(str(path))["covariance"]
+            else:
+                return torch.load(path, map_location="cpu", weights_only=True)
+        return text_covariance(self.text_encoder, self.tokenizer, captions)
+
+    def perfusion_gate(self, beta: float | None = None, tau: float | None = None):
+        """Perfusion's inference gate (beta, tau) for the calls inside; setting it on
+        another method's adapter is an error."""
+        if beta is None and tau is None:
+            return contextlib.nullcontext()
+        if not isinstance(self.embedding, Perfusion):
+            raise ValueError(f"beta/tau set Perfusion's gate; this adapter is method={self.hparams.method}")
+        return self.embedding.gate(beta, tau)
+
+
+def load_subject_encoder(path: str | None, digest: str, base_name: str) -> SubjectEncoder:
+    """A trained subject encoder (a save_pretrained folder), checked against the base model."""
+    if not path:
+        raise ValueError("embedding='encoder' needs encoder=<a trained subject encoder folder>: train one with "
+                         "python train.py experiment=subject_encoder (it writes <run>/subject_encoder)")
+    folder = resolve_pretrained(str(path))
+    if not (Path(folder) / "config.json").is_file():
+        raise FileNotFoundError(f"encoder={path}: no trained subject encoder there (config.json); train one with "
+                                "python train.py experiment=subject_encoder and pass "
+                                "method.encoder=<run>/subject_encoder")
+    encoder = SubjectEncoder.from_pretrained(folder).eval().requires_grad_(False)
+    encoder.check_base(digest, base_name)
+    return encoder
 
 
 def sample_grid(images: torch.Tensor, per_row: int) -> np.ndarray:

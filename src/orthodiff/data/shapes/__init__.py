@@ -88,6 +88,7 @@ from orthodiff.data.shapes.render import (
                                              polygon_mask,
                                              render_landmarks,
                                              sample_placement,
+                                             scene_caption,
                                              shape_landmarks,
                                              shape_masks,
                                              shape_outline,
@@ -108,5 +109,6 @@ __all__ = ["BACKGROUNDS", "COLORS", "DEPTH_STEP", "FILE_KEYS", "FOLDERS", "GENER
            "UNIT_LANDMARKS", "UNIT_OUTLINES", "allowed_colors", "article", "caption_for", "check_names",
            "dataset_info", "decode_keypoints", "default_eval_size", "depth_to_png", "gray_level", "keypoint_targets",
            "main", "make_scene", "place_polygon", "polygon_mask", "read_metadata", "render_landmarks",
-           "sample_placement", "scene_record", "shape_depth", "shape_landmarks", "shape_masks", "shape_outline",
+           "sample_placement", "scene_caption", "scene_record", "shape_depth", "shape_landmarks", "shape_masks",
+           "shape_outline",
            "split_seeds", "write_dataset", "write_split"]

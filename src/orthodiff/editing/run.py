@@ -1,0 +1,194 @@
+"""edit.py's work: learn a mixing schedule for one edit (or apply a learned one, or edit
+a real image through inversion), score it against the baselines from the same noise,
+and write the schedule, the images and edit.json."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from orthodiff.editing.editor import Edit, load_edit_model
+from orthodiff.editing.objectives import build_objective
+from orthodiff.editing.schedule import (
+    check_schedule,
+    default_switches,
+    load_schedule,
+    paper_schedule,
+    save_schedule,
+    switch_schedule,
+)
+from orthodiff.files import atomic_path
+
+log = logging.getLogger(__name__)
+PAPER_STEPS, PAPER_GUIDANCE = 50, 7.5
+
+
+@dataclass
+class EditConfig:
+    prompt: str                       # the neutral prompt: what the image shows
+    attribute: str                    # the same prompt with the attribute changed
+    seed: int = 0                     # x_T; unused with image=
+    out: str | None = None            # None: outputs/edit/<time>
+    schedule: str | None = None       # apply this learned schedule.safetensors (no optimisation)
+    image: str | None = None          # edit this image (inverted with the neutral prompt) instead of a sample
+    iterations: int = 10              # the paper's: Adam, about 10 iterations at lr 0.05
+    lr: float = 0.05
+    steps: int | None = None          # None: the schedule file's, else 50 (the paper's)
+    guidance: float | None = None     # None: the schedule file's, else 7.5 (the paper's)
+    init: float = 0.4                 # initial schedule: lambda = 1 for this share of the steps, then 0 (paper: 20/50)
+    base: str | None = None           # None: the adapter's base model, else the tiny SD
+    adapter: str | None = None        # an orthodiff adapter (OFT/COFT, LoRA, subject); None: the base model
+    clip_model: str | None = None     # real models: a CLIP folder for the directional loss ...
+    perceptual: str | None = None     # ... and VGG-16 weights (torchvision layout) for the content loss
+    lpips: str | None = None          # LPIPS (VGG) linear weights: LPIPS instead of the paper's VGG loss
+    content: str = "masks"            # shapes world: masks (segmenter) or features (classifier)
+    content_weight: float | None = None  # None: 1.0 shapes world, 0.05 CLIP + VGG (the paper's)
+    switches: str = "auto"            # hard-switch steps to compare, "2,4,6"; auto: every tenth; none
+    refine: int = 5                   # image=: fixed-point rounds per DDIM inversion step ...
+    null_iterations: int = 10         # ... and null-text optimization steps per sampling step
+    checkpoint: bool = True           # recompute sampling steps in the backward pass (SD at 512 px on one GPU)
+    device: str = "auto"              # auto: cuda when available
+
+
+def parse_switches(text: str, steps: int) -> list[int]:
+    if text == "auto":
+        return default_switches(steps)
+    if text.lower() in ("", "none"):
+        return []
+    try:
+        switches = sorted({int(k) for k in text.split(",")})
+    except ValueError:
+        raise ValueError(f"switches={text!r}: expected auto, none or step numbers such as 2,4,6") from None
+    if any(not 0 < k < steps for k in switches):
+        raise ValueError(f"switches={text!r}: switch steps must lie in 1..{steps - 1}")
+    return switches
+
+
+def read_image(path: str, size: int) -> torch.Tensor:
+    """(1, 3, size, size) in [0, 1]; resized (bicubic) when the file has another size."""
+    try:
+        with Image.open(Path(path).expanduser()) as opened:
+            image = opened.convert("RGB")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image={path}: no such file") from None
+    except (UnidentifiedImageError, OSError) as error:
+        raise ValueError(f"image={path} is not a readable image ({error})") from None
+    if image.size != (size, size):
+        log.warning("image %s is %dx%d; the model draws %dx%d: resized", path, *image.size, size, size)
+        image = image.resize((size, size), Image.BICUBIC)
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None].float() / 255
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    return (images.detach().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+
+
+def save_png(path: Path, image: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
+        Image.fromarray(image).save(tmp, format="PNG")
+
+
+@torch.no_grad()
+def render_all(edit: Edit, noise: torch.Tensor, schedules: dict[str, torch.Tensor], uncond=None,
+               batch_size: int = 4) -> dict[str, torch.Tensor]:
+    """{name: images (1, 3, H, W)} for one noise under several schedules, a few per batch."""
+    names, images = list(schedules), []
+    for start in range(0, len(names), batch_size):
+        chunk = names[start:start + batch_size]
+        lambdas = torch.stack([schedules[n] for n in chunk], 1)
+        images.append(edit.render(noise.expand(len(chunk), -1, -1, -1), lambdas, uncond))
+    return dict(zip(names, torch.cat(images).split(1)))
+
+
+def _means(scores: dict[str, np.ndarray]) -> dict[str, float | None]:
+    return {k: (None if np.isnan(v).all() else round(float(np.nanmean(v)), 4)) for k, v in scores.items()}
+
+
+def edit(cfg: EditConfig) -> Path:
+    started = time.perf_counter()
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    for name in ("prompt", "attribute"):
+        if not getattr(cfg, name).strip():
+            raise ValueError(f"{name}= is empty")
+    learned_from = None
+    if cfg.schedule:  # fail on a foreign file before loading any model
+        learned_from, file_meta = load_schedule(cfg.schedule)
+    if cfg.iterations < 0:
+        raise ValueError(f"iterations={cfg.iterations}: must be >= 0")
+    model = load_edit_model(cfg.base, cfg.adapter, device)
+    steps = cfg.steps or (int(file_meta["steps"]) if cfg.schedule else PAPER_STEPS)
+    guidance = cfg.guidance if cfg.guidance is not None else (
+        float(file_meta["guidance"]) if cfg.schedule else PAPER_GUIDANCE)
+    if cfg.schedule:
+        check_schedule(cfg.schedule, file_meta, model.digest, model.name, steps)
+        for key, value in (("prompt", cfg.prompt), ("attribute", cfg.attribute), ("guidance", str(guidance))):
+            if file_meta.get(key) != value:
+                log.warning("the schedule was learned with %s=%r; this edit uses %r", key, file_meta.get(key), value)
+    switches = parse_switches(cfg.switches, steps)
+    objective = build_objective(cfg.prompt, cfg.attribute, cfg.clip_model, cfg.perceptual, cfg.lpips, cfg.content,
+                                cfg.content_weight, device=device, resolution=model.resolution)
+    runner = Edit(model, cfg.prompt, cfg.attribute, steps, guidance, cfg.checkpoint)
+    inverted, uncond = cfg.image is not None, None
+    if inverted:
+        reference = read_image(cfg.image, model.resolution).to(device)
+        noise, uncond = runner.invert(reference, cfg.refine, cfg.null_iterations)
+    else:
+        noise = model.noise(cfg.seed)
+        with torch.no_grad():
+            reference = runner.render(noise, torch.ones(steps))
+    history, learn_seconds = [], None
+    if learned_from is None:
+        learn_started = time.perf_counter()
+        lambdas, history = runner.learn(noise, objective, cfg.iterations, cfg.lr, paper_schedule(steps, cfg.init),
+                                        uncond, reference)
+        learn_seconds = time.perf_counter() - learn_started
+    else:
+        lambdas = learned_from
+        objective.prepare(reference)
+
+    schedules = {"edited": lambdas, "neutral": torch.ones(steps), "attribute_alone": torch.zeros(steps),
+                 "paper_init": paper_schedule(steps, cfg.init), **{f"switch_{k}": switch_schedule(steps, k)
+                                                                   for k in switches}}
+    images = render_all(runner, noise, schedules, uncond)
+    scores = {name: _means(objective.scores(image)) for name, image in images.items()}
+
+    out = Path(cfg.out or f"outputs/edit/{datetime.now():%Y-%m-%d_%H-%M-%S}")
+    out.mkdir(parents=True, exist_ok=True)
+    record_meta = {"base_model": model.base_model, "adapter": model.adapter or "", "model_digest": model.digest,
+                   "sampler": "ddim", "eta": "0", "guidance": str(guidance), "prompt": cfg.prompt,
+                   "attribute": cfg.attribute, "objective": objective.describe(),
+                   "source": f"image {cfg.image} (inverted)" if inverted else f"seed {cfg.seed}"}
+    if learned_from is None:
+        save_schedule(out / "schedule.safetensors", lambdas, {**record_meta, "iterations": str(cfg.iterations),
+                                                              "lr": str(cfg.lr), "init": str(cfg.init)})
+    first = to_uint8(reference)[0]
+    save_png(out / "neutral.png", first)
+    save_png(out / "edited.png", to_uint8(images["edited"])[0])
+    if inverted:
+        save_png(out / "reconstruction.png", to_uint8(images["neutral"])[0])
+    save_png(out / "grid.png", np.concatenate([first, to_uint8(images["attribute_alone"])[0],
+                                               to_uint8(images["edited"])[0]], 1))
+    record = {"command": "python edit.py " + shlex.join(sys.argv[1:]), "config": asdict(cfg), **record_meta,
+              "steps": steps, "device": device,
+              "schedule": {"source": cfg.schedule or "learned", "lambda": [round(float(v), 5) for v in lambdas]},
+              "iterations": history, "scores": scores,
+              "seconds": {"learn": None if learn_seconds is None else round(learn_seconds, 2),
+                          "total": round(time.perf_counter() - started, 2)},
+              "grid": "neutral (the input image with image=) | attribute prompt alone | edited"}
+    with atomic_path(out / "edit.json") as tmp:
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+    edited = scores["edited"]
+    summary = ", ".join(f"{k} {v}" for k, v in edited.items() if v is not None)
+    how = "learned" if learned_from is None else "applied"
+    print(f"edit: {summary}; {how} schedule, images and edit.json in {out}")
+    return out

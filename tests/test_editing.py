@@ -1,0 +1,353 @@
+"""Attribute editing by a learned per-step prompt mix (orthodiff.editing, edit.py): the
+schedule's gradient, the exact endpoints, inversion, the schedule file's refusals, the
+objectives' figures on real shapes-world scenes, and edit.py's outputs and one-line errors."""
+
+import json
+import os
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from PIL import Image
+from safetensors.torch import save_file
+
+from orthodiff.adapter import save_adapter
+from orthodiff.data.shapes import make_scene
+from orthodiff.editing import (
+    ClipObjective,
+    Edit,
+    ShapesObjective,
+    build_objective,
+    caption_changes,
+    denoise,
+    invert,
+    load_edit_model,
+    load_schedule,
+    mix,
+    paper_schedule,
+    switch_schedule,
+)
+from orthodiff.editing.perceptual import PerceptualDistance
+from orthodiff.editing.sampler import null_text
+from orthodiff.eval.oracles import images_to_tensor
+from orthodiff.models.sampling import sample
+from orthodiff.oft import OFTConfig
+from orthodiff.tasks import ControlTask
+
+ROOT = Path(__file__).resolve().parents[1]
+NEUTRAL = "a red circle on a black background"
+WHITE = "a red circle on a white background"
+SQUARE = "a red square on a black background"
+EDIT_MAIN = runpy.run_path(str(ROOT / "edit.py"))["main"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_edit_model()
+
+
+def scene(seed: int, color="red", kind="circle", background="black") -> np.ndarray:
+    """A one-shape scene; the same seed gives the same layout whatever the colour, kind or
+    background (each vocabulary has one entry, so the random draws are the same)."""
+    return make_scene(seed, shapes=(kind,), colors=(color,), backgrounds=(background,)).image
+
+
+def test_mix_orientation_and_per_sample_schedules():
+    neutral, attribute = torch.zeros(2, 3, 4), torch.ones(2, 3, 4)
+    states = mix(torch.tensor([1.0, 0.25, 0.0]), neutral, attribute)
+    assert [float(s.mean()) for s in states] == [0.0, 0.75, 1.0]  # lambda = 1 is the neutral prompt
+    per_sample = mix(torch.tensor([[1.0, 0.0]]), neutral, attribute)[0]
+    assert per_sample[0].eq(0).all() and per_sample[1].eq(1).all()
+    assert switch_schedule(4, 1).tolist() == [1, 0, 0, 0] and paper_schedule(50).sum() == 20
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_lambda_one_and_zero_reproduce_the_prompts_samples_exactly(tiny, grad):
+    edit = Edit(tiny, NEUTRAL, WHITE, steps=4, guidance=7.5)
+    noise = torch.cat([tiny.noise(0), tiny.noise(1)])
+    neutral, attribute, empty = (e.expand(2, -1, -1) for e in (edit.neutral, edit.attribute, edit.empty))
+    for lambdas, prompt in ((torch.ones(4), neutral), (torch.zeros(4), attribute)):
+        with torch.set_grad_enabled(grad):  # with gradients the steps run checkpointed
+            lambdas = lambdas.clone().requires_grad_(grad)
+            latents = denoise(tiny.unet, tiny.scheduler_config, noise, mix(lambdas, neutral, attribute), empty, 7.5)
+        reference = sample(tiny.unet, tiny.scheduler_config, noise, prompt, empty, 4, 7.5, progress=False)
+        assert torch.equal(latents.detach(), reference)
+        with torch.no_grad():
+            assert torch.equal(edit.render(noise, lambdas.detach()), tiny.decode(reference))
+
+
+def test_schedule_gradient_matches_finite_differences():
+    """d loss / d lambda_t through a 4-step chain and the VAE decoder (checkpointed), in
+    float64, against central differences on two lambdas."""
+    model = load_edit_model()
+    model.unet.double(), model.vae.double()
+    edit = Edit(model, NEUTRAL, SQUARE, steps=4, guidance=7.5)
+    edit.neutral, edit.attribute, edit.empty = edit.neutral.double(), edit.attribute.double(), edit.empty.double()
+    noise = model.noise(0).double()
+    weights = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def loss(lambdas):
+        return (edit.render(noise, lambdas) * weights).sum()
+
+    lambdas = torch.tensor([1.0, 0.7, 0.3, 0.0], dtype=torch.float64, requires_grad=True)
+    loss(lambdas).backward()
+    eps = 1e-4
+    with torch.no_grad():
+        for t in (1, 2):
+            step = torch.zeros(4, dtype=torch.float64)
+            step[t] = eps
+            numeric = (loss(lambdas + step) - loss(lambdas - step)) / (2 * eps)
+            assert abs(numeric) > 1e-2  # the test can fail: these lambdas matter
+            assert torch.isclose(lambdas.grad[t], numeric, rtol=1e-4, atol=1e-9), (t, lambdas.grad[t], numeric)
+    edit.checkpoint = False  # the same gradient without recomputation
+    plain = lambdas.detach().clone().requires_grad_(True)
+    loss(plain).backward()
+    assert torch.allclose(plain.grad, lambdas.grad, rtol=1e-10)
+
+
+def test_inversion_redraws_the_image(tiny):
+    """Unguided DDIM inversion with fixed-point refinement is exact; null-text inversion
+    makes the guided chain retrace it far better than the plain inverted noise does."""
+    edit = Edit(tiny, NEUTRAL, SQUARE, steps=10, guidance=7.5)
+    latents = tiny.encode_image(images_to_tensor(scene(3)))
+    text, empty = edit.neutral, edit.empty
+    trajectory = invert(tiny.unet, tiny.scheduler_config, latents, text, empty, 10, guidance=1.0, refine=5)
+    with torch.no_grad():
+        unguided = denoise(tiny.unet, tiny.scheduler_config, trajectory[-1], [text] * 10, empty, 1.0)
+        guided = denoise(tiny.unet, tiny.scheduler_config, trajectory[-1], [text] * 10, empty, 7.5)
+    assert (unguided - latents).abs().mean() < 0.01
+    uncond = null_text(tiny.unet, tiny.scheduler_config, trajectory, text, empty, 7.5, iterations=10)
+    with torch.no_grad():
+        retraced = denoise(tiny.unet, tiny.scheduler_config, trajectory[-1], [text] * 10, uncond, 7.5)
+    error, plain_error = (retraced - latents).abs().mean(), (guided - latents).abs().mean()
+    assert error < 0.7 * plain_error, (error, plain_error)  # measured: 0.107 against 0.214
+
+
+def test_shapes_objective_reads_true_edits_of_real_scenes():
+    changes, _ = caption_changes(NEUTRAL, "a green square on a white background")
+    assert [c.label for c in changes] == ["background black -> white", "circle red -> green", "red circle -> square"]
+    with pytest.raises(ValueError, match="1 and 2 shapes"):
+        caption_changes(NEUTRAL, "a red circle and a blue square on a black background")
+    with pytest.raises(ValueError, match="clip_model="):
+        build_objective("a photo of a person", "a photo of a person, smiling")
+    with pytest.raises(ValueError, match="read 64 px images and this model draws 512 px"):
+        build_objective(NEUTRAL, WHITE, resolution=512)
+
+    seeds = range(4)
+    neutral = images_to_tensor(np.stack([scene(s) for s in seeds]))
+    for attribute, edited in ((WHITE, [scene(s, background="white") for s in seeds]),
+                              ("a green circle on a black background", [scene(s, color="green") for s in seeds]),
+                              (SQUARE, [scene(s, kind="square") for s in seeds])):
+        objective = ShapesObjective(NEUTRAL, attribute)
+        objective.prepare(neutral)
+        scores = objective.scores(images_to_tensor(np.stack(edited)))
+        assert scores["success"].mean() == 1 and scores["neutral_ok"].mean() == 1, (attribute, scores)
+        # A square of the circle's circumradius covers 2 / pi of it: IoU 0.64 for a perfect kind edit.
+        assert scores["content_iou"].min() > (0.6 if attribute == SQUARE else 0.95), (attribute, scores)
+        assert scores["count_kept"].mean() == 1
+        unchanged = objective.scores(neutral)
+        assert unchanged["success"].sum() == 0 and unchanged["content_iou"].min() == 1
+        true_edit, no_edit = objective.loss(images_to_tensor(np.stack(edited))), objective.loss(neutral)
+        assert true_edit["direction"] < 0.2 * no_edit["direction"], (attribute, true_edit, no_edit)
+        assert no_edit["content"] < 1e-3
+
+
+def vgg_weights(path: Path, width: int = 4) -> Path:
+    """A narrow random network in torchvision's vgg16 key layout (conv indices of features)."""
+    generator = torch.Generator().manual_seed(0)
+    state, channels = {}, 3
+    for index in (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28):
+        state[f"features.{index}.weight"] = 0.3 * torch.randn(width, channels, 3, 3, generator=generator)
+        state[f"features.{index}.bias"] = torch.zeros(width)
+        channels = width
+    state["classifier.0.weight"] = torch.zeros(2, 2)
+    torch.save(state, path)
+    return path
+
+
+def test_clip_objective_and_perceptual_distances(tiny_clip, tmp_path):
+    vgg = vgg_weights(tmp_path / "vgg16.pth")
+    save_file({f"lin{k}.model.1.weight": torch.rand(1, 4, 1, 1) for k in range(5)}, tmp_path / "lpips.safetensors")
+    images = images_to_tensor(np.stack([scene(0), scene(0, background="white")]))
+    for lpips in (None, tmp_path / "lpips.safetensors"):
+        distance = PerceptualDistance(vgg, lpips)
+        assert distance(images, images).abs().max() < 1e-6 and (distance(images, images.flip(0)) > 0).all()
+    objective = build_objective(NEUTRAL, WHITE, clip_model=str(tiny_clip), perceptual=str(vgg))
+    assert isinstance(objective, ClipObjective) and objective.content_weight == 0.05
+    objective.prepare(images[:1])
+    edited = images[1:].clone().requires_grad_(True)
+    parts = objective.loss(edited)
+    parts["loss"].backward()
+    assert torch.isfinite(parts["loss"]) and edited.grad.abs().sum() > 0 and parts["content"] > 0
+    scores = objective.scores(images[1:])
+    assert abs(scores["clip_direction"][0] - (1 - parts["direction"].item())) < 1e-5
+    with pytest.raises(ValueError, match="perceptual="):
+        build_objective(NEUTRAL, WHITE, clip_model=str(tiny_clip))
+    with pytest.raises(FileNotFoundError, match="no downloads"):
+        build_objective(NEUTRAL, WHITE, clip_model=str(tiny_clip), perceptual=str(tmp_path / "missing.pth"))
+    with pytest.raises(FileNotFoundError, match="could not be loaded"):
+        build_objective(NEUTRAL, WHITE, clip_model=str(tmp_path / "no-clip"), perceptual=str(vgg))
+
+
+def test_learning_lowers_the_loss_and_per_sample_schedules_are_independent(tiny):
+    edit = Edit(tiny, NEUTRAL, SQUARE, steps=4, guidance=7.5)
+    noise = torch.cat([tiny.noise(0), tiny.noise(1)])
+    objective = ShapesObjective(NEUTRAL, SQUARE)
+    joint, history = edit.learn(noise, objective, iterations=3, init=paper_schedule(4)[:, None].repeat(1, 2))
+    assert history[-1]["loss"] < history[0]["loss"] and joint.shape == (4, 2)
+    alone, _ = edit.learn(noise[1:], objective, iterations=3)
+    assert torch.allclose(joint[:, 1], alone, atol=1e-4), (joint[:, 1], alone)
+
+
+@pytest.fixture(scope="module")
+def oft_adapter(tmp_path_factory):
+    module = ControlTask(control="canny", adapter=OFTConfig(num_blocks=4), method="oft", val_steps=3)
+    with torch.no_grad():
+        for parameter in (p for p in module.parameters() if p.requires_grad):
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(0)))
+    return save_adapter(tmp_path_factory.mktemp("adapter") / "oft.safetensors", module.eval())
+
+
+@pytest.fixture(scope="module")
+def other_base(tmp_path_factory):
+    """The tiny SD with one UNet weight changed: another base model."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("other") / "tiny-sd-other"
+    shutil.copytree(ROOT / "assets" / "tiny-sd", folder)
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+    with torch.no_grad():
+        unet.conv_in.bias.add_(0.01)
+    unet.save_pretrained(folder / "unet")
+    return folder
+
+
+def edit_cli(*args: str) -> None:
+    EDIT_MAIN(list(args))
+
+
+def test_edit_py_learns_writes_and_transfers(tmp_path, capsys):
+    out = tmp_path / "learned"
+    edit_cli(f"prompt={NEUTRAL}", f"attribute={SQUARE}", "steps=4", "iterations=2", f"out={out}", "switches=1,2")
+    assert "learned schedule" in capsys.readouterr().out
+    lambdas, meta = load_schedule(out / "schedule.safetensors")
+    assert lambdas.shape == (4,) and meta["steps"] == "4" and meta["sampler"] == "ddim" and meta["guidance"] == "7.5"
+    assert meta["prompt"] == NEUTRAL and meta["attribute"] == SQUARE and meta["base_model"] == "assets/tiny-sd"
+    record = json.loads((out / "edit.json").read_text())
+    assert len(record["iterations"]) == 2 and {"loss", "content", "direction"} <= set(record["iterations"][0])
+    assert set(record["scores"]) == {"edited", "neutral", "attribute_alone", "paper_init", "switch_1", "switch_2"}
+    assert record["scores"]["neutral"]["content_iou"] == 1.0 and record["schedule"]["lambda"] == pytest.approx(
+        lambdas.tolist(), abs=1e-5)
+    assert np.asarray(Image.open(out / "grid.png")).shape == (64, 192, 3)
+    for name in ("neutral", "edited"):
+        assert np.asarray(Image.open(out / f"{name}.png")).shape == (64, 64, 3)
+
+    # The transfer case: another seed, no optimisation, the file's steps and guidance.
+    edit_cli(f"prompt={NEUTRAL}", f"attribute={SQUARE}", f"schedule={out / 'schedule.safetensors'}", "seed=3",
+             f"out={tmp_path / 'applied'}", "switches=none")
+    record = json.loads((tmp_path / "applied" / "edit.json").read_text())
+    assert not (tmp_path / "applied" / "schedule.safetensors").exists() and record["iterations"] == []
+    assert record["steps"] == 4 and record["schedule"]["lambda"] == pytest.approx(lambdas.tolist(), abs=1e-5)
+
+    # A real image, through inversion.
+    Image.fromarray(scene(7)).save(tmp_path / "real.png")
+    edit_cli(f"prompt={NEUTRAL}", f"attribute={SQUARE}", f"schedule={out / 'schedule.safetensors'}",
+             f"image={tmp_path / 'real.png'}", f"out={tmp_path / 'real'}", "switches=none", "null_iterations=3")
+    record = json.loads((tmp_path / "real" / "edit.json").read_text())
+    assert (tmp_path / "real" / "reconstruction.png").is_file() and record["source"].startswith("image")
+    assert record["scores"]["neutral"]["content_iou"] > 0.8  # the reconstruction keeps the real shape
+
+
+def test_a_schedule_for_another_model_or_step_count_is_refused(tmp_path, oft_adapter, other_base):
+    out = tmp_path / "learned"
+    edit_cli(f"prompt={NEUTRAL}", f"attribute={WHITE}", "steps=4", "iterations=1", f"out={out}", "switches=none")
+    schedule = f"schedule={out / 'schedule.safetensors'}"
+    cases = [(("steps=5",), "has 4 steps"),
+             ((f"base={other_base}",), "was learned on base model 'assets/tiny-sd'"),
+             ((f"adapter={oft_adapter}",), "learn a schedule for this model")]
+    for args, message in cases:
+        with pytest.raises(SystemExit) as error:
+            edit_cli(f"prompt={NEUTRAL}", f"attribute={WHITE}", schedule, f"out={tmp_path / 'x'}", *args)
+        assert message in str(error.value) and "\n" not in str(error.value), (args, str(error.value))
+
+
+def test_an_adapted_model_edits_the_same_way(tiny, oft_adapter):
+    adapted = load_edit_model(adapter=str(oft_adapter))
+    assert adapted.digest != tiny.digest and adapted.base_model.endswith("tiny-sd")
+    edit, base_edit = Edit(adapted, NEUTRAL, SQUARE, steps=4), Edit(tiny, NEUTRAL, SQUARE, steps=4)
+    noise = tiny.noise(0)
+    with torch.no_grad():
+        latents = denoise(adapted.unet, adapted.scheduler_config, noise, [edit.neutral] * 4, edit.empty, 7.5)
+        reference = sample(adapted.unet, adapted.scheduler_config, noise, edit.neutral, edit.empty, 4, 7.5,
+                           progress=False)
+        assert torch.equal(latents, reference)
+        assert (edit.render(noise, torch.ones(4)) - base_edit.render(noise, torch.ones(4))).abs().max() > 1e-3
+    lambdas, history = edit.learn(noise, ShapesObjective(NEUTRAL, SQUARE), iterations=1)
+    assert lambdas.shape == (4,) and np.isfinite(history[0]["loss"])
+
+
+def test_edit_py_bad_input_is_one_line(tmp_path):
+    (tmp_path / "notes.png").write_text("not an image")
+    save_file({"w": torch.zeros(2)}, tmp_path / "other.safetensors")
+    (tmp_path / "junk.safetensors").write_text("junk")
+    base = [f"prompt={NEUTRAL}", f"attribute={WHITE}", "steps=2", "iterations=0", f"out={tmp_path / 'o'}"]
+    cases = [
+        ([f"attribute={WHITE}"], "missing required argument(s): prompt=..."),
+        ([*base[1:], "prompt= "], "prompt= is empty"),
+        ([*base, f"image={tmp_path / 'notes.png'}"], "notes.png is not a readable image"),
+        ([*base, f"image={tmp_path / 'absent.png'}"], "absent.png: no such file"),
+        ([*base, f"schedule={tmp_path / 'other.safetensors'}"], "is not an edit schedule"),
+        ([*base, f"schedule={tmp_path / 'junk.safetensors'}"], "is not a safetensors file"),
+        ([*base, f"schedule={tmp_path / 'missing.safetensors'}"], "no such file"),
+        ([*base, "switches=0,9"], "switch steps must lie in 1..1"),
+        ([*base, f"base={tmp_path / 'nowhere'}"], "nowhere"),
+        ([f"prompt={NEUTRAL}", "attribute=a photo of a dog", "steps=2"], "need clip_model= and perceptual="),
+        ([*base, "stepz=3"], "keys prompt, attribute"),
+    ]
+    for args, message in cases:
+        with pytest.raises(SystemExit) as error:
+            edit_cli(*args)
+        text = str(error.value)
+        assert message in text and "\n" not in text, (args, text)
+    # As a process: the line on stderr, no traceback.
+    result = subprocess.run([sys.executable, str(ROOT / "edit.py"), f"attribute={WHITE}"], capture_output=True,
+                            text=True, cwd=tmp_path)
+    assert result.returncode != 0 and "edit.py: missing required argument(s): prompt=..." in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_nothing_below_the_entry_points_imports_editing():
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_layering import import_graph
+
+    graph = import_graph()
+    assert "editing" in graph and graph["editing"] <= {"oft", "models", "data", "eval", "tasks", "adapter", "files"}
+    for part in ("oft", "models", "data", "eval", "tasks", "adapter", "pipelines"):
+        assert "editing" not in graph.get(part, set()), part
+
+
+def test_reproduce_table_edit_writes_the_report(tmp_path):
+    """table=edit at a toy size: every method's row for generated and real images, the
+    verdict lines and the sample grid (the real settings take about half an hour)."""
+    import csv
+
+    toy = ["edit.steps=3", "edit.seeds=2", "edit.learn_seeds=1", "edit.real_images=1", "edit.iterations=1",
+           "edit.null_iterations=1"]
+    result = subprocess.run([sys.executable, str(ROOT / "reproduce.py"), "table=edit", f"out_dir={tmp_path}", *toy],
+                            capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = list(csv.DictReader(open(tmp_path / "edit.csv")))
+    methods = {(row["edit"], row["images"], row["method"]) for row in rows}
+    for edit in ("background", "colour", "kind"):
+        assert (edit, "generated", "learned (own schedule)") in methods
+        assert (edit, "generated", "switch k=1") in methods and (edit, "generated", "attribute alone") in methods
+        assert (edit, "real (inverted)", "transferred (seed-0 schedule)") in methods
+    assert all(0 <= float(row["success"]) <= 1 and 0 <= float(row["content_iou"]) <= 1 for row in rows)
+    report = (tmp_path / "edit.md").read_text()
+    assert "python reproduce.py table=edit" in report and report.count("transferred to real images:") == 3
+    assert (tmp_path / "edit_samples.png").is_file()
