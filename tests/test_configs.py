@@ -27,6 +27,14 @@ UNET_ADAPTERS = {"oft": OFTConfig, "coft": OFTConfig, "lora": LoRAConfig, "full"
                  "textual_inversion": None, "pplus": None, "perfusion": None, "encoder": None}
 
 
+@pytest.fixture(autouse=True)
+def forget_hydra_config():
+    """Tests here set Hydra's global config (check_method_fits reads the experiment's name from
+    it); later tests in the session must not inherit it."""
+    yield
+    HydraConfig.instance().cfg = None
+
+
 def compose_train(overrides: list[str], conf: Path = CONF):
     with initialize_config_dir(version_base="1.3", config_dir=str(conf)):
         return compose("train", overrides=overrides, return_hydra_config=True)
