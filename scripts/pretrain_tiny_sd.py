@@ -30,6 +30,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from orthodiff.data.shapes import read_metadata, write_dataset
+from orthodiff.files import atomic_path
 from orthodiff.models.tiny_sd import (
     build_clip_tokenizer, build_text_encoder, build_unet, build_vae, sampling_scheduler, training_scheduler,
 )
@@ -38,16 +39,67 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def atomic_save(obj, path: Path):
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
-def load_images(split_dir: Path) -> tuple[torch.Tensor, list[str]]:
-    """All images of a split as uint8 (N, 3, 64, 64) and their captions."""
+def load_images(split_dir: Path) -> tuple[torch.Tensor, list[dict]]:
+    """All images of a split as uint8 (N, 3, 64, 64) and their metadata records
+    (caption in "text", the scene's "shapes" and "background")."""
     records = read_metadata(split_dir)
     images = np.stack([cv2.imread(str(split_dir / r["file_name"]))[:, :, ::-1] for r in tqdm(records, desc="read images")])
-    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), [r["text"] for r in records]
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), records
+
+
+# ---- caption augmentation (recipe v3): the parts of a description, not only the template
+NUMBERS = {2: "two", 3: "three"}
+PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses", "shape": "shapes"}
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def _listing(phrases: list[str]) -> str:
+    return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+
+
+def augment_caption(shapes: list[dict], background: str, rng: np.random.Generator, p) -> str:
+    """A caption of the scene that a person might type: the full template with probability
+    p.full_prob, otherwise a shorter or reordered description of the same scene built from
+    its metadata. Everything said stays true; things may be left out:
+    some shapes (often all but one: "a red circle" of three), the colours ("a circle and a
+    square"), the kinds ("red and blue shapes"), both ("three shapes"), the background clause
+    (or its short form "on black"); shapes may be listed out of z-order; repeated kinds
+    become plurals ("two circles on white")."""
+    if rng.random() < p.full_prob:
+        return None  # the dataset's own caption
+    named = list(shapes)
+    if len(named) > 1 and rng.random() < p.subset_prob:
+        k = 1 if rng.random() < p.one_of_several_prob else int(rng.integers(1, len(named)))
+        named = [named[i] for i in sorted(rng.choice(len(named), k, replace=False))]
+    if len(named) > 1 and rng.random() < p.shuffle_prob:
+        named = [named[i] for i in rng.permutation(len(named))]
+    r = rng.random()
+    if r < p.get("count_only_prob", 0.0):  # "three shapes", "a shape"
+        text = f"{NUMBERS[len(named)]} shapes" if len(named) > 1 else "a shape"
+    elif r < p.get("count_only_prob", 0.0) + p.drop_kind_prob:  # "a red shape", "red and blue shapes"
+        colors = [s["color"] for s in named]
+        text = f"{_article(colors[0])} {colors[0]} shape" if len(colors) == 1 else _listing(colors) + " shapes"
+    else:
+        keep_color = rng.random() >= p.drop_color_prob
+        words = [f"{s['color']} {s['kind']}" if keep_color else s["kind"] for s in named]
+        counts: dict[str, int] = {}
+        for w in words:  # group repeats ("two circles"), keeping first-mention order
+            counts[w] = counts.get(w, 0) + 1
+        phrases = [f"{_article(w)} {w}" if n == 1 else f"{NUMBERS[n]} {PLURALS[w]}" for w, n in counts.items()]
+        text = _listing(phrases)
+    r = rng.random()
+    if r < p.background_full_prob:
+        text += f" on {_article(background)} {background} background"
+    elif r < p.background_full_prob + p.background_short_prob:
+        text += f" on {background}"
+    return text
 
 
 def to_unit(images_uint8: torch.Tensor) -> torch.Tensor:
@@ -87,40 +139,84 @@ class Checkpointer:
             self.last = time.time()
 
 
+def image_gradients(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return x[..., :, 1:] - x[..., :, :-1], x[..., 1:, :] - x[..., :-1, :]
+
+
+def vae_loss(recon: torch.Tensor, x: torch.Tensor, v) -> tuple[torch.Tensor, dict]:
+    """Reconstruction loss of recipe v2 (L1 + MSE) plus the v3 terms, each off at weight 0:
+    grad_weight: L1 between the horizontal and vertical pixel differences of the
+      reconstruction and of the image (edges: a blurred edge loses most of its gradient);
+    peak_weight: mean of the worst `peak_fraction` of each image's pixel errors (largest
+      channel error): a few wrong pixels (spots) cost little in a mean, everything here."""
+    err = (recon - x).abs()
+    terms = {"l1": err.mean(), "mse": (recon - x).pow(2).mean()}
+    loss = v.get("l1_weight", 1.0) * terms["l1"] + v.get("mse_weight", 1.0) * terms["mse"]
+    if v.get("grad_weight", 0):
+        (rx, ry), (xx, xy) = image_gradients(recon), image_gradients(x)
+        terms["grad"] = (rx - xx).abs().mean() + (ry - xy).abs().mean()
+        loss = loss + v.grad_weight * terms["grad"]
+    if v.get("peak_weight", 0):
+        per_pixel = err.amax(1).flatten(1)
+        k = max(1, int(per_pixel.shape[1] * v.peak_fraction))
+        terms["peak"] = per_pixel.topk(k, dim=1).values.mean()
+        loss = loss + v.peak_weight * terms["peak"]
+    return loss, terms
+
+
+def augment_images(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random flips and 90-degree turns (the autoencoder should not care about orientation)."""
+    if torch.rand((), generator=gen) < 0.5:
+        x = x.flip(-1)
+    return x.rot90(int(torch.randint(4, (), generator=gen)), dims=(-2, -1))
+
+
 def train_vae(cfg, images: torch.Tensor, cache: Path):
     final = cache / "vae_final.pt"
     if cfg.init_from:
         from diffusers import AutoencoderKL
 
         return AutoencoderKL.from_pretrained(Path(cfg.init_from) / "vae", torch_dtype=torch.float32)
-    vae = build_vae(cfg.vae.channels, cfg.vae.latent_channels)
+    v = cfg.vae
+    vae = build_vae(v.channels, v.latent_channels, v.get("norm_num_groups", 16), v.get("layers_per_block", 1))
     if final.exists():
         vae.load_state_dict(torch.load(final))
         return vae
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.vae.steps)
+    opt = torch.optim.AdamW(vae.parameters(), lr=v.lr, weight_decay=0.0)
+    warmup = v.get("warmup_steps", 0)
+    # linear warmup, then cosine to zero (v2: no warmup, plain cosine)
+    lr_at = lambda s: min(1.0, (s + 1) / warmup) if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, v.steps - warmup)))  # noqa: E731
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     ckpt = Checkpointer(cache / "vae.pt", cfg.checkpoint_every_s, model=vae, opt=opt, sched=sched)
     step = ckpt.resume()
     gen = torch.Generator().manual_seed(cfg.seed + step)
-    bar = tqdm(range(step, cfg.vae.steps), initial=step, total=cfg.vae.steps, desc="vae")
+    bar = tqdm(range(step, v.steps), initial=step, total=v.steps, desc="vae", mininterval=30)
+    start, first = time.time(), step
     for step in bar:
-        x = to_unit(images[torch.randint(len(images), (cfg.vae.batch_size,), generator=gen)])
+        x = to_unit(images[torch.randint(len(images), (v.batch_size,), generator=gen)])
+        if v.get("augment", False):
+            x = augment_images(x, gen)
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample(generator=gen)).sample
-        # L1 keeps flat colours exact; MSE adds a push on large colour errors.
-        rec_loss = (recon - x).abs().mean() + F.mse_loss(recon, x)
-        loss = rec_loss + cfg.vae.kl_weight * posterior.kl().mean()
+        rec_loss, terms = vae_loss(recon, x, v)
+        loss = rec_loss + v.kl_weight * posterior.kl().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if v.get("grad_clip"):
+            torch.nn.utils.clip_grad_norm_(vae.parameters(), v.grad_clip)
         opt.step()
         sched.step()
-        bar.set_postfix(rec=f"{rec_loss.item():.4f}")
+        bar.set_postfix({k: f"{t.item():.4f}" for k, t in terms.items()}, refresh=False)
+        if (step + 1) % 250 == 0:
+            print(f"vae step {step + 1}/{v.steps}: " + " ".join(f"{k} {t.item():.4f}" for k, t in terms.items())
+                  + f", {(time.time() - start) / (step + 1 - first):.3f} s/step this run", flush=True)
         ckpt.maybe_save(step + 1)
     vae.eval()
     with torch.no_grad():
         x = to_unit(images[:16])
         save_grid(torch.cat([x, vae.decode(vae.encode(x).latent_dist.mode()).sample]), cache / "vae_recon.png")
     atomic_save(vae.state_dict(), final)
+    vae.save_pretrained(cache / "vae")  # for `evaluate_tiny_sd.py --vae-only --vae <cache>/vae`
     return vae
 
 
@@ -142,16 +238,28 @@ def encode_latents(vae, images: torch.Tensor, cache: Path) -> tuple[torch.Tensor
     return moments, scaling_factor
 
 
-def train_unet(cfg, tokenizer, moments, scaling_factor, captions, cache: Path):
+def train_unet(cfg, tokenizer, moments, scaling_factor, records, cache: Path):
+    latent_channels = moments.shape[1] // 2
     text_encoder = build_text_encoder(cfg.text_encoder.hidden, cfg.text_encoder.layers, cfg.text_encoder.heads)
-    unet = build_unet(cfg.unet.channels, cfg.text_encoder.hidden, cfg.unet.attention_heads)
-    if cfg.init_from:  # a checkpoint in cache_dir, if any, overrides this below
+    unet = build_unet(cfg.unet.channels, cfg.text_encoder.hidden, cfg.unet.attention_heads, latent_channels=latent_channels)
+    init = Path(cfg.init_from) if cfg.init_from else None
+    warm_te = warm_unet = init is not None
+    if init is None and cfg.get("warm_start_from"):
+        init = Path(os.path.expanduser(cfg.warm_start_from))
+        warm_te, warm_unet = cfg.unet.get("warm_start_text_encoder", True), cfg.unet.get("warm_start_unet", True)
+    if init is not None:  # a checkpoint in cache_dir, if any, overrides this below
         from diffusers import UNet2DConditionModel
         from transformers import CLIPTextModel
 
-        init = Path(cfg.init_from)
-        unet.load_state_dict(UNet2DConditionModel.from_pretrained(init / "unet").state_dict())
-        text_encoder.load_state_dict(CLIPTextModel.from_pretrained(init / "text_encoder").state_dict())
+        if warm_unet:
+            source = UNet2DConditionModel.from_pretrained(init / "unet", torch_dtype=torch.float32).state_dict()
+            own = unet.state_dict()
+            same = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}
+            unet.load_state_dict(same, strict=False)
+            print(f"unet warm-started from {init}: {len(same)}/{len(own)} tensors", flush=True)
+        if warm_te:
+            text_encoder.load_state_dict(CLIPTextModel.from_pretrained(init / "text_encoder", torch_dtype=torch.float32).state_dict())
+            print(f"text encoder warm-started from {init}", flush=True)
     models = torch.nn.ModuleDict({"unet": unet, "text_encoder": text_encoder})
     ema = AveragedModel(models, multi_avg_fn=get_ema_multi_avg_fn(cfg.unet.ema_decay), use_buffers=True)
     opt = torch.optim.AdamW(models.parameters(), lr=cfg.unet.lr, weight_decay=0.01)
@@ -162,17 +270,30 @@ def train_unet(cfg, tokenizer, moments, scaling_factor, captions, cache: Path):
     noise_scheduler = training_scheduler()
     alphas = noise_scheduler.alphas_cumprod
     snr = alphas / (1 - alphas)
-    token_ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
-                          truncation=True, return_tensors="pt").input_ids
-    empty_ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+
+    def tokenize(texts):
+        return tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt").input_ids
+
+    captions = [r["text"] for r in records]
+    caption_cfg = cfg.unet.get("captions")
+    augment = caption_cfg is not None and caption_cfg.full_prob < 1
+    token_ids = tokenize(captions)
+    empty_ids = tokenize([""])
     gen = torch.Generator().manual_seed(cfg.seed + 1 + start)
-    latent_channels = moments.shape[1] // 2
-    bar = tqdm(range(start, cfg.unet.steps), initial=start, total=cfg.unet.steps, desc="unet")
+    rng = np.random.default_rng(cfg.seed + 1 + start)  # caption augmentation
+    bar = tqdm(range(start, cfg.unet.steps), initial=start, total=cfg.unet.steps, desc="unet", mininterval=30)
+    timer, first = time.time(), start
     for step in bar:
         idx = torch.randint(len(moments), (cfg.unet.batch_size,), generator=gen)
         m = moments[idx].float()
         latents = (m[:, :latent_channels] + m[:, latent_channels:] * torch.randn(m[:, :latent_channels].shape, generator=gen)) * scaling_factor
         ids = token_ids[idx].clone()
+        if augment:
+            texts = [augment_caption(records[i]["shapes"], records[i]["background"], rng, caption_cfg) for i in idx.tolist()]
+            changed = [j for j, t in enumerate(texts) if t is not None]
+            if changed:
+                ids[changed] = tokenize([texts[j] for j in changed])
         drop = torch.rand(len(ids), generator=gen) < cfg.unet.empty_prompt_prob
         ids[drop] = empty_ids
         noise = torch.randn(latents.shape, generator=gen)
@@ -192,8 +313,11 @@ def train_unet(cfg, tokenizer, moments, scaling_factor, captions, cache: Path):
         opt.step()
         sched.step()
         ema.update_parameters(models)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
         ckpt.maybe_save(step + 1)
+        if (step + 1) % 100 == 0:
+            print(f"unet step {step + 1}/{cfg.unet.steps}: loss {loss.item():.4f}, "
+                  f"{(time.time() - timer) / (step + 1 - first):.3f} s/step this run", flush=True)
         if (step + 1) % cfg.unet.sample_every == 0:
             yield step + 1, ema.module
     finished = max(start, cfg.unet.steps)  # a run asked for fewer steps than done only exports
@@ -232,6 +356,9 @@ SAMPLE_PROMPTS = [
     "a green triangle on a light gray background", "a yellow cross on a dark gray background",
     "a purple circle and an orange square on a white background", "a red triangle and a blue cross on a black background",
     "an orange circle on a black background", "a green square, a red circle and a blue triangle on a white background",
+    # short prompts (recipe v3's caption augmentation)
+    "a red circle", "a red triangle", "a blue square", "a green cross",
+    "a square", "two circles on black", "red and blue shapes", "three shapes",
 ]
 
 
@@ -242,9 +369,17 @@ def main(cfg: DictConfig):
     torch.manual_seed(cfg.seed)
     cache = Path(os.path.expanduser(cfg.cache_dir))
     cache.mkdir(parents=True, exist_ok=True)
-    data_dir, out_dir = ROOT / cfg.data_dir, ROOT / cfg.out_dir
+    data_dir, out_dir = ROOT / cfg.data_dir, ROOT / os.path.expanduser(cfg.out_dir)  # an absolute path stays as it is
     write_dataset(data_dir, cfg.train_size)  # no-op when the same dataset is already there
     tokenizer_dir = Path(cfg.init_from) / "tokenizer" if cfg.init_from else cache / "tokenizer"
+    warm = Path(os.path.expanduser(cfg.warm_start_from)) if cfg.get("warm_start_from") else None
+    if not cfg.init_from and warm is not None and not (tokenizer_dir / "vocab.json").exists():
+        # the warm start's tokenizer, copied so that the run no longer needs that folder
+        tmp = tokenizer_dir.with_name(".tokenizer.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tokenizer_dir, ignore_errors=True)  # a partial one (no vocab.json)
+        shutil.copytree(warm / "tokenizer", tmp)
+        os.replace(tmp, tokenizer_dir)
     if not (tokenizer_dir / "vocab.json").exists():
         if cfg.bpe_vocab is None:
             raise SystemExit("pretrain_tiny_sd: pass bpe_vocab=<path to bpe_simple_vocab_16e6.txt.gz> (see README)")
@@ -252,18 +387,24 @@ def main(cfg: DictConfig):
     from transformers import CLIPTokenizer
 
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
-    images, captions = load_images(data_dir / "train")
+    images, records = load_images(data_dir / "train")
     start = time.time()
     vae = train_vae(cfg, images, cache)
     moments, scaling_factor = encode_latents(vae, images, cache)
     print(f"vae ready ({time.time() - start:.0f}s this run), latent scaling factor {scaling_factor:.4f}")
-    for step, ema_models in train_unet(cfg, tokenizer, moments, scaling_factor, captions, cache):
+    for step, ema_models in train_unet(cfg, tokenizer, moments, scaling_factor, records, cache):
         pipe = make_pipeline(vae, ema_models, tokenizer, scaling_factor)
         pipe.set_progress_bar_config(disable=True)
         samples = pipe(SAMPLE_PROMPTS, num_inference_steps=25, guidance_scale=cfg.unet.guidance_scale, output_type="pt",
                        height=64, width=64, generator=torch.Generator().manual_seed(0)).images
         save_grid(samples * 2 - 1, cache / f"samples_{step:06d}.png")
-        print(f"step {step}: samples in {cache}/samples_{step:06d}.png", flush=True)
+        # the EMA weights so far, a whole pipeline folder (swapped in whole) for evaluate_tiny_sd.py
+        latest, tmp = cache / "latest", cache / ".latest.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        export_pipeline(pipe, tokenizer_dir, tmp)
+        shutil.rmtree(latest, ignore_errors=True)
+        os.replace(tmp, latest)
+        print(f"step {step}: samples in {cache}/samples_{step:06d}.png, pipeline in {latest}", flush=True)
     export_pipeline(pipe, tokenizer_dir, out_dir)
     print(f"done in {time.time() - start:.0f}s this run; pipeline in {out_dir}; config:\n{OmegaConf.to_yaml(cfg)}")
 
