@@ -22,8 +22,8 @@ CONF = ROOT / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 METHODS = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))
 # What each method trains in the UNet: its adapter class (None: the UNet stays frozen).
-UNET_ADAPTERS = {"oft": OFTConfig, "coft": OFTConfig, "lora": LoRAConfig, "full": FullFinetuneConfig,
-                 "controlnet": None, "t2i_adapter": None, "t2i_adapter_light": None,
+UNET_ADAPTERS = {"oft": OFTConfig, "coft": OFTConfig, "coft_rotation": OFTConfig, "lora": LoRAConfig,
+                 "full": FullFinetuneConfig, "hint": None, "controlnet": None, "t2i_adapter": None, "t2i_adapter_light": None,
                  "textual_inversion": None, "pplus": None, "perfusion": None, "encoder": None}
 
 
@@ -40,10 +40,11 @@ def compose_train(overrides: list[str], conf: Path = CONF):
         return compose("train", overrides=overrides, return_hydra_config=True)
 
 
-def experiment_lr(name: str) -> float | None:
-    """The learning rate an experiment file (or the base it includes) sets, read from YAML."""
+def experiment_lr(name: str) -> float | str | None:
+    """The learning rate an experiment file (or the base it includes) sets, read from YAML
+    (an interpolation such as ${method.control_lr} comes back as its string)."""
     config = OmegaConf.load(CONF / "experiment" / f"{name}.yaml")
-    lr = OmegaConf.select(config, "module.optimizer.lr")
+    lr = OmegaConf.to_container(config).get("module", {}).get("optimizer", {}).get("lr")
     for entry in config.get("defaults", []):
         if isinstance(entry, str) and lr is None:
             lr = experiment_lr(entry)
@@ -71,12 +72,20 @@ def test_each_experiment_with_each_method_composes_the_methods_own_adapter(exper
         if expected is LoRAConfig:
             assert not {"coft", "eps", "num_blocks"} & set(cfg.adapter), "LoRA composes no OFT keys"
         if expected is OFTConfig:
-            assert adapter.coft == (method == "coft")
+            assert adapter.coft == method.startswith("coft")
+            if method == "coft_rotation" or (method == "coft" and cfg.task_name == "subject"):
+                # subject COFT takes the model's bound: rotation on the tiny SD, paper on SD 1.5/2.1
+                expected_norm = cfg.model.subject_coft.coft_norm if method == "coft" else "rotation"
+                assert adapter.coft_norm == expected_norm, (experiment, method)
+            elif method == "coft":
+                assert (adapter.coft_norm, adapter.eps) == ("paper", 1e-3), (experiment, method)
         if cfg.task_name == "control":
             assert cfg.method.control_network is not None
-            no_unet_adapter = method in ("controlnet", "t2i_adapter", "t2i_adapter_light")
+            no_unet_adapter = method in ("hint", "controlnet", "t2i_adapter", "t2i_adapter_light")
             assert (cfg.adapter is None) == no_unet_adapter
         lr = experiment_lr(experiment)
+        if lr == "${method.control_lr}":
+            lr = cfg.method.control_lr  # the tiny control experiments train at the method's own lr
         if lr is not None:
             assert cfg.module.optimizer.lr == lr, (experiment, method)
 
@@ -101,9 +110,20 @@ def test_an_experiment_composed_last_overrides_a_methods_task_settings(tmp_path)
     assert compose_train(["experiment=dreambooth", "method=coft"]).module.optimizer.lr == 1e-3
 
 
-def test_the_experiments_learning_rate_reaches_the_module():
-    cfg = compose_train(["experiment=canny", "method=lora"])
+def test_the_papers_coft_settings_are_in_the_paper_convention():
+    for control in ("canny", "seg", "depth", "landmarks"):
+        cfg = compose_train([f"experiment={control}_sd15"])  # method=coft, the default
+        assert (cfg.adapter.coft_norm, cfg.adapter.eps, cfg.module.optimizer.lr) == ("paper", 1e-3, 1e-5)
+    cfg = compose_train(["experiment=dreambooth_sd15", "data.root=/photos", "data.subject=dog"])
+    assert (cfg.adapter.coft_norm, cfg.adapter.eps, cfg.module.optimizer.lr) == ("paper", 6e-5, 6e-5)
+    assert cfg.module.num_class_images == 200 and cfg.adapter.num_blocks == 4
+    cfg = compose_train(["experiment=dreambooth"])  # the tiny SD's measured subject bound
+    assert (cfg.adapter.coft_norm, cfg.adapter.eps) == ("rotation", 0.2)
+
+
+def test_the_methods_learning_rate_reaches_the_module():
+    cfg = compose_train(["experiment=canny", "method=lora", "method.control_lr=3e-4"])
     module = instantiate(cfg.module)
     optimizer = module.configure_optimizers()
-    assert optimizer.param_groups[0]["lr"] == experiment_lr("canny") == 1e-3
+    assert optimizer.param_groups[0]["lr"] == 3e-4
     assert isinstance(module.adapter_config, LoRAConfig)

@@ -15,7 +15,9 @@ from orthodiff.tasks import ControlTask
 
 METHODS = {
     # name: (adapter, control network, the only trainable tensors' name fragments)
-    "coft": (OFTConfig(num_blocks=4, coft=True), "hint", ("oft_generator", "control_network.")),
+    "coft": (OFTConfig(num_blocks=4, coft=True, coft_norm="paper"), "hint", ("oft_generator", "control_network.")),
+    "coft_rotation": (OFTConfig(num_blocks=4, coft=True), "hint", ("oft_generator", "control_network.")),
+    "hint": (None, "hint", ("control_network.",)),
     "lora": (LoRAConfig(rank=2), "hint", ("lora_A", "lora_B", "control_network.")),
     "full": (FullFinetuneConfig(), "hint", ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "control_network.")),
     "controlnet": (None, "controlnet", ("control_network.",)),

@@ -77,8 +77,8 @@ def test_run_writes_metrics_adapter_samples_and_a_trainable_only_checkpoint(trai
     assert meta["base_model"] == "assets/tiny-sd" and meta["control"] == "canny"
     assert meta["method"] == "coft" and meta["control_network"] == "hint"
     oft = meta["adapter_config"]
-    # conf/method/coft.yaml: r=4, eps=1e-3 in the rotation convention
-    assert isinstance(oft, OFTConfig) and (oft.num_blocks, oft.coft, oft.eps, oft.coft_norm) == (4, True, 1e-3, "rotation")
+    # conf/method/coft.yaml: r=4, eps=1e-3 in the paper convention; the adapter records which
+    assert isinstance(oft, OFTConfig) and (oft.num_blocks, oft.coft, oft.eps, oft.coft_norm) == (4, True, 1e-3, "paper")
 
     checkpoint = load_checkpoint(trained_run / "checkpoints" / "last.ckpt")
     assert checkpoint["global_step"] == 3
