@@ -131,6 +131,36 @@ def test_adapter_for_another_base_model_names_both(tmp_path):
         load_adapter(tmp_path / "b.safetensors", pretrained="assets/tiny-sd")
 
 
+def test_adapter_for_a_retrained_base_with_the_same_layers_is_refused(tmp_path):
+    """An older tiny SD (same architecture, other weights, as v2 is to v3): the shape
+    fingerprint matches, the weight signature does not."""
+    import shutil
+
+    from diffusers import UNet2DConditionModel
+
+    from orthodiff.models.adapters import same_signature, target_signature
+    from orthodiff.models.tiny_sd import TINY_SD_PATH
+
+    older = tmp_path / "older-tiny-sd"
+    shutil.copytree(TINY_SD_PATH, older)
+    unet = UNet2DConditionModel.from_pretrained(older / "unet")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(0.05 * p.std().nan_to_num() * torch.randn_like(p))  # what retraining leaves: every weight moved
+    unet.save_pretrained(older / "unet")
+    trained = ControlTask(control="canny", adapter=OFTConfig(num_blocks=4, coft=True), control_network="hint",
+                          method="coft", pretrained=str(older), val_steps=2)
+    path = save_adapter(tmp_path / "older.safetensors", trained)
+    with pytest.raises(ValueError, match=r"older-tiny-sd.*same shapes but other weights.*allow_other_base=True"):
+        load_adapter(path, pretrained=str(TINY_SD_PATH))
+    assert load_adapter(path, pretrained=str(TINY_SD_PATH), allow_other_base=True).hparams.method == "coft"
+    assert load_adapter(path).hparams.pretrained == str(older)  # its own base still loads
+    # One base in half precision is still that base.
+    base = UNet2DConditionModel.from_pretrained(TINY_SD_PATH / "unet")
+    assert same_signature(target_signature(base), target_signature(base.to(torch.bfloat16)))
+
+
 def test_unknown_control_network_lists_the_choices():
     with pytest.raises(ValueError, match="t2i_adapter_light"):
         ControlTask(control="canny", adapter=None, control_network="t3i")

@@ -1,7 +1,7 @@
 """The trained adapter on disk: one safetensors file with the trainable tensors (the UNet
 adapter's under "unet.…", the control network's under "control_network.…") and metadata
 strings naming the format version, the method, the base model, a fingerprint of its
-target layers' shapes, the UNet adapter config, the control network and its config, the
+target layers' shapes and a signature of their weights (a few values per layer), the UNet adapter config, the control network and its config, the
 control type, and the sampling settings it was validated with (optional).
 The task (orthodiff.tasks) adds its own metadata: a control task its control type, network
 and network config; a subject task (no control network) the token, the class word and the
@@ -24,7 +24,8 @@ from torch import nn
 
 from orthodiff.data.subjects import check_token
 from orthodiff.files import atomic_path
-from orthodiff.models.adapters import adapt_unet, adapter_from_dict, adapter_to_dict, target_fingerprint
+from orthodiff.models.adapters import (adapt_unet, adapter_from_dict, adapter_to_dict, same_signature, target_fingerprint,
+                                       target_signature)
 from orthodiff.models.control_networks import control_network_from_config
 from orthodiff.models.embeddings import TokenEmbedding
 from orthodiff.models.perfusion import Perfusion, PerfusionConfig
@@ -44,6 +45,7 @@ def save_adapter(path: str | Path, module) -> Path:
         "method": str(module.hparams.method or ""),
         "base_model": str(module.hparams.pretrained),
         "target_fingerprint": module.target_fingerprint,
+        "target_signature": json.dumps(module.target_signature),
         "adapter_config": json.dumps(adapter_to_dict(module.adapter_config)),
         # What it was validated with: generate.py's defaults.
         "sampling": json.dumps({"steps": module.hparams.val_steps, "guidance": module.hparams.val_guidance}),
@@ -91,14 +93,22 @@ def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, decoded
 
 
-def check_fingerprint(path, meta: dict, found: str, base_name: str) -> None:
-    """The base model's target-layer fingerprint `found` must be the adapter's; the error
-    names both base models."""
-    if meta["target_fingerprint"] and found != meta["target_fingerprint"]:
+def check_base(path, meta: dict, fingerprint: str, signature: list, base_name: str,
+               allow_other_base: bool = False) -> None:
+    """The base model's target layers must be the adapter's: the same shapes (`fingerprint`),
+    and the same weights (`signature`; files written before it existed skip this) unless
+    `allow_other_base` (applying it to a finetuned derivative on purpose). Errors name both."""
+    if meta["target_fingerprint"] and fingerprint != meta["target_fingerprint"]:
         raise ValueError(
             f"adapter {path} was trained on base model {meta['base_model']!r} (target-layer fingerprint "
             f"{meta['target_fingerprint']}); {base_name!r} has different target layers "
-            f"(fingerprint {found}): pass the base model the adapter was made for")
+            f"(fingerprint {fingerprint}): pass the base model the adapter was made for")
+    recorded = json.loads(meta.get("target_signature") or "null")
+    if recorded is not None and not allow_other_base and not same_signature(recorded, signature):
+        raise ValueError(
+            f"adapter {path} was trained on base model {meta['base_model']!r}; {base_name!r} has target layers of "
+            "the same shapes but other weights (a retrained or finetuned base, e.g. an older tiny SD): pass the "
+            "base model the adapter was made for, or allow_other_base=True to apply it to this one anyway")
 
 
 def check_tensors(path, tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
@@ -115,11 +125,11 @@ def check_tensors(path, tensors: dict[str, torch.Tensor], expected: dict[str, to
                              f"({expected[key].dtype})")
 
 
-def load_adapter(path: str | Path, pretrained: str | None = None, **module_kwargs):
+def load_adapter(path: str | Path, pretrained: str | None = None, allow_other_base: bool = False, **module_kwargs):
     """The task (orthodiff.tasks: a ControlTask with its control network, or a SubjectTask)
     rebuilt from an adapter file, frozen base + trained tensors, for training or evaluation.
     `pretrained` replaces the base model named in the metadata; a base model whose
-    target layers differ from the adapter's raises an error naming both. For inference
+    target layers differ from the adapter's raises an error naming both (check_base). For inference
     in diffusers, see orthodiff.pipelines.OrthodiffPipeline."""
     tensors, meta = read_adapter(path)
     if meta["task"] not in TASKS:
@@ -127,13 +137,15 @@ def load_adapter(path: str | Path, pretrained: str | None = None, **module_kwarg
     module = TASKS[meta["task"]].from_metadata(meta, pretrained=pretrained or meta["base_model"],
                                                adapter=meta["adapter_config"], method=meta["method"] or None,
                                                **module_kwargs)
-    check_fingerprint(path, meta, module.target_fingerprint, module.hparams.pretrained)
+    check_base(path, meta, module.target_fingerprint, module.target_signature, module.hparams.pretrained,
+               allow_other_base)
     check_tensors(path, tensors, module.trainable_state_dict())
     module.load_state_dict(tensors, strict=False)
     return module.eval()
 
 
-def attach_adapter(unet: nn.Module, path: str | Path, base_name: str = "this base model") -> tuple[nn.Module, dict]:
+def attach_adapter(unet: nn.Module, path: str | Path, base_name: str = "this base model",
+                   allow_other_base: bool = False) -> tuple[nn.Module, dict]:
     """Adapt a plain diffusers `unet` in place with an adapter file; returns the control
     network (with its trained weights) and the adapter's metadata. The inference path:
     no Lightning module, no training state."""
@@ -143,7 +155,8 @@ def attach_adapter(unet: nn.Module, path: str | Path, base_name: str = "this bas
                          "controllable-generation one: load it with orthodiff.adapter.load_adapter(path) and "
                          "sample with module.generate(prompts)")
     targets = getattr(meta["adapter_config"], "targets", DEFAULT_TARGETS)
-    check_fingerprint(path, meta, target_fingerprint(unet, targets), base_name)  # before adapting: names change
+    # before adapting: names change
+    check_base(path, meta, target_fingerprint(unet, targets), target_signature(unet, targets), base_name, allow_other_base)
     network = control_network_from_config(meta["control_network"], meta["control_network_config"])
     adapt_unet(unet, meta["adapter_config"])
     parts = nn.ModuleDict({"unet": unet, "control_network": network})
@@ -156,7 +169,7 @@ def attach_adapter(unet: nn.Module, path: str | Path, base_name: str = "this bas
 
 def attach_subject_adapter(unet: nn.Module, text_encoder: nn.Module, tokenizer, path: str | Path,
                            base_name: str = "this base model",
-                           token: str | None = None) -> tuple[nn.Module | None, dict]:
+                           token: str | None = None, allow_other_base: bool = False) -> tuple[nn.Module | None, dict]:
     """Adapt a plain diffusers `unet` and `text_encoder` in place with a subject adapter: its
     UNet adapter (OFT/LoRA/full), its token embedding (Textual Inversion, method=encoder) or
     Perfusion's embedding and K/V edit. `token` replaces the adapter's token (two concepts
@@ -170,7 +183,8 @@ def attach_subject_adapter(unet: nn.Module, text_encoder: nn.Module, tokenizer, 
         raise ValueError(f"{path} is a P+ adapter (one text encoding per cross-attention layer), which diffusers' "
                          "pipeline cannot feed: sample it with generate.py or orthodiff.adapter.load_adapter(path)")
     targets = getattr(meta["adapter_config"], "targets", DEFAULT_TARGETS)
-    check_fingerprint(path, meta, target_fingerprint(unet, targets), base_name)  # before adapting: names change
+    # before adapting: names change
+    check_base(path, meta, target_fingerprint(unet, targets), target_signature(unet, targets), base_name, allow_other_base)
     token_id = check_token(tokenizer, token or meta["token"])
     class_id = tokenizer(meta["class_word"], add_special_tokens=False).input_ids[-1]
     adapt_unet(unet, meta["adapter_config"])
@@ -198,7 +212,9 @@ def add_perfusion_concept(perfusion: Perfusion, tokenizer, path: str | Path, tok
     if meta.get("embedding") != "perfusion":
         raise ValueError(f"{path} is not a Perfusion adapter (method={meta['method'] or 'none'}): only Perfusion "
                          "concepts combine at inference")
-    check_fingerprint(path, meta, target_fingerprint(perfusion.unet[0], DEFAULT_TARGETS), "the first concept's base")
+    unet = perfusion.unet[0]
+    check_base(path, meta, target_fingerprint(unet, DEFAULT_TARGETS), target_signature(unet, DEFAULT_TARGETS),
+               "the first concept's base")
     token_id = check_token(tokenizer, token or meta["token"])
     if token_id in perfusion.token_ids:
         raise ValueError(f"both concepts use the token {token or meta['token']!r}: give the second another "

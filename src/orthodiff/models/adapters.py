@@ -109,6 +109,33 @@ def target_fingerprint(unet: nn.Module, targets=DEFAULT_TARGETS) -> str:
     return hashlib.sha256(repr(layers).encode()).hexdigest()[:16]
 
 
+def target_signature(unet: nn.Module, targets=DEFAULT_TARGETS, per_layer: int = 4) -> list[list[float]]:
+    """A few of each target layer's base weights at fixed places (layers in name order, as the
+    fingerprint's), taken on the base UNet. Two base models with the same fingerprint but other
+    weights (a retrained or finetuned base) differ here; one base loaded in float32, float16 or
+    bfloat16 matches (same_signature)."""
+    signature = []
+    for name in sorted(target_modules(unet, targets)):
+        module = unet.get_submodule(name)
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor):  # a whole block (full finetuning): its first tensor, if any
+            weight = next(module.parameters(), torch.zeros(1))
+        flat = weight.detach().flatten().float().cpu()
+        places = torch.linspace(0, flat.numel() - 1, per_layer).long()
+        signature.append([float(f"{v:.4g}") for v in flat[places].tolist()])
+    return signature
+
+
+def same_signature(a: list[list[float]], b: list[list[float]]) -> bool:
+    """Whether two target signatures are one base model's: within 1 % (bfloat16 rounds by 0.4 %)."""
+    if len(a) != len(b):
+        return False
+    for x, y in zip(map(torch.tensor, a), map(torch.tensor, b)):
+        if x.shape != y.shape or not torch.allclose(x, y, rtol=1e-2, atol=1e-2 * float(x.abs().max().clamp_min(1e-12))):
+            return False
+    return True
+
+
 def _shapes(module: nn.Module) -> tuple:
     """A layer's weight shape; for a block (full finetuning of whole blocks), its parameters' shapes."""
     if isinstance(getattr(module, "weight", None), torch.Tensor):

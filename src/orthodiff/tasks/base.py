@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from orthodiff.models.adapters import adapt_unet, target_fingerprint
+from orthodiff.models.adapters import adapt_unet, target_fingerprint, target_signature
 from orthodiff.models.base import load_base_model
 from orthodiff.models.sampling import sample
 from orthodiff.oft import DEFAULT_TARGETS, target_modules
@@ -95,6 +95,7 @@ class DiffusionTask(pl.LightningModule):
         None) and remember how to build the optimizer over what is trainable."""
         targets = getattr(adapter, "targets", DEFAULT_TARGETS)
         self.target_fingerprint = target_fingerprint(self.unet, targets)
+        self.target_signature = target_signature(self.unet, targets)
         self.adapted_layers = target_modules(self.unet, targets) if adapter is not None else []
         adapt_unet(self.unet, adapter)
         self.adapter_config = adapter
