@@ -81,9 +81,10 @@ def main():
     args = parser.parse_args()
     rounds, repeats = (3, 5) if args.quick else (15, 20)
     torch.manual_seed(0)
-    inputs = (torch.randn(4, 4, 16, 16), torch.tensor([500] * 4), torch.randn(4, 77, 64), torch.rand(2, 1, 64, 64))
     with tempfile.TemporaryDirectory() as folder:
         models = variants(Path(folder))
+        channels = models["base"][0].config.in_channels  # the tiny SD's latent channels
+        inputs = (torch.randn(4, channels, 16, 16), torch.tensor([500] * 4), torch.randn(4, 77, 64), torch.rand(2, 1, 64, 64))
         for unet, injector in models.values():  # warm-up
             call_time(unet, injector, inputs, 2)
         times = {name: [] for name in models}

@@ -58,7 +58,7 @@ def test_pplus_gives_each_cross_attention_layer_its_own_text(parts):
     try:
         prompt = ids(tokenizer, ["a sks square on a white background"] * 2)
         torch.manual_seed(0)
-        latents, t = torch.randn(2, 4, 16, 16), torch.tensor([300, 700])
+        latents, t = torch.randn(2, unet.config.in_channels, 16, 16), torch.tensor([300, 700])
         with torch.no_grad():
             contexts = pplus.encode(prompt)
             plain = unet(latents, t, encoder_hidden_states=contexts[0]).sample

@@ -38,7 +38,7 @@ def batch(shapes_root):
 
 def unet_output(module, batch, seed=0):
     torch.manual_seed(seed)
-    latents = torch.randn(len(batch["text"]), 4, 16, 16)
+    latents = torch.randn(len(batch["text"]), module.unet.config.in_channels, 16, 16)
     t = torch.tensor([100, 400, 700, 900][: len(latents)])
     with torch.no_grad():
         return module(latents, t, module.encode_text(batch["text"]), batch["conditioning"])

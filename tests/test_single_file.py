@@ -45,7 +45,7 @@ def test_round_trip_through_diffusers_single_file_loader(tmp_path, monkeypatch):
         assert_same_parameters(getattr(pipe, name), getattr(loaded, name), name)
 
     generator = torch.Generator().manual_seed(0)
-    sample = torch.randn(1, 4, 16, 16, generator=generator)
+    sample = torch.randn(1, pipe.unet.config.in_channels, 16, 16, generator=generator)
     context = torch.randn(1, 5, pipe.unet.config.cross_attention_dim, generator=generator)
     with torch.no_grad():
         want = pipe.unet(sample, 10, encoder_hidden_states=context).sample
