@@ -133,7 +133,8 @@ def test_export_reloads_in_plain_diffusers_with_the_adapters_output(method, adap
     injector = ControlInjector(plain.unet, network)
     unmerged = pipeline(path)
     torch.manual_seed(0)
-    latents, t, text, condition = torch.randn(2, plain.unet.config.in_channels, 16, 16), torch.tensor([50, 900]), torch.randn(2, 77, 64), torch.rand(2, 1, 64, 64)
+    latents = torch.randn(2, plain.unet.config.in_channels, 16, 16)
+    t, text, condition = torch.tensor([50, 900]), torch.randn(2, 77, 64), torch.rand(2, 1, 64, 64)
     with torch.no_grad(), injector.control(condition):
         exported = plain.unet(latents, t, encoder_hidden_states=text).sample
     with torch.no_grad(), unmerged.injector.control(condition):

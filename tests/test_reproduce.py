@@ -1,10 +1,13 @@
-"""reproduce.py: the table list, the params table, the cell cache, the controllable table's
-cells and every control's headline metric; every run-based table on a 2-step schedule
-over the fixture dataset (slow: about a dozen train.py runs)."""
+"""reproduce.py: the table list, the params table, the cell cache (diverged runs included),
+the cells' schedules, the controllable table's cells and reference rows, the convergence
+levels, the lr search's choice, the ablation rows, the claims' verdict rule, the control
+network's lr scale, every control's headline metric; every run-based table on a 2-step
+schedule over the fixture dataset (slow: about two dozen train.py runs)."""
 
 import csv
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -43,7 +46,8 @@ def subject_fixture(tmp_path) -> list[str]:
 def test_unknown_table_lists_the_valid_ones(tmp_path):
     result = reproduce("table=bogus", f"out_dir={tmp_path}")
     assert result.returncode != 0
-    assert "params, controllable, convergence, energy, ablation_r, subject, edit, all" in result.stderr
+    assert ("params, lr_search, controllable, convergence, energy, ablation, subject, edit, claims, all"
+            in result.stderr)
     result = reproduce("table=params", "jobs=0", f"out_dir={tmp_path}")
     assert result.returncode != 0 and "jobs=0" in result.stderr
 
@@ -60,42 +64,90 @@ def test_params_table_is_stamped_and_matches_the_references(tmp_path):
 @pytest.mark.slow
 def test_all_tables_on_a_two_step_schedule(shapes_root, tmp_path):
     fixture = [f"data.train.root={shapes_root}", "model.val_steps=2", "data.val_batch_size=4"]
+    methods = ("coft", "lora", "controlnet")
+    schedule = ["methods=[coft,lora,controlnet]", "controls=[canny,seg]", "seeds=[0,1]", "schedule.steps=2",
+                "schedule.val_every=1", "schedule.other_steps=2", "schedule.val_items=4", "schedule.batch_size=4",
+                f"train_overrides=[{quoted(fixture)}]"]
     result = reproduce(
-        "table=all", f"out_dir={tmp_path / 'reports'}", f"runs_dir={tmp_path / 'runs'}",
-        "methods=[coft,lora,full,controlnet]", "controls=[canny,seg]", "seeds=[0,1]",
-        "schedule.steps=2", "schedule.val_every=1", "schedule.val_items=4", "schedule.batch_size=4",
-        "eval_samples=4", f"train_overrides=[{quoted(fixture)}]",
-        f"eval_overrides=[{quoted([f'data.train.root={shapes_root}', 'steps=2', 'batch_size=4'])}]",
-        "ablation.num_blocks=[2,4]",
-        "ablation.control=canny", "subject.methods=[coft,textual_inversion,perfusion]", "subject.subjects=[badge_circle]",
+        "table=all", f"out_dir={tmp_path / 'reports'}", f"runs_dir={tmp_path / 'runs'}", *schedule,
+        "eval_samples=4", f"eval_overrides=[{quoted([f'data.train.root={shapes_root}', 'steps=2', 'batch_size=4'])}]",
+        "lr_search.methods=[coft]", "lr_search.lrs=[1e-4,1e-3,1e-2]", "lr_search.steps=2",
+        "ablation.method=coft", "ablation.num_blocks=[2]", "ablation.control_lr_scales=[10]", "ablation.three_seeds=[r2]",
+        "subject.methods=[coft,textual_inversion,perfusion]", "subject.subjects=[badge_circle]",
         f"subject.train_overrides=[{quoted(subject_fixture(tmp_path))}]",
         "edit.steps=3", "edit.seeds=2", "edit.learn_seeds=1", "edit.real_images=1", "edit.iterations=1",
         "edit.null_iterations=1")
     assert result.returncode == 0, result.stderr[-3000:]
-    reports = tmp_path / "reports"
+    reports, runs = tmp_path / "reports", tmp_path / "runs"
     assert (reports / "edit.md").is_file() and (reports / "edit.csv").is_file()
-    controllable = {row["method"]: row for row in read_csv(reports / "controllable.csv")}
-    assert set(controllable) == {"coft", "lora", "full", "controlnet"}
-    assert "±" in controllable["coft"]["canny canny_iou"]  # two seeds on canny
-    for row in controllable.values():  # every control's column holds its metric (a wrong key gives n/a)
-        assert "n/a" not in (row["canny canny_iou"], row["seg seg_miou"]), row
-    trainable = {m: int(row["trainable params"]) for m, row in controllable.items()}
-    # At the tiny model's widths (64, 96) LoRA rank 4 is slightly larger than OFT r=4.
-    assert max(trainable["lora"], trainable["coft"]) < trainable["full"] < trainable["controlnet"]
+    assert "reproduce all: " in result.stdout + result.stderr  # table=all's wall time is logged
 
-    steps = [int(row["step"]) for row in read_csv(reports / "convergence.csv") if row["method"] == "coft"]
+    controllable = {row["method"]: row for row in read_csv(reports / "controllable.csv")}
+    base, real, vae = "base model (step 0 of coft)", "real images", "real images through the VAE"
+    assert set(controllable) == {*methods, base, real, vae}
+    for row in controllable.values():  # two seeds on every control; every column holds its metric
+        for column in ("canny canny_iou", "seg seg_miou"):
+            assert "n/a" not in row[column], row
+            assert ("±" in row[column]) == (row["method"] not in (real, vae)), row
+    trainable = {m: int(controllable[m]["trainable params"]) for m in methods}
+    assert trainable["lora"] < trainable["controlnet"]
+    # The references, scored like the cells: real edges are the source's own (IoU 1); the VAE's
+    # round trip loses some, and keeps more than the base model draws without control.
+    assert float(controllable[real]["canny canny_iou"]) == 1.0
+    base_iou = float(controllable[base]["canny canny_iou"].split(" ± ")[0])
+    assert base_iou < float(controllable[vae]["canny canny_iou"]) < 1.0
+    assert float(controllable[real]["seg seg_miou"]) >= float(controllable[vae]["seg seg_miou"])
+    # Step 0 is exactly the base model for every method with an identity adapter and a zero-initialised
+    # control network: the same figure from coft, lora and controlnet at the same seed.
+    step0 = {m: json.loads((runs / f"canny-{m}-s0" / "metrics.json").read_text())["step0"] for m in methods}
+    assert step0["coft"] == step0["lora"] == step0["controlnet"]
+    assert "step0" in json.loads((runs / "seg-coft-s1" / "metrics.json").read_text())  # the base row on seg
+
+    convergence = {row["method"]: row for row in read_csv(reports / "convergence.csv")}
+    assert set(convergence) == set(methods)
+    for row in convergence.values():
+        for level in ("50%", "80%"):
+            steps, images = row[f"steps to {level}"], row[f"images to {level}"]
+            assert steps.startswith(("n/a", "not within")) or steps.split()[0].isdigit(), row
+            if steps.split()[0].isdigit():  # images seen = steps x batch (both means rounded to integers)
+                assert abs(float(images.split()[0]) - 4 * float(steps.split()[0])) <= 2.5, row
+    steps = [int(row["step"]) for row in read_csv(reports / "convergence_curves.csv") if row["method"] == "coft"]
     assert steps == [0, 1, 2] and (reports / "convergence.png").is_file()
+
+    [search] = read_csv(reports / "lr_search.csv")
+    assert search["method"] == "coft" and search["best lr"] in ("0.0001", "0.001", "0.01")
+    assert float(search[f"lr {search['best lr']}"]) == max(float(search[f"lr {lr:g}"]) for lr in (1e-4, 1e-3, 1e-2))
+    assert "conf/method/<method>.yaml" in (reports / "lr_search.md").read_text()
 
     energy = {row["method"]: row for row in read_csv(reports / "energy.csv")}
     assert float(energy["coft"]["max |ΔHE|/HE"]) < 1e-6  # rotations keep every angle (float error)
-    for method in ("lora", "full", "controlnet"):
+    for method in ("lora", "controlnet"):
         assert float(energy[method]["mean |ΔHE|/HE"]) > 1e-6, energy[method]
 
-    ablation = read_csv(reports / "ablation_r.csv")
-    assert [int(row["r"]) for row in ablation] == [2, 4]
-    assert all(0 <= float(row["canny_iou"]) <= 1 for row in ablation)
-    assert int(ablation[0]["trainable params (this model)"]) > int(ablation[1]["trainable params (this model)"])
-    assert "python reproduce.py table=all" in (reports / "controllable.md").read_text()
+    ablation = {row["row"]: row for row in read_csv(reports / "ablation.csv")}
+    assert list(ablation) == ["hint", "attention", "default", "conv", "r2", "control_lr_x10"]
+    assert {name: int(row["seeds"]) for name, row in ablation.items() if int(row["seeds"]) > 1} == {"default": 2, "r2": 2}
+    assert ablation["attention"]["targets"] == "to_q, to_k, to_v, to_out.0"
+    assert ablation["conv"]["targets"].endswith("conv1, conv2") and ablation["hint"]["targets"].startswith("none")
+    assert (ablation["default"]["r"], ablation["r2"]["r"]) == ("4", "2")
+    assert float(ablation["control_lr_x10"]["control lr scale"]) == 10
+    params = {name: int(row["trainable params (this model)"]) for name, row in ablation.items()}
+    assert params["hint"] < params["attention"] < params["default"] < params["conv"] and params["r2"] > params["default"]
+    assert params["control_lr_x10"] == params["default"]
+    assert "Moves coft most: '" in (reports / "ablation.md").read_text()
+    assert (runs / "canny-coft-s0" / "metrics.json").is_file()  # the default row is the controllable cell
+    assert not list(runs.glob("canny-coft-default-*"))
+
+    claims = read_csv(reports / "claims.csv")
+    assert {row["verdict"] for row in claims} <= {"holds", "does not hold", "cannot tell here"}
+    by_claim = {row["claim"]: row for row in claims}
+    assert by_claim["coft beats lora on canny control (canny_iou)"]["ours"].count("±") == 2
+    missing = by_claim["coft beats t2i_adapter on seg control (seg_miou)"]
+    assert missing["verdict"] == "cannot tell here" and missing["reason"].startswith("not run: add t2i_adapter")
+    assert by_claim["coft keeps the hyperspherical energy of the layers it adapts"]["verdict"] == "holds"
+    assert by_claim["lora changes the hyperspherical energy of the layers it adapts"]["verdict"] == "holds"
+    assert any(row["from"] == "table=ablation" and row["ours"].startswith("r=2 ") for row in claims)
+    assert all(row["verdict"] == "holds" for row in claims if row["from"] == "table=params")
 
     subject = {row["method"]: row for row in read_csv(reports / "subject.csv")}
     assert set(subject) == {"base model (step 0 of coft)", "coft", "textual_inversion", "perfusion", "ideal images",
@@ -109,17 +161,12 @@ def test_all_tables_on_a_two_step_schedule(shapes_root, tmp_path):
     assert (reports / "subject_samples_badge_circle.png").is_file()
 
     # A later table with the same settings reuses the finished cells: no train.py launch rewrites them.
-    cells = [tmp_path / "runs" / f"canny-{method}-s0" / "metrics.json"
-             for method in ("coft", "lora", "full", "controlnet")]
+    cells = [runs / f"canny-{method}-s0" / "metrics.json" for method in methods]
     trained = {cell: cell.stat().st_mtime_ns for cell in cells}
-    again = reproduce("table=energy", f"out_dir={tmp_path / 'reports'}", f"runs_dir={tmp_path / 'runs'}",
-                      "methods=[coft,lora,full,controlnet]", "controls=[canny,seg]", "seeds=[0,1]",
-                      "schedule.steps=2", "schedule.val_every=1", "schedule.val_items=4", "schedule.batch_size=4",
-                      f"train_overrides=[{quoted(fixture)}]", timeout=300)
+    again = reproduce("table=energy", f"out_dir={tmp_path / 'reports'}", f"runs_dir={runs}", *schedule, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
     assert {cell: cell.stat().st_mtime_ns for cell in cells} == trained
     assert again.stdout.count(": reused ") == len(cells) and ": training in " not in again.stdout, again.stdout
-
 
 
 def fake_train(launches: list):
@@ -153,25 +200,211 @@ def test_a_finished_cell_is_reused_until_its_overrides_or_base_weights_change(tm
     assert cells.train_cell(cfg, "cell", ["method=lora"])["run"] == 4
 
 
-def test_controllable_runs_every_seed_on_the_first_control(tmp_path, monkeypatch):
+def test_a_diverged_cell_is_kept_as_a_result_and_other_failures_raise(tmp_path, monkeypatch):
+    from orthodiff.reproduce import cells
+
+    def diverging(command, **kwargs):
+        (Path(command[-1].split("=", 1)[1]) / "metrics.json").write_text(json.dumps({"step0": {"canny_iou": 0.1}}))
+        return subprocess.CompletedProcess(command, 1, stdout="", stderr="train.py: loss is nan at step 7: training "
+                                           "stopped; the last checkpoint holds the last good weights (try a lower lr)")
+
+    monkeypatch.setattr(cells.subprocess, "run", diverging)
+    cfg = OmegaConf.create({"runs_dir": str(tmp_path), "jobs": 1})
+    run = cells.train_cell(cfg, "cell", ["method=oft"])
+    assert run["final"] == {} and run["diverged"] == "loss is nan at step 7" and run["step0"] == {"canny_iou": 0.1}
+    launches = []
+    monkeypatch.setattr(cells.subprocess, "run", fake_train(launches))
+    assert cells.train_cell(cfg, "cell", ["method=oft"])["diverged"] and not launches  # reused, not retrained
+    assert cells.train_cell(cfg, "other", ["method=oft"], cached_only=True) is None and not launches
+    monkeypatch.setattr(cells.subprocess, "run", lambda command, **kw: subprocess.CompletedProcess(command, 1, "", "boom"))
+    with pytest.raises(RuntimeError, match="boom"):
+        cells.train_cell(cfg, "broken", ["method=oft"])
+
+
+def schedule_cfg(tmp_path, **extra):
+    return OmegaConf.create({"out_dir": str(tmp_path), "runs_dir": str(tmp_path / "runs"), "jobs": 1,
+                             "methods": ["coft", "lora"], "controls": ["canny", "seg"], "seeds": [0, 1],
+                             "eval_samples": 4, "train_overrides": [],
+                             "schedule": {"steps": 2000, "val_every": 200, "other_steps": 1000, "val_items": 32,
+                                          "batch_size": 8}, **extra})
+
+
+def test_cell_schedules_curves_on_the_first_control_and_the_base_row_on_every_control(tmp_path):
+    from orthodiff.reproduce.cells import run_overrides
+
+    def settings(*args, **kwargs):
+        return {o.split("=")[0]: o.split("=", 1)[1] for o in run_overrides(schedule_cfg(tmp_path), *args, **kwargs)}
+
+    canny, seg, base_seg = settings("lora", "canny", 1), settings("lora", "seg", 1), settings("coft", "seg", 1)
+    assert (canny["trainer.max_steps"], canny["trainer.val_check_interval"], canny["validate_at_start"]) == ("2000", "200", "True")
+    assert (seg["trainer.max_steps"], seg["trainer.val_check_interval"], seg["validate_at_start"]) == ("1000", "1000", "False")
+    assert base_seg["validate_at_start"] == "True"  # methods[0]'s step 0 is the base model's row
+    search = settings("coft", "canny", 0, ["method.control_lr=0.003"], 500, False, False)
+    assert (search["trainer.max_steps"], search["trainer.val_check_interval"], search["validate_at_start"],
+            search["method.control_lr"]) == ("500", "500", "False", "0.003")
+
+
+def test_controllable_runs_every_seed_on_every_control_with_reference_rows(tmp_path, monkeypatch):
     from orthodiff.reproduce import controllable
 
     def run_all(cfg, cells, desc):
-        return [{"final": {"seg_miou": 0.1 * seed, "canny_iou": 0.3}, "run_dir": f"{c}-{m}-s{seed}",
+        return [{"final": {"seg_miou": 0.1 * seed, "canny_iou": 0.3}, "step0": {"seg_miou": 0.01, "canny_iou": 0.02 + seed},
+                 "run_dir": f"{c}-{m}-s{seed}",
                  "cost": {"trainable_parameters": 10, "seconds_per_step": 1.0, "peak_memory_mb": 5}}
                 for m, c, seed in cells]
 
     monkeypatch.setattr(controllable, "run_all", run_all)
     quality = {"image_quality": {"fid": 1.0, "fid_extractor": "x"}}
     monkeypatch.setattr(controllable, "run_eval", lambda cfg, run: quality)
-    cfg = OmegaConf.create({"out_dir": str(tmp_path), "jobs": 1, "methods": ["coft"], "controls": ["seg", "canny"],
-                            "seeds": [0, 1], "eval_samples": 4, "train_overrides": [],
-                            "schedule": {"steps": 2, "val_every": 1, "val_items": 4, "batch_size": 4}})
+    scored = []
+    monkeypatch.setattr(controllable, "reference_scores", lambda run_dir: scored.append(run_dir) or {
+        "real images": {"seg_miou": 0.9, "canny_iou": 1.0}, "real images through the VAE": {"seg_miou": 0.8, "canny_iou": 0.6}})
+    cfg = schedule_cfg(tmp_path, methods=["coft"], controls=["seg", "canny"])
     controllable.table(cfg)
-    [row] = read_csv(tmp_path / "controllable.csv")
-    assert row["seg seg_miou"] == "0.0500 ± 0.0707" and row["canny canny_iou"] == "0.3000"
-    assert row["FID (seg, x features)"] == "1.0"
-    assert "seeds [0, 1] for seg, seed 0 for the others" in (tmp_path / "controllable.md").read_text()
+    rows = {row["method"]: row for row in read_csv(tmp_path / "controllable.csv")}
+    assert rows["coft"]["seg seg_miou"] == "0.0500 ± 0.0707" and rows["coft"]["canny canny_iou"] == "0.3000 ± 0.0000"
+    assert rows["coft"]["FID (seg, x features)"] == "1.0"
+    base = rows["base model (step 0 of coft)"]
+    assert base["seg seg_miou"] == "0.0100 ± 0.0000" and base["canny canny_iou"] == "0.5200 ± 0.7071"
+    assert rows["real images"]["canny canny_iou"] == "1.0000" and rows["real images through the VAE"]["seg seg_miou"] == "0.8000"
+    assert scored == ["seg-coft-s0", "canny-coft-s0"]  # each control's references from its own validation scenes
+    assert "mean ± std over seeds [0, 1]" in (tmp_path / "controllable.md").read_text()
+
+
+def history(*values, every=200):
+    return [{"step": k * every, "canny_iou": v} for k, v in enumerate(values)]
+
+
+def test_steps_to_reach_a_level_measured_from_the_base_model():
+    from orthodiff.reproduce.convergence import steps_to_reach, thresholds
+
+    levels = thresholds(0.1, 0.3, higher=True)
+    assert levels == pytest.approx({0.5: 0.2, 0.8: 0.26})
+    curve = history(0.1, 0.2, 0.35, 0.25)
+    assert [steps_to_reach(curve, "canny_iou", levels[f], True) for f in (0.5, 0.8)] == [200, 400]
+    assert steps_to_reach(curve, "canny_iou", 0.4, True) is None
+    assert steps_to_reach(history(0.1, 0.25)[::-1], "canny_iou", 0.2, True) == 200  # in step order, whatever the list's
+    rmse = [{"step": 0, "rmse": 0.2}, {"step": 100, "rmse": 0.16}, {"step": 200, "rmse": 0.11}]
+    levels = thresholds(0.2, 0.1, higher=False)  # lower is better: down from the base
+    assert levels == pytest.approx({0.5: 0.15, 0.8: 0.12})
+    assert [steps_to_reach(rmse, "rmse", levels[f], False) for f in (0.5, 0.8)] == [200, 200]
+    assert thresholds(0.1, 0.09, higher=True) is None  # nothing gained over the base model
+
+
+def test_convergence_reports_steps_and_images_to_each_level(tmp_path, monkeypatch):
+    from orthodiff.reproduce import convergence
+
+    # Seed 1's validation noise puts the base model at 0.12, seed 0's at 0.1.
+    curves = {("coft", 0): history(0.1, 0.2, 0.3), ("coft", 1): history(0.12, 0.3, 0.3),
+              ("lora", 0): history(0.1, 0.1, 0.15), ("lora", 1): history(0.12, 0.12, 0.22)}
+
+    def run_all(cfg, cells, desc):
+        return [{"final": {"canny_iou": curves[(m, s)][-1]["canny_iou"]}, "step0": {"canny_iou": curves[(m, s)][0]["canny_iou"]},
+                 "history": curves[(m, s)]} for m, _, s in cells]
+
+    monkeypatch.setattr(convergence, "run_all", run_all)
+    convergence.table(schedule_cfg(tmp_path, schedule={"steps": 400, "val_every": 200, "other_steps": 400,
+                                                       "val_items": 4, "batch_size": 8}))
+    rows = {row["method"]: row for row in read_csv(tmp_path / "convergence.csv")}
+    # base 0.11, best final 0.3 (coft): 50 % at 0.195 (seed 0) / 0.215 (seed 1), 80 % at 0.252 / 0.272
+    assert rows["coft"]["steps to 50%"] == "200 ± 0" and rows["coft"]["images to 50%"] == "1600 ± 0"
+    assert rows["coft"]["steps to 80%"] == "300 ± 141"
+    assert rows["lora"]["steps to 50%"] == "400 (1/2 seeds; the others not within)"
+    assert rows["lora"]["steps to 80%"] == "not within 400" and rows["lora"]["images to 80%"] == "not within 3200"
+    report = (tmp_path / "convergence.md").read_text()
+    assert "best final score 0.3000 (coft's" in report and "50% = 0.2050, 80% = 0.2620" in report
+    assert (tmp_path / "convergence.png").is_file() and (tmp_path / "convergence_curves.csv").is_file()
+
+
+def test_the_verdict_rule():
+    from orthodiff.reproduce.claims import CANNOT, FAILS, HOLDS, compare, spread
+
+    assert compare((0.2, 0.01), (0.1, 0.02), higher=True)[0] == HOLDS
+    assert compare((0.1, 0.01), (0.2, 0.02), higher=True)[0] == FAILS
+    assert compare((6.9, 0.1), (7.6, 0.2), higher=False)[0] == HOLDS  # a lower-is-better figure
+    verdict, reason = compare((0.15, 0.03), (0.13, 0.02), higher=True)
+    assert verdict == CANNOT and "overlap" in reason  # 0.02 apart, stds sum to 0.05
+    assert compare((0.2, math.nan), (0.1, 0.02), higher=True) == (CANNOT, "no spread to compare against (fewer than 2 seeds)")
+    assert compare((math.nan, math.nan), (0.1, 0.02), higher=True)[0] == CANNOT
+    assert spread([0.1, 0.3, math.nan]) == pytest.approx((0.2, 0.1414), abs=1e-4)
+    assert spread([0.1])[0] == 0.1 and math.isnan(spread([0.1])[1])
+
+
+def test_the_lr_search_picks_the_best_finite_score():
+    from orthodiff.reproduce.lr_search import best_lr
+
+    assert best_lr({3e-4: 0.1, 1e-3: 0.2, 3e-3: math.nan}, higher=True) == 1e-3  # 3e-3 diverged
+    assert best_lr({3e-4: 0.1, 1e-3: 0.2}, higher=False) == 3e-4
+    assert best_lr({1e-3: math.nan}, higher=True) is None
+
+
+def test_ablation_rows_and_the_largest_move(tmp_path):
+    from orthodiff.reproduce import ablation
+
+    cfg = schedule_cfg(tmp_path, ablation={"method": "oft", "attention_targets": ["to_q", "to_out.0"],
+                                           "conv_targets": ["conv1"], "num_blocks": [2], "control_lr_scales": [0.1],
+                                           "three_seeds": ["conv"]})
+    rows = {v["name"]: v for v in ablation.variants(cfg)}
+    assert list(rows) == ["hint", "attention", "default", "conv", "r2", "control_lr_x0.1"]
+    assert rows["hint"]["method"] == "hint" and rows["hint"]["extra"] == []
+    assert rows["attention"]["extra"] == ["adapter.targets=[to_q,to_out.0]"]
+    assert rows["conv"]["extra"] == ["adapter.targets=[to_q,to_k,to_v,to_out.0,ff.net.0.proj,conv1]"]
+    assert rows["control_lr_x0.1"]["extra"] == ["module.control_lr_scale=0.1"]
+    assert {n: v["seeds"] for n, v in rows.items() if len(v["seeds"]) > 1} == {"default": [0, 1], "conv": [0, 1]}
+    assert ablation.cells(cfg, rows["default"]) == [("oft", "canny", 0, [], ""), ("oft", "canny", 1, [], "")]  # reused
+    assert ablation.cells(cfg, rows["r2"]) == [("oft", "canny", 0, ["adapter.num_blocks=2"], "-r2")]
+    assert ablation.largest_moves({"hint": -0.1, "r2": 0.02, "conv": 0.15, "x": math.nan}) == [
+        ("conv", 0.15), ("hint", -0.1), ("r2", 0.02)]
+    cfg.ablation.three_seeds = ["r3"]
+    with pytest.raises(ValueError, match="r3"):
+        ablation.variants(cfg)
+
+
+def test_claims_train_nothing_and_say_which_table_runs_the_missing_cells(tmp_path, monkeypatch):
+    from orthodiff.reproduce import cells, claims
+
+    real_run = subprocess.run
+
+    def no_training(command, **kwargs):
+        assert "train.py" not in command and "eval.py" not in command, "table=claims launched a run"
+        return real_run(command, **kwargs)
+
+    monkeypatch.setattr(cells.subprocess, "run", no_training)
+    cfg = schedule_cfg(tmp_path, methods=["coft", "oft", "lora", "controlnet"],
+                       claims={"ours": ["coft"], "baselines": ["controlnet", "t2i_adapter"], "stability": ["coft"]},
+                       ablation={"method": "oft", "attention_targets": ["to_q"], "conv_targets": ["conv1"],
+                                 "num_blocks": [2], "control_lr_scales": [], "three_seeds": []})
+    claims.table(cfg)
+    rows = read_csv(tmp_path / "claims.csv")
+    for row in rows:
+        assert row["verdict"] in claims.VERDICTS
+        if row["from"] != "table=params":  # every trained claim: not run, and which table runs it
+            assert row["verdict"] == "cannot tell here" and row["reason"].startswith("not run"), row
+            assert f"python reproduce.py {row['from']}" in row["reason"], row
+    assert {r["from"] for r in rows} == {"table=controllable", "table=convergence", "table=params", "table=energy",
+                                         "table=ablation"}
+    t2i = [r for r in rows if "t2i_adapter" in r["claim"]]
+    assert t2i and all("add t2i_adapter to methods" in r["reason"] for r in t2i)
+    assert [r["verdict"] for r in rows if r["from"] == "table=params"] == ["holds", "holds"]
+    assert "Verdicts: 2 hold, 0 do not hold" in (tmp_path / "claims.md").read_text()
+
+
+def test_the_control_networks_lr_scale_reaches_the_optimizer():
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
+        cfg = compose("train", overrides=["experiment=canny", "method=oft", "method.control_lr=2e-4",
+                                          "module.control_lr_scale=10"])
+    module = instantiate(cfg.module)
+    encoder = {id(p) for p in module.control_network.parameters()}
+    adapter = {id(p) for p in module.parameters() if p.requires_grad} - encoder
+    assert encoder and adapter
+    groups = [(g["lr"], {id(p) for p in g["params"]}) for g in module.configure_optimizers().param_groups]
+    assert [lr for lr, _ in groups] == pytest.approx([2e-4, 2e-3]) and [ids for _, ids in groups] == [adapter, encoder]
+    module.hparams.control_lr_scale = 1.0  # the default: one group, as before
+    [group] = module.configure_optimizers().param_groups
+    assert group["lr"] == pytest.approx(2e-4) and {id(p) for p in group["params"]} == adapter | encoder
 
 
 @pytest.mark.parametrize("control", sorted(p.stem for p in CONTROL_CONFIGS.glob("*.yaml")))

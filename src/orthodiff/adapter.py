@@ -1,8 +1,8 @@
 """The trained adapter on disk: one safetensors file with the trainable tensors (the UNet
 adapter's under "unet.…", the control network's under "control_network.…") and metadata
 strings naming the format version, the method, the base model, a fingerprint of its
-target layers' shapes and a signature of their weights (a few values per layer), the UNet adapter config, the control network and its config, the
-control type, and the sampling settings it was validated with (optional).
+target layers' shapes and a signature of their weights (a few values per layer), the UNet
+adapter config, the control network and its config, the control type, and the sampling settings it was validated with (optional).
 The task (orthodiff.tasks) adds its own metadata: a control task its control type, network
 and network config; a subject task (no control network) the token, the class word and the
 learned embedding kind, with its learned token vectors stored under "embedding.…"
@@ -24,8 +24,7 @@ from torch import nn
 
 from orthodiff.data.subjects import check_token
 from orthodiff.files import atomic_path
-from orthodiff.models.adapters import (adapt_unet, adapter_from_dict, adapter_to_dict, same_signature, target_fingerprint,
-                                       target_signature)
+from orthodiff.models.adapters import adapt_unet, adapter_from_dict, adapter_to_dict, same_signature, target_fingerprint, target_signature
 from orthodiff.models.control_networks import control_network_from_config
 from orthodiff.models.embeddings import TokenEmbedding
 from orthodiff.models.perfusion import Perfusion, PerfusionConfig

@@ -1,28 +1,118 @@
-"""table=ablation_r: OFT's block count r against the headline figure of one control."""
+"""table=ablation: what moves OFT, on the first control with its schedule (the convergence
+cells' schedule), one seed per row unless the row is in ablation.three_seeds (every seed):
+
+    hint                 the hint encoder alone, UNet untouched (method=hint)
+    attention            + ablation.method on the attention projections only
+    default              + GEGLU: ablation.method as configured (its controllable cells, every seed)
+    conv                 + the ResNet convolutions (OFTConv2d on ablation.conv_targets)
+    r<r>                 the block count r (ablation.num_blocks; the default row has the method's own)
+    control_lr_x<s>      the control network's lr at s times the adapter's (module.control_lr_scale)
+
+Each row's targets, r and lr scale are read back from its run's config, and the report says
+which row moves the method most, and by how much, against the default.
+"""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from orthodiff.eval.control_metrics import headline_metric
 from orthodiff.eval.param_counts import PAPER_TOTALS_M, oft_count
+from orthodiff.oft import DEFAULT_TARGETS
+from orthodiff.reproduce import paper
 from orthodiff.reproduce.cells import run_all
-from orthodiff.reproduce.report import control_settings, write_report
+from orthodiff.reproduce.report import control_settings, final_figure, finite_mean, higher_is_better, mean_std, write_report
+
+
+def targets_override(targets) -> str:
+    return f"adapter.targets=[{','.join(targets)}]"
+
+
+def variants(cfg: DictConfig) -> list[dict]:
+    """The rows: name, what it is, method, extra train.py overrides, seeds."""
+    a = cfg.ablation
+    rows = [("hint", "hint encoder alone (UNet untouched)", "hint", []),
+            ("attention", f"hint + {a.method} on attention only", a.method, [targets_override(a.attention_targets)]),
+            ("default", f"+ GEGLU: {a.method} as configured", a.method, []),
+            ("conv", "+ ResNet convolutions", a.method, [targets_override([*DEFAULT_TARGETS, *a.conv_targets])]),
+            *((f"r{r}", f"{a.method}, r = {r}", a.method, [f"adapter.num_blocks={r}"]) for r in a.num_blocks),
+            *((f"control_lr_x{s:g}", f"{a.method}, control network lr x{s:g}", a.method,
+               [f"module.control_lr_scale={s}"]) for s in a.control_lr_scales)]
+    names = [name for name, *_ in rows]
+    unknown = set(a.three_seeds) - set(names)
+    if unknown:
+        raise ValueError(f"ablation.three_seeds names {sorted(unknown)}; the rows are {names}")
+    return [{"name": name, "what": what, "method": method, "extra": extra,
+             "seeds": list(cfg.seeds) if name == "default" or name in a.three_seeds else [cfg.seeds[0]]}
+            for name, what, method, extra in rows]
+
+
+def cells(cfg: DictConfig, variant: dict) -> list[tuple]:
+    """run_cell's arguments; hint and default without a tag: they are the plain cells."""
+    tag = f"-{variant['name']}" if variant["extra"] else ""
+    return [(variant["method"], cfg.controls[0], s, variant["extra"], tag) for s in variant["seeds"]]
+
+
+def largest_moves(changes: dict[str, float]) -> list[tuple[str, float]]:
+    """(row, change against the default) by decreasing |change|, NaN left out."""
+    return sorted(((n, d) for n, d in changes.items() if not math.isnan(d)), key=lambda item: -abs(item[1]))
+
+
+def run_config(run: dict) -> dict:
+    """What a row trained, read back from its run: targets, r, the control network's lr scale."""
+    config = OmegaConf.load(Path(run["run_dir"]) / ".hydra" / "config.yaml")
+    adapter = config.adapter
+    return {"targets": "none (UNet untouched)" if adapter is None else ", ".join(adapter.targets or DEFAULT_TARGETS),
+            "r": "" if adapter is None else adapter.get("num_blocks", ""),
+            "control lr scale": config.module.get("control_lr_scale", 1.0)}
 
 
 def table(cfg: DictConfig) -> Path:
-    ablation = cfg.ablation
-    key = headline_metric(ablation.control)
-    cells = [(ablation.method, ablation.control, cfg.seeds[0], [f"adapter.num_blocks={r}"], f"-r{r}")
-             for r in ablation.num_blocks]
+    control, method = cfg.controls[0], cfg.ablation.method
+    key, higher = headline_metric(control), higher_is_better(control)
+    rows_spec = variants(cfg)
+    specs = [c for v in rows_spec for c in cells(cfg, v)]
+    runs = iter(run_all(cfg, specs, "ablation"))
+    results = {v["name"]: [next(runs) for _ in v["seeds"]] for v in rows_spec}
+    means = {n: finite_mean([final_figure(r, key) for r in rs]) for n, rs in results.items()}
+    # Against the default at the row's own seeds: a one-seed row is compared with the same seed.
+    default = dict(zip(next(v["seeds"] for v in rows_spec if v["name"] == "default"), results["default"]))
+    changes = {v["name"]: means[v["name"]] - finite_mean([final_figure(default[s], key) for s in v["seeds"]])
+               for v in rows_spec if v["name"] != "default"}
     rows = []
-    for r, run in zip(ablation.num_blocks, run_all(cfg, cells, "ablation_r")):
-        rows.append({"r": r, key: run["final"].get(key),
-                     "trainable params (this model)": run["cost"]["trainable_parameters"],
-                     "OFT params at SD 1.5": oft_count(r)[0],
-                     "paper total incl. encoder (M)": PAPER_TOTALS_M.get(r, "n/a")})
-    notes = ["Published (OFT paper, ADE20K mIoU): r=2 27.18, r=4 27.06, r=8 24.09, r=16 21.0."]
-    return write_report(cfg, "ablation_r", f"OFT block count r vs {key}", rows, notes,
+    for v in rows_spec:
+        first = results[v["name"]][0]
+        trained = run_config(first)
+        row = {"row": v["name"], "what": v["what"], "seeds": len(v["seeds"]),
+               key: mean_std([final_figure(r, key) for r in results[v["name"]]]),
+               "change vs default": "" if v["name"] == "default" else changes[v["name"]], **trained,
+               "trainable params (this model)": first.get("cost", {}).get("trainable_parameters", "n/a")}
+        default_targets = trained["targets"] == ", ".join(DEFAULT_TARGETS)
+        if default_targets and isinstance(trained["r"], int):  # the paper's r ablation, at SD 1.5 scale
+            row["OFT params at SD 1.5"] = oft_count(trained["r"])[0]
+            row["paper total incl. encoder (M)"] = PAPER_TOTALS_M.get(trained["r"], "n/a")
+        rows.append(row)
+    moves = largest_moves(changes)
+    if moves:
+        name, change = moves[0]
+        verdict = (f"Moves {method} most: '{name}' ({next(v['what'] for v in rows_spec if v['name'] == name)}), "
+                   f"{key} {means[name] - change:.4f} (default, same seeds) -> {means[name]:.4f} ({change:+.4f}, "
+                   f"{'better' if (change > 0) == higher else 'worse'}). Largest |change| first: "
+                   + ", ".join(f"{n} {d:+.4f}" for n, d in moves)
+                   + f". Candidates for ablation.three_seeds (the two that move it most): {[n for n, _ in moves[:2]]}.")
+    else:
+        verdict = "No row has a finite score: nothing to compare."
+    notes = [verdict,
+             f"{control}, {cfg.schedule.steps} steps of batch {cfg.schedule.batch_size}; final {key} on the first "
+             f"{cfg.schedule.val_items} validation scenes; 'change vs default' = row mean - default mean at the row's "
+             "seeds. Seeds: "
+             f"{list(cfg.seeds)} for default (the controllable cells) and ablation.three_seeds "
+             f"{list(cfg.ablation.three_seeds)}, seed {cfg.seeds[0]} for the others. Targets, r and lr scale are read "
+             "back from each run's config.",
+             "Published (OFT paper): seg mIoU by r: " + ", ".join(f"r={r} {v}" for r, v in paper.R_ABLATION_MIOU.items())
+             + "; FID on ADE20K by adapted layers: attention 30.8, conv 39.8, both 30.4."]
+    return write_report(cfg, "ablation", f"What moves {method} ({control})", rows, notes,
                         settings=control_settings(cfg))

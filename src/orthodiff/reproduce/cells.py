@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -29,15 +30,22 @@ log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[3]  # where train.py and eval.py are
 
 
-def run_overrides(cfg: DictConfig, method: str, control: str, seed: int, extra=()) -> list[str]:
+def run_overrides(cfg: DictConfig, method: str, control: str, seed: int, extra=(), steps: int | None = None,
+                  curve: bool | None = None, step0: bool | None = None) -> list[str]:
+    """train.py's overrides for one cell. Defaults: the first control runs schedule.steps,
+    validated every schedule.val_every steps from step 0 (the convergence curves); the others
+    run schedule.other_steps and are validated at their last step only, except that
+    cfg.methods[0] also validates at step 0 on every control: it starts at the base model,
+    so its step 0 is the base model's reference row."""
     schedule = cfg.schedule
-    # Only the first control's runs feed the convergence curves; the others are read at
-    # their final step alone, so they skip the step-0 and intermediate validations.
-    curve = control == cfg.controls[0]
-    return [f"experiment={control}", f"method={method}", f"seed={seed}", f"trainer.max_steps={schedule.steps}",
-            f"trainer.val_check_interval={schedule.val_every if curve else schedule.steps}",
-            f"validate_at_start={curve}", f"data.val.max_items={schedule.val_items}",
-            f"data.batch_size={schedule.batch_size}", f"callbacks.checkpoint.every_n_train_steps={schedule.steps}",
+    first = control == cfg.controls[0]
+    steps = steps or (schedule.steps if first else schedule.other_steps)
+    curve = first if curve is None else curve
+    step0 = (curve or method == cfg.methods[0]) if step0 is None else step0
+    return [f"experiment={control}", f"method={method}", f"seed={seed}", f"trainer.max_steps={steps}",
+            f"trainer.val_check_interval={schedule.val_every if curve else steps}",
+            f"validate_at_start={step0}", f"data.val.max_items={schedule.val_items}",
+            f"data.batch_size={schedule.batch_size}", f"callbacks.checkpoint.every_n_train_steps={steps}",
             "logger=csv", "callbacks.progress_bar.refresh_rate=0", *cfg.train_overrides, *extra]
 
 
@@ -52,14 +60,23 @@ def embedded_model_digest() -> str:
     return digest.hexdigest()[:16]
 
 
-def run_cell(cfg: DictConfig, method: str, control: str, seed: int, extra=(), tag: str = "") -> dict:
-    """One controllable-generation cell (see train_cell)."""
-    return train_cell(cfg, f"{control}-{method}{tag}-s{seed}", run_overrides(cfg, method, control, seed, extra))
+def run_cell(cfg: DictConfig, method: str, control: str, seed: int, extra=(), tag: str = "", steps: int | None = None,
+             curve: bool | None = None, step0: bool | None = None, cached_only: bool = False) -> dict | None:
+    """One controllable-generation cell (see run_overrides and train_cell)."""
+    return train_cell(cfg, f"{control}-{method}{tag}-s{seed}",
+                      run_overrides(cfg, method, control, seed, extra, steps, curve, step0), cached_only)
 
 
-def train_cell(cfg: DictConfig, name: str, overrides: list[str]) -> dict:
+# How train.py ends a run whose loss stopped being finite (tasks.base.NonFiniteLossError).
+NON_FINITE_LOSS = re.compile(r"loss is (nan|-?inf) at step \d+")
+
+
+def train_cell(cfg: DictConfig, name: str, overrides: list[str], cached_only: bool = False) -> dict | None:
     """Train one cell in runs_dir/name (or reuse its finished run with identical
-    overrides and base weights) and return its metrics.json plus "run_dir"."""
+    overrides and base weights) and return its metrics.json plus "run_dir".
+    cached_only: return the finished run or None, never train (table=claims).
+    A run whose loss became non-finite is a result, not an error (too high an lr in
+    table=lr_search): it is kept with empty "final" metrics and "diverged" saying where."""
     run_dir = Path(cfg.runs_dir).expanduser() / name
     record = run_dir / "overrides.json"
     metrics_path = run_dir / "metrics.json"
@@ -69,20 +86,27 @@ def train_cell(cfg: DictConfig, name: str, overrides: list[str]) -> dict:
         if "final" in metrics:
             log.info("cell %s: reused %s", name, run_dir)
             return {**metrics, "run_dir": str(run_dir)}
+    if cached_only:
+        return None
     log.info("cell %s: training in %s", name, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(run_dir / "eval", ignore_errors=True)  # scored a run this one replaces
+    metrics_path.unlink(missing_ok=True)  # a replaced run's, or a dead run's step 0
     started = time.time()
     result = subprocess.run([sys.executable, "train.py", *overrides, f"hydra.run.dir={run_dir.resolve()}"],
                             cwd=ROOT, capture_output=True, text=True, env=cell_env(cfg))
     (run_dir / "stdout.log").write_text(result.stdout + result.stderr)
-    if result.returncode != 0:
+    diverged = NON_FINITE_LOSS.search(result.stderr)
+    if result.returncode != 0 and not diverged:
         raise RuntimeError(f"run {run_dir} failed (exit {result.returncode}); its log: {run_dir / 'stdout.log'}\n"
                            f"{result.stderr[-2000:]}")
-    record.write_text(json.dumps(identity))
-    metrics = json.loads(metrics_path.read_text())
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    if result.returncode != 0:
+        log.warning("cell %s: %s", name, diverged.group(0))
+        metrics.update(final={}, diverged=diverged.group(0))
     metrics["wall_seconds"] = round(time.time() - started, 1)
     metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
+    record.write_text(json.dumps(identity))
     return {**metrics, "run_dir": str(run_dir)}
 
 

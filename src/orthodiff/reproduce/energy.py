@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 from orthodiff.adapter import load_adapter
 from orthodiff.models.base import load_base_model
 from orthodiff.oft import hyperspherical_energy
+from orthodiff.reproduce import paper
 from orthodiff.reproduce.cells import run_all
 from orthodiff.reproduce.report import control_settings, write_report
 
@@ -48,18 +49,30 @@ def energy_rows(module, base_unet) -> list[dict]:
              "max |ΔHE|/HE": float(np.max(np.abs(changes))), "mean ΔHE/HE": float(np.mean(changes))}]
 
 
-def table(cfg: DictConfig) -> Path:
-    control = cfg.controls[0]
-    runs = run_all(cfg, [(m, control, cfg.seeds[0]) for m in cfg.methods], "energy")
-    rows, base_unet = [], None
-    for method, run in zip(cfg.methods, runs):
+def energy_by_method(runs: dict[str, dict]) -> dict[str, dict]:
+    """{method: its row} for finished runs {method: run} (table=claims reads it too)."""
+    rows, base_unet = {}, None
+    for method, run in runs.items():
+        if "diverged" in run:
+            rows[method] = {"layers": 0, "mean |ΔHE|/HE": f"n/a ({run['diverged']})"}
+            continue
         module = load_adapter(Path(run["run_dir"]) / "adapter.safetensors")
         base_unet = base_unet or load_base_model(module.hparams.pretrained).unet
         found = energy_rows(module, base_unet)
-        none = {"layers": 0, "mean |ΔHE|/HE": "n/a (no pretrained layers)"}
-        rows.append({"method": method, **(found[0] if found else none)})
+        rows[method] = found[0] if found else {"layers": 0, "mean |ΔHE|/HE": "n/a (no pretrained layers)"}
+    return rows
+
+
+def cells(cfg: DictConfig) -> list[tuple]:
+    return [(m, cfg.controls[0], cfg.seeds[0]) for m in cfg.methods]
+
+
+def table(cfg: DictConfig) -> Path:
+    runs = run_all(cfg, cells(cfg), "energy")
+    rows = [{"method": method, **row} for method, row in energy_by_method(dict(zip(cfg.methods, runs))).items()]
     notes = ["HE(W) = Σ_{i≠j} ‖ŵ_i − ŵ_j‖⁻¹ over unit-normalized neurons (rows), float64; effective weights "
              "read off the trained layers. OFT/COFT rotate every neuron by the same R, so their change "
-             "is float error; LoRA and full finetuning change angles between neurons."]
-    return write_report(cfg, "energy", f"Hyperspherical energy change ({control})", rows, notes,
-                        settings=control_settings(cfg))
+             "is float error; LoRA and full finetuning change angles between neurons.",
+             f"Published (OFT paper): {paper.ENERGY}."]
+    return write_report(cfg, "energy", f"Hyperspherical energy change ({cfg.controls[0]}, seed {cfg.seeds[0]})", rows,
+                        notes, settings=control_settings(cfg))

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from orthodiff.eval.control_metrics import CONTROL_CONFIGS
 from orthodiff.reproduce.cells import ROOT, cell_env
 
 log = logging.getLogger(__name__)
@@ -59,10 +60,29 @@ def fmt(value) -> str:
 
 
 def mean_std(values: list[float]) -> str:
-    values = [v for v in values if not math.isnan(v)]
-    if not values:
+    """"mean ± std" (sample std) of the finite values; a missing one (a diverged run, a
+    figure the scorer did not give) is counted, not silently dropped."""
+    finite = [v for v in values if not math.isnan(v)]
+    if not finite:
         return "n/a"
-    return f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}" if len(values) > 1 else f"{values[0]:.4f}"
+    text = f"{np.mean(finite):.4f} ± {np.std(finite, ddof=1):.4f}" if len(finite) > 1 else f"{finite[0]:.4f}"
+    return text + (f" ({len(values) - len(finite)} of {len(values)} n/a)" if len(finite) < len(values) else "")
+
+
+def finite_mean(values) -> float:
+    """The mean of the finite values; NaN when there are none."""
+    finite = [v for v in values if not math.isnan(v)]
+    return float(np.mean(finite)) if finite else math.nan
+
+
+def higher_is_better(control: str) -> bool:
+    """The direction of a control's headline figure (conf/control/<control>.yaml's metric_mode)."""
+    return OmegaConf.load(CONTROL_CONFIGS / f"{control}.yaml").metric_mode == "max"
+
+
+def final_figure(run: dict, key: str) -> float:
+    """A cell's final headline figure; NaN for a run that diverged (no final metrics)."""
+    return float(run["final"].get(key, math.nan))
 
 
 def out_dir(cfg: DictConfig) -> Path:
@@ -80,16 +100,17 @@ def write_report(cfg: DictConfig, name: str, title: str, rows: list[dict], notes
         writer = csv.DictWriter(f, columns)
         writer.writeheader()
         writer.writerows(rows)
-    lines = [f"# {title}", "", *stamp(cfg, settings), "", "| " + " | ".join(columns) + " |",
+    def cell(value) -> str:  # a "|" inside a cell (|ΔHE|) would end it
+        return fmt(value).replace("|", "\\|")
+
+    lines = [f"# {title}", "", *stamp(cfg, settings), "", "| " + " | ".join(map(cell, columns)) + " |",
              "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(fmt(row.get(c, "")) for c in columns) + " |" for row in rows]
+    lines += ["| " + " | ".join(cell(row.get(c, "")) for c in columns) + " |" for row in rows]
     lines += ["", *notes, *(f"![{p}]({p})" for p in plots)]
     path = out / f"{name}.md"
     path.write_text("\n".join(lines) + "\n")
     log.info("%s: %s", name, path)
     return path
-
-
 
 
 def labelled_grid(rows: list[list[np.ndarray]], row_labels: list[str], column_labels: list[str], path: Path,

@@ -52,7 +52,7 @@ def subject_ceiling(subject: str, vae=None) -> dict:
     images = images_to_tensor(np.stack(images))
     prompts = [str(spec) for spec in specs]  # diversity groups samples by prompt
     scores = {}
-    for name, batch in (("ideal images", images), ("ideal images through the VAE", _vae_round_trip(vae, images))):
+    for name, batch in (("ideal images", images), ("ideal images through the VAE", vae_round_trip(vae, images))):
         if batch is None:
             continue
         scorer.reset()
@@ -61,7 +61,8 @@ def subject_ceiling(subject: str, vae=None) -> dict:
     return scores
 
 
-def _vae_round_trip(vae, images: torch.Tensor):
+def vae_round_trip(vae, images: torch.Tensor):
+    """(N, 3, H, W) images in [0, 1] encoded (posterior mean) and decoded by `vae` (None: None)."""
     if vae is None:
         return None
     latents = vae.encode(images * 2 - 1).latent_dist.mean

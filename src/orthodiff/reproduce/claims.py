@@ -1,0 +1,245 @@
+"""table=claims: the verdict. One row per claim of the OFT paper that the miniature can test,
+with the paper's figure, ours with its spread, and a verdict (holds / does not hold / cannot
+tell here) with its reason. Built only from the cells the other tables trained: a claim whose
+cells are missing says "not run" and names the table that trains them; nothing trains here.
+
+The rule for a claim that one method's figure beats another's over seeds: with the two
+means and sample stds, the intervals mean ± std must not overlap (|difference| > the sum of
+the stds); then the claim holds if ours is the better one and does not hold otherwise.
+Overlapping intervals, fewer than two seeds (no spread) or no finite figure: cannot tell here.
+Exact quantities (parameter counts) and properties with a float-error bound (hyperspherical
+energy) are decided by the comparison or the bound itself.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig
+
+from orthodiff.eval.control_metrics import headline_metric
+from orthodiff.eval.param_counts import PAPER_TOTALS_M, parameter_table
+from orthodiff.reproduce import ablation, controllable, convergence, energy, paper
+from orthodiff.reproduce.cells import run_cell
+from orthodiff.reproduce.report import control_settings, final_figure, higher_is_better, mean_std, write_report
+
+HOLDS, FAILS, CANNOT = "holds", "does not hold", "cannot tell here"
+VERDICTS = (HOLDS, FAILS, CANNOT)
+ENERGY_KEPT = 1e-6  # |ΔHE|/HE below this is float error (float32 weights; rotations keep every angle)
+ENERGY_CHANGERS = ("lora", "full")  # the methods the paper says change the energy
+
+
+def spread(values: list[float]) -> tuple[float, float]:
+    """(mean, sample std) of the finite values; std NaN below two of them, mean NaN with none."""
+    finite = [v for v in values if not math.isnan(v)]
+    if not finite:
+        return math.nan, math.nan
+    return float(np.mean(finite)), float(np.std(finite, ddof=1)) if len(finite) > 1 else math.nan
+
+
+def compare(ours: tuple[float, float], theirs: tuple[float, float], higher: bool) -> tuple[str, str]:
+    """The verdict on "ours is better than theirs" from (mean, std) pairs (the module's rule)."""
+    (mean_a, std_a), (mean_b, std_b) = ours, theirs
+    if math.isnan(mean_a) or math.isnan(mean_b):
+        return CANNOT, "no finite figure (the runs diverged)"
+    if math.isnan(std_a) or math.isnan(std_b):
+        return CANNOT, "no spread to compare against (fewer than 2 seeds)"
+    gap, noise = abs(mean_a - mean_b), std_a + std_b
+    if gap <= noise:
+        return CANNOT, f"mean ± std overlap (difference {gap:.4g} <= {noise:.4g}, the sum of the stds)"
+    better = mean_a > mean_b if higher else mean_a < mean_b
+    return (HOLDS if better else FAILS), (f"mean ± std apart (difference {gap:.4g} > {noise:.4g}); "
+                                          f"ours is {'better' if better else 'worse'}")
+
+
+def not_run(table: str, missing: list[str] = ()) -> tuple[str, str]:
+    if missing:
+        return CANNOT, f"not run: add {', '.join(missing)} to methods (python reproduce.py table={table})"
+    return CANNOT, f"not run (python reproduce.py table={table})"
+
+
+def row(claim: str, paper_figure: str, ours: str, verdict: tuple[str, str], table: str) -> dict:
+    return {"claim": claim, "paper": paper_figure, "ours": ours, "verdict": verdict[0], "reason": verdict[1],
+            "from": f"table={table}"}
+
+
+class Cells:
+    """The finished cells of the other tables (never trains): lookups by run_cell's arguments."""
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+
+    def get(self, args: tuple) -> dict | None:
+        return run_cell(self.cfg, *args, cached_only=True)
+
+    def seeds(self, method: str, control: str) -> list[dict] | None:
+        """A method's controllable cells over every seed; None if any is missing."""
+        runs = [self.get((method, control, s)) for s in self.cfg.seeds]
+        return None if any(r is None for r in runs) else runs
+
+
+def consistency_rows(cfg: DictConfig, cells: Cells) -> list[dict]:
+    rows = []
+    for control in cfg.controls:
+        key, higher = headline_metric(control), higher_is_better(control)
+        published = paper.TABLE2.get(control, {})
+        base = [cells.get((cfg.methods[0], control, s)) for s in cfg.seeds]
+        for ours in cfg.claims.ours:
+            claim = f"{ours} controls {control} better than the base model without control ({key})"
+            figure = (f"{paper.TABLE2_METRIC[control]}: {ours} {published[ours]} vs SD {published['sd']}"
+                      if ours in published else f"no figure for {control}")
+            a = cells.seeds(ours, control)
+            if ours not in cfg.methods or a is None or None in base:
+                rows.append(row(claim, figure, "", not_run("controllable", [ours] if ours not in cfg.methods else []),
+                                "controllable"))
+            else:
+                a, b = [final_figure(r, key) for r in a], [r.get("step0", {}).get(key, math.nan) for r in base]
+                rows.append(row(claim, figure, f"{ours} {mean_std(a)} vs {controllable.base_label(cfg)} {mean_std(b)}",
+                                compare(spread(a), spread(b), higher), "controllable"))
+            for baseline in cfg.claims.baselines:
+                claim = f"{ours} beats {baseline} on {control} control ({key})"
+                figure = (f"{paper.TABLE2_METRIC[control]}: {ours} {published[ours]} vs {baseline} {published[baseline]}"
+                          if ours in published and baseline in published else f"no figure for {control}")
+                missing = [m for m in (ours, baseline) if m not in cfg.methods]
+                a, b = cells.seeds(ours, control), cells.seeds(baseline, control)
+                if missing or a is None or b is None:
+                    rows.append(row(claim, figure, "", not_run("controllable", missing), "controllable"))
+                    continue
+                a, b = [final_figure(r, key) for r in a], [final_figure(r, key) for r in b]
+                rows.append(row(claim, figure, f"{ours} {mean_std(a)} vs {baseline} {mean_std(b)}",
+                                compare(spread(a), spread(b), higher), "controllable"))
+    return rows
+
+
+def convergence_rows(cfg: DictConfig, cells: Cells) -> list[dict]:
+    """Steps to reach convergence.FRACTIONS[-1] of the best final score; a seed that never
+    reaches it counts as one validation past its last step (a lower bound)."""
+    fraction = convergence.FRACTIONS[-1]
+    found = {(m, s): cells.get((m, c, s)) for m, c, s in convergence.cells(cfg)}
+    claims = [(ours, baseline) for ours in cfg.claims.ours for baseline in cfg.claims.baselines]
+    text = [f"{ours} reaches {fraction:.0%} of the best final score in fewer steps than {baseline}" for ours, baseline
+            in claims]
+    if any(run is None for run in found.values()) or any(m not in cfg.methods for pair in claims for m in pair):
+        return [row(t, paper.CONVERGENCE, "", not_run("convergence", [m for m in pair if m not in cfg.methods]),
+                    "convergence") for t, pair in zip(text, claims)]
+    reached = convergence.reach(cfg, found)
+    limit = cfg.schedule.steps + cfg.schedule.val_every
+    rows = []
+    for claim, (ours, baseline) in zip(text, claims):
+        if reached is None:
+            rows.append(row(claim, paper.CONVERGENCE, "", (CANNOT, "no method beat the base model"), "convergence"))
+            continue
+        a, b = ([limit if v is None else v for v in reached[m][fraction]] for m in (ours, baseline))
+        never = {m: reached[m][fraction].count(None) for m in (ours, baseline)}
+        ours_text = (f"steps: {ours} {mean_std(a)} vs {baseline} {mean_std(b)}"
+                     + "".join(f"; {m}: {n} seed(s) never reached it (counted as {limit})" for m, n in never.items() if n))
+        rows.append(row(claim, paper.CONVERGENCE, ours_text, compare(spread(a), spread(b), False), "convergence"))
+    return rows
+
+
+def parameter_rows(cfg: DictConfig) -> list[dict]:
+    """Counts at SD 1.5 scale (computed on the meta device, not trained): OFT r=4 + encoder."""
+    counts = {r.name: r.count for r in parameter_table()}
+    ours = counts["oft_r4+encoder"]
+    rows = []
+    for name, label in (("controlnet", "ControlNet"), ("t2i_adapter_full", "T2I-Adapter")):
+        verdict = (HOLDS if ours < counts[name] else FAILS, f"exact counts, no spread: {ours / counts[name]:.1%} of it")
+        rows.append(row(f"OFT (r=4) + encoder trains a fraction of {label}'s parameters",
+                        f"OFT r=4 {PAPER_TOTALS_M[4]} M incl. encoder", f"{ours / 1e6:.2f} M vs {counts[name] / 1e6:.2f} M "
+                        "(SD 1.5)", verdict, "params"))
+    return rows
+
+
+def energy_rows(cfg: DictConfig, cells: Cells) -> list[dict]:
+    keepers, changers = list(cfg.claims.ours), list(ENERGY_CHANGERS)
+    runs = {m: cells.get(c) for m, c in zip(cfg.methods, energy.cells(cfg)) if m in keepers + changers}
+    found = energy.energy_by_method({m: r for m, r in runs.items() if r is not None})
+    rows = []
+    for method in keepers + changers:
+        keeps = method in keepers
+        claim = f"{method} {'keeps' if keeps else 'changes'} the hyperspherical energy of the layers it adapts"
+        result = found.get(method, {})
+        figure = result.get("max |ΔHE|/HE" if keeps else "mean |ΔHE|/HE")
+        if method not in cfg.methods or runs.get(method) is None:
+            verdict = not_run("energy", [method] if method not in cfg.methods else [])
+        elif not isinstance(figure, float):
+            verdict = (CANNOT, f"no figure ({result.get('mean |ΔHE|/HE', 'n/a')})")
+        else:
+            held = figure < ENERGY_KEPT if keeps else figure > ENERGY_KEPT
+            verdict = (HOLDS if held else FAILS, f"{'max' if keeps else 'mean'} |ΔHE|/HE {figure:.2g} "
+                       f"{'<' if figure < ENERGY_KEPT else '>='} {ENERGY_KEPT:g} (float error), seed {cfg.seeds[0]}")
+        ours = "" if not isinstance(figure, float) else f"{'max' if keeps else 'mean'} |ΔHE|/HE = {figure:.2g}"
+        rows.append(row(claim, paper.ENERGY, ours, verdict, "energy"))
+    return rows
+
+
+def peak_drop(run: dict, key: str, higher: bool) -> float:
+    """How far the final figure fell back from the run's best validation (0: no fall)."""
+    values = [h[key] for h in run.get("history", []) if key in h]
+    final = final_figure(run, key)
+    if not values or math.isnan(final):
+        return math.nan
+    return max(values) - final if higher else final - min(values)
+
+
+def stability_rows(cfg: DictConfig, cells: Cells) -> list[dict]:
+    control = cfg.controls[0]
+    key, higher = headline_metric(control), higher_is_better(control)
+    rows = []
+    for constrained in cfg.claims.stability:
+        claim = f"{constrained} is more stable than oft on {control}: a smaller fall from its best validation to its final"
+        missing = [m for m in (constrained, "oft") if m not in cfg.methods]
+        a, b = cells.seeds(constrained, control), cells.seeds("oft", control)
+        if missing or a is None or b is None:
+            rows.append(row(claim, paper.STABILITY, "", not_run("convergence", missing), "convergence"))
+            continue
+        a, b = [peak_drop(r, key, higher) for r in a], [peak_drop(r, key, higher) for r in b]
+        rows.append(row(claim, paper.STABILITY, f"fall: {constrained} {mean_std(a)} vs oft {mean_std(b)}",
+                        compare(spread(a), spread(b), False), "convergence"))
+    return rows
+
+
+def r_rows(cfg: DictConfig, cells: Cells) -> list[dict]:
+    """The smallest against the largest r of the ablation; a one-seed row borrows the default
+    row's std over seeds (the noise of the same setting)."""
+    control, method = cfg.controls[0], cfg.ablation.method
+    key, higher = headline_metric(control), higher_is_better(control)
+    figure = "seg mIoU falls as r grows: " + ", ".join(f"r={r} {v}" for r, v in paper.R_ABLATION_MIOU.items())
+    wanted = [v for v in ablation.variants(cfg) if v["name"] == "default" or v["name"] in {f"r{r}" for r in
+                                                                                        cfg.ablation.num_blocks}]
+    found = {v["name"]: [cells.get(c) for c in ablation.cells(cfg, v)] for v in wanted}
+    if any(r is None for runs in found.values() for r in runs):
+        return [row(f"{method}: smaller r (fewer, larger blocks) controls better on {control}", figure, "",
+                    not_run("ablation"), "ablation")]
+    by_r = {int(ablation.run_config(runs[0])["r"]): [final_figure(r, key) for r in runs] for runs in found.values()}
+    noise = spread(by_r[int(ablation.run_config(found["default"][0])["r"])])[1]
+    low, high = min(by_r), max(by_r)
+    stats = {r: (spread(v)[0], spread(v)[1] if len(v) > 1 else noise) for r, v in by_r.items()}
+    verdict = compare(stats[low], stats[high], higher)
+    claim = f"{method}: r={low} controls better than r={high} on {control} ({key})"
+    ours = ", ".join(f"r={r} {mean_std(by_r[r])}" for r in sorted(by_r))
+    if any(len(v) == 1 for v in by_r.values()):
+        verdict = (verdict[0], verdict[1] + "; one-seed rows take the default row's std")
+    return [row(claim, figure, ours, verdict, "ablation")]
+
+
+def table(cfg: DictConfig) -> Path:
+    cells = Cells(cfg)
+    rows = [*consistency_rows(cfg, cells), *convergence_rows(cfg, cells), *parameter_rows(cfg),
+            *energy_rows(cfg, cells), *stability_rows(cfg, cells), *r_rows(cfg, cells)]
+    counts = {v: sum(r["verdict"] == v for r in rows) for v in VERDICTS}
+    notes = [f"Verdicts: {counts[HOLDS]} hold, {counts[FAILS]} do not hold, {counts[CANNOT]} cannot tell here.",
+             "Rule: a claim that one method's figure beats another's holds when the two mean ± std intervals over "
+             "seeds do not overlap and ours is the better one, does not hold when they do not overlap and ours is "
+             "worse, and cannot be told when they overlap, when either has fewer than two seeds (no spread) or no "
+             "finite figure. Parameter counts are exact (no spread); hyperspherical energy is kept when "
+             f"|ΔHE|/HE < {ENERGY_KEPT:g} (float error).",
+             "Built from the cells of table=controllable, convergence, energy and ablation (and the params "
+             "computation); nothing is trained here. 'not run' names the table that trains the missing cells.",
+             "Our COFT (method=coft) is the paper's convention (radius eps b²/√r on the generator); "
+             "method=coft_rotation bounds ||R_i - I||_F <= eps exactly. The paper's figures are SD 1.5 at full size; "
+             "ours are the miniature's (tiny SD, shapes world), so the claims are compared in direction, not value."]
+    return write_report(cfg, "claims", "The OFT paper's claims, tested on the miniature", rows, notes,
+                        settings=control_settings(cfg))

@@ -1,0 +1,55 @@
+"""table=lr_search: the same learning-rate search for every method (an equal tuning budget):
+each lr in lr_search.lrs as method.control_lr, one seed, the first control, lr_search.steps
+steps validated at the end; per method every lr's score and the best. The chosen values are
+not applied here: a person commits them as method.control_lr in conf/method/<method>.yaml."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from orthodiff.eval.control_metrics import headline_metric
+from orthodiff.reproduce.cells import run_all
+from orthodiff.reproduce.report import control_settings, final_figure, fmt, higher_is_better, write_report
+
+
+def methods(cfg: DictConfig) -> list[str]:
+    return list(cfg.lr_search.methods or cfg.methods)
+
+
+def cells(cfg: DictConfig) -> list[tuple]:
+    """run_cell's arguments: one seed, the search's own steps, validated at the end only."""
+    search = cfg.lr_search
+    return [(m, cfg.controls[0], cfg.seeds[0], [f"method.control_lr={lr}"], f"-lr{lr:g}", search.steps, False, False)
+            for m in methods(cfg) for lr in search.lrs]
+
+
+def best_lr(scores: dict[float, float], higher: bool) -> float | None:
+    """The lr with the best finite score (None: every run diverged)."""
+    finite = {lr: v for lr, v in scores.items() if not math.isnan(v)}
+    if not finite:
+        return None
+    return (max if higher else min)(finite, key=finite.get)
+
+
+def table(cfg: DictConfig) -> Path:
+    control, search = cfg.controls[0], cfg.lr_search
+    key, higher = headline_metric(control), higher_is_better(control)
+    runs = iter(run_all(cfg, cells(cfg), "lr_search"))
+    rows = []
+    for method in methods(cfg):
+        scores = {float(lr): final_figure(next(runs), key) for lr in search.lrs}
+        best = best_lr(scores, higher)
+        rows.append({"method": method, **{f"lr {lr:g}": fmt(v) for lr, v in scores.items()},
+                     "best lr": "none (every run diverged)" if best is None else f"{best:g}",
+                     f"best {key}": scores.get(best, math.nan)})
+    notes = [f"Every method: lrs {[float(lr) for lr in search.lrs]} (method.control_lr), seed {cfg.seeds[0]}, "
+             f"{control}, {search.steps} steps of batch {cfg.schedule.batch_size}, {key} on the first "
+             f"{cfg.schedule.val_items} validation scenes at the last step; n/a: the loss diverged.",
+             "To apply: commit each method's best lr as `method.control_lr` in conf/method/<method>.yaml (a person "
+             "does this after the run). Cells are keyed on their overrides, not on config files: cells trained "
+             "before the commit (outside this table) must be deleted from runs_dir, or use a fresh runs_dir."]
+    return write_report(cfg, "lr_search", f"Learning-rate search ({control}, equal budget)", rows, notes,
+                        settings=control_settings(cfg))
