@@ -127,9 +127,9 @@ def run_eval(cfg: DictConfig, run: dict) -> dict:
 
 
 def cell_env(cfg: DictConfig) -> dict:
-    """The environment of a cell's subprocess: with `jobs` cells at once, each gets an
-    equal share of the cores."""
-    threads = max(1, (os.cpu_count() or 1) // cfg.jobs)
+    """The environment of a cell's subprocess: `threads` torch threads, or (null) an equal
+    share of the cores among the `jobs` cells run at once."""
+    threads = cfg.get("threads") or max(1, (os.cpu_count() or 1) // cfg.jobs)
     return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
 
 
