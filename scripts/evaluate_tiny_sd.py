@@ -124,7 +124,9 @@ def main():
             args.out.write_text(json.dumps(report, indent=2))
         return
     classifier = load_oracle("classifier")
-    scenes = [make_scene(seed) for seed in split_seeds("test", max(args.n, args.n_real))]
+    pool = max(args.n, args.n_real)
+    # + n held-out scenes: the FID a perfect sampler would get with this many samples (the floor).
+    scenes = [make_scene(seed) for seed in split_seeds("test", pool + args.n)]
     prompted = scenes[: args.n]
     captions = [s.caption for s in prompted]
 
@@ -148,6 +150,8 @@ def main():
     half = len(real_all) // 2
     fid = frechet_distance(classifier.features(images_to_tensor(samples)), classifier.features(real_all))
     fid_real = frechet_distance(classifier.features(real_all[:half]), classifier.features(real_all[half:]))
+    held_out = images_to_tensor(np.stack([s.image for s in scenes[pool:]]))
+    fid_floor = frechet_distance(classifier.features(held_out), classifier.features(real_all))
 
     short_scores = None
     if not args.no_short:
@@ -169,6 +173,7 @@ def main():
         "chance (real images, shuffled captions)": chance,
         "real images, own captions": real_upper,
         "shapes_fid_samples_vs_real": fid, f"shapes_fid_real_vs_real ({half} vs {half})": fid_real,
+        f"shapes_fid_real_vs_real ({args.n} held-out vs {len(real_all)}, the floor at this n)": fid_floor,
         "seconds_per_image": seconds_per_image,
         "vocabulary": {"shapes": len(SHAPES), "colors": len(COLORS), "backgrounds": len(BACKGROUNDS)},
     }
