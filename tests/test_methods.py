@@ -156,6 +156,14 @@ def test_adapter_for_a_retrained_base_with_the_same_layers_is_refused(tmp_path):
         load_adapter(path, pretrained=str(TINY_SD_PATH))
     assert load_adapter(path, pretrained=str(TINY_SD_PATH), allow_other_base=True).hparams.method == "coft"
     assert load_adapter(path).hparams.pretrained == str(older)  # its own base still loads
+    from orthodiff.pipelines import OrthodiffPipeline  # the inference path checks the same
+
+    def pipe():
+        return OrthodiffPipeline.from_pretrained(TINY_SD_PATH, safety_checker=None, requires_safety_checker=False)
+
+    with pytest.raises(ValueError, match="same shapes but other weights"):
+        pipe().load_adapter(path)
+    assert pipe().load_adapter(path, allow_other_base=True).control == "canny"
     # One base in half precision is still that base.
     base = UNet2DConditionModel.from_pretrained(TINY_SD_PATH / "unet")
     assert same_signature(target_signature(base), target_signature(base.to(torch.bfloat16)))

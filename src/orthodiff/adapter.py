@@ -107,7 +107,8 @@ def check_base(path, meta: dict, fingerprint: str, signature: list, base_name: s
         raise ValueError(
             f"adapter {path} was trained on base model {meta['base_model']!r}; {base_name!r} has target layers of "
             "the same shapes but other weights (a retrained or finetuned base, e.g. an older tiny SD): pass the "
-            "base model the adapter was made for, or allow_other_base=True to apply it to this one anyway")
+            "base model the adapter was made for, or apply it to this one anyway (allow_other_base=True; "
+            "generate.py allow_other_base=true)")
 
 
 def check_tensors(path, tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:

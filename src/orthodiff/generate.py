@@ -51,6 +51,7 @@ class GenerateConfig:
     tau: float | None = None          # Perfusion adapters: the gate's temperature (None: the adapter's, 0.15)
     second_concept: str | None = None  # Perfusion: a second concept's adapter, trained apart (multi-concept)
     second_token: str | None = None   # its token, when both concepts were trained with the same one
+    allow_other_base: bool = False    # apply the adapter to a base with its layer shapes but other weights
 
 
 def adapter_file(path: str) -> Path:
@@ -67,7 +68,7 @@ def base_key(base: str | None) -> str:
     return "base" if base else "base (none given: the adapter's base_model)"
 
 
-def build_pipeline(adapter: Path, base: str | None, device: str, dtype: torch.dtype):
+def build_pipeline(adapter: Path, base: str | None, device: str, dtype: torch.dtype, allow_other_base: bool = False):
     _, meta = read_adapter(adapter)  # fails early, before loading a base model, on a foreign file
     check_base_model(base_key(base), base or meta["base_model"])
     source = resolve_pretrained(base or meta["base_model"])
@@ -80,7 +81,7 @@ def build_pipeline(adapter: Path, base: str | None, device: str, dtype: torch.dt
     except (OSError, ValueError) as error:
         raise FileNotFoundError(f"cannot load the base model {source!r} ({error}); pass base=<diffusers folder "
                                 "or hub id> (hub ids need network or the HF cache)") from None
-    pipe.load_adapter(adapter)
+    pipe.load_adapter(adapter, allow_other_base=allow_other_base)
     return pipe.to(device), meta
 
 
@@ -103,7 +104,7 @@ def generate(cfg: GenerateConfig) -> Path:
                          "generation")
     if cfg.condition is None:
         raise ValueError("condition= is required: this adapter is for controllable generation (give an image)")
-    pipe, meta = build_pipeline(adapter_file(cfg.adapter), cfg.base, device, DTYPES[dtype_name])
+    pipe, meta = build_pipeline(adapter_file(cfg.adapter), cfg.base, device, DTYPES[dtype_name], cfg.allow_other_base)
     pipe.scheduler = getattr(diffusers, SCHEDULERS[cfg.scheduler]).from_config(pipe.scheduler.config)
     if cfg.merge:
         pipe.merge()
@@ -132,7 +133,7 @@ def generate_subject(cfg: GenerateConfig, device: str) -> Path:
     scheduler= and dtype= apply to controllable-generation adapters only)."""
     from orthodiff.adapter import add_perfusion_concept, load_adapter
 
-    module = load_adapter(adapter_file(cfg.adapter), pretrained=cfg.base)
+    module = load_adapter(adapter_file(cfg.adapter), pretrained=cfg.base, allow_other_base=cfg.allow_other_base)
     tokens = [module.hparams.token]
     if cfg.second_concept:
         if module.hparams.embedding != "perfusion":

@@ -80,9 +80,12 @@ class OrthodiffPipeline(StableDiffusionPipeline):
     last_condition: torch.Tensor | None = None
     embedding: torch.nn.Module | None = None   # a subject adapter's token embedding or Perfusion
 
-    def load_adapter(self, path: str | Path, token: str | None = None) -> "OrthodiffPipeline":
+    def load_adapter(self, path: str | Path, token: str | None = None,
+                     allow_other_base: bool = False) -> "OrthodiffPipeline":
         """Adapt this pipeline's UNet with an adapter file (once per pipeline; a second
-        Perfusion concept may join a first). `token` replaces a subject adapter's token."""
+        Perfusion concept may join a first). `token` replaces a subject adapter's token;
+        `allow_other_base` applies an adapter to a base with its layer shapes but other
+        weights (orthodiff.adapter.check_base)."""
         base_name = self.name_or_path or "this pipeline's base"
         if isinstance(self.embedding, Perfusion):
             add_perfusion_concept(self.embedding, self.tokenizer, path, token)
@@ -91,11 +94,11 @@ class OrthodiffPipeline(StableDiffusionPipeline):
             raise RuntimeError("this pipeline already carries an adapter: load a fresh pipeline for another one")
         if read_adapter(path)[1]["task"] == "subject":
             self.embedding, self.adapter_metadata = attach_subject_adapter(self.unet, self.text_encoder, self.tokenizer,
-                                                                           path, base_name, token)
+                                                                           path, base_name, token, allow_other_base)
             if self.embedding is not None:
                 self.embedding.to(self.unet.device)
             return self
-        network, metadata = attach_adapter(self.unet, path, base_name=base_name)
+        network, metadata = attach_adapter(self.unet, path, base_name=base_name, allow_other_base=allow_other_base)
         network.to(self.unet.device)
         if self.unet.dtype != network.dtype:  # diffusers warns on every dtype cast, needed or not
             network.to(dtype=self.unet.dtype)
