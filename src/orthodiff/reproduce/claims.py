@@ -16,27 +16,18 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import numpy as np
 from omegaconf import DictConfig
 
 from orthodiff.eval.control_metrics import headline_metric
 from orthodiff.eval.param_counts import PAPER_TOTALS_M, parameter_table
 from orthodiff.reproduce import ablation, controllable, convergence, energy, paper
 from orthodiff.reproduce.cells import run_cell
-from orthodiff.reproduce.report import control_settings, final_figure, higher_is_better, mean_std, write_report
+from orthodiff.reproduce.report import control_settings, final_figure, higher_is_better, mean_std, spread, write_report
 
 HOLDS, FAILS, CANNOT = "holds", "does not hold", "cannot tell here"
 VERDICTS = (HOLDS, FAILS, CANNOT)
 ENERGY_KEPT = 1e-6  # |ΔHE|/HE below this is float error (float32 weights; rotations keep every angle)
 ENERGY_CHANGERS = ("lora", "full")  # the methods the paper says change the energy
-
-
-def spread(values: list[float]) -> tuple[float, float]:
-    """(mean, sample std) of the finite values; std NaN below two of them, mean NaN with none."""
-    finite = [v for v in values if not math.isnan(v)]
-    if not finite:
-        return math.nan, math.nan
-    return float(np.mean(finite)), float(np.std(finite, ddof=1)) if len(finite) > 1 else math.nan
 
 
 def compare(ours: tuple[float, float], theirs: tuple[float, float], higher: bool) -> tuple[str, str]:

@@ -59,20 +59,28 @@ def fmt(value) -> str:
     return str(value)
 
 
+def spread(values) -> tuple[float, float]:
+    """(mean, sample std) of the finite values; std NaN below two of them, mean NaN with none."""
+    finite = [v for v in values if not math.isnan(v)]
+    if not finite:
+        return math.nan, math.nan
+    return float(np.mean(finite)), float(np.std(finite, ddof=1)) if len(finite) > 1 else math.nan
+
+
 def mean_std(values: list[float]) -> str:
     """"mean ± std" (sample std) of the finite values; a missing one (a diverged run, a
     figure the scorer did not give) is counted, not silently dropped."""
-    finite = [v for v in values if not math.isnan(v)]
-    if not finite:
+    mean, std = spread(values)
+    if math.isnan(mean):
         return "n/a"
-    text = f"{np.mean(finite):.4f} ± {np.std(finite, ddof=1):.4f}" if len(finite) > 1 else f"{finite[0]:.4f}"
-    return text + (f" ({len(values) - len(finite)} of {len(values)} n/a)" if len(finite) < len(values) else "")
+    missing = sum(math.isnan(v) for v in values)
+    text = f"{mean:.4f}" if math.isnan(std) else f"{mean:.4f} ± {std:.4f}"
+    return text + (f" ({missing} of {len(values)} n/a)" if missing else "")
 
 
 def finite_mean(values) -> float:
     """The mean of the finite values; NaN when there are none."""
-    finite = [v for v in values if not math.isnan(v)]
-    return float(np.mean(finite)) if finite else math.nan
+    return spread(values)[0]
 
 
 def higher_is_better(control: str) -> bool:
