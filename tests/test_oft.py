@@ -17,6 +17,7 @@ from orthodiff.oft import (
     oft_layers,
     oft_state_dict,
     project_coft,
+    project_generator,
     set_oft_enabled,
     skew_from_triangle,
     unmerge_oft,
@@ -215,6 +216,29 @@ def test_coft_bound_holds_after_100_steps_at_large_lr(cayley_mode):
             worst = max(worst, exact_distance.max().item(), float32_distance.max().item())
     assert worst <= eps, f"max ||R_i - I||_F = {worst:.9g} > eps = {eps}"
     assert worst > 0.9 * eps, "a large learning rate should push blocks to the boundary"
+
+
+@pytest.mark.parametrize("eps", [1e-3, 0.2, 1.0, 3.0])
+def test_rotation_projection_lands_on_the_boundary_along_the_generators_direction(eps):
+    """Blocks outside the ball end exactly on it (float64 Cayley, to 1e-9), scaled along their own
+    direction; blocks inside stay untouched. Large eps makes the distance far from linear in Q."""
+    torch.manual_seed(0)
+    b = 8
+    generator = torch.randn(12, b * (b - 1) // 2, dtype=torch.float64) * torch.logspace(-5, 1, 12).unsqueeze(-1)
+    original = generator.clone()
+    projected = project_generator(generator, b, eps)
+    assert torch.equal(generator, original)  # a new tensor: the caller's is not written
+    eye = torch.eye(b, dtype=torch.float64)
+    before = (cayley(skew_from_triangle(generator, b)) - eye).norm(dim=(-2, -1))
+    after = (cayley(skew_from_triangle(projected, b)) - eye).norm(dim=(-2, -1))
+    bound = eps * (1 - 1e-5)
+    outside = before > bound
+    assert outside.any() and (~outside).any()
+    torch.testing.assert_close(after[outside], torch.full_like(after[outside], bound), rtol=1e-9, atol=0)
+    assert (after <= bound * (1 + 1e-12)).all()
+    torch.testing.assert_close(projected[~outside], generator[~outside], rtol=0, atol=0)
+    scale = projected[outside].norm(dim=-1) / generator[outside].norm(dim=-1)
+    torch.testing.assert_close(projected[outside], generator[outside] * scale.unsqueeze(-1))
 
 
 def paper_project(blocks: torch.Tensor, eps: float, shared: bool) -> torch.Tensor:
