@@ -17,7 +17,7 @@ def test_notebook_is_committed_without_outputs():
     assert code and all(not cell.outputs and cell.execution_count is None for cell in code)
 
 
-@pytest.mark.slow  # ~40 s: 20 training steps of the tiny model and two 25-step samples on CPU
+@pytest.mark.slow  # ~40 s: 20 training steps of the tiny model and four 25-step samples on CPU
 def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     pytest.importorskip("ipykernel")
     from nbclient import NotebookClient
@@ -34,5 +34,6 @@ def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     assert "method=coft, control=canny" in text
     assert "samples: [(64, 64), (64, 64)]" in text
     figures = [o for o in outputs if o.output_type == "display_data" and "image/png" in o.get("data", {})]
-    assert len(figures) == 3  # a training item, the loss curve, condition | samples | ground truth
+    assert len(figures) == 4  # a training item, the loss curve, then condition | samples | ground truth twice:
+    # the 20-step adapter and the shipped one (assets/adapters/canny_coft)
     assert list(tmp_path.glob("orthodiff-quickstart-*/adapter.safetensors"))  # written to the temp folder
