@@ -220,7 +220,8 @@ def test_coft_bound_holds_after_100_steps_at_large_lr(cayley_mode):
 
 @pytest.mark.parametrize("eps", [1e-3, 0.2, 1.0, 3.0])
 def test_rotation_projection_lands_on_the_boundary_along_the_generators_direction(eps):
-    """Blocks outside the ball end exactly on it (float64 Cayley, to 1e-9), scaled along their own
+    """eps in the rotation convention (||R_i - I||_F <= eps, the projection method=coft_rotation uses).
+    Blocks outside the ball end exactly on it (float64 Cayley, to 1e-9), scaled along their own
     direction; blocks inside stay untouched. Large eps makes the distance far from linear in Q."""
     torch.manual_seed(0)
     b = 8

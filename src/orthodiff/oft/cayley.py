@@ -78,9 +78,9 @@ def project_generator(generator: torch.Tensor, block_size: int, eps: float) -> t
     one = torch.ones(len(q), dtype=torch.float64)
     s = torch.zeros_like(one)
     for _ in range(50):
-        denominator = 1 + s.unsqueeze(-1) * lam
-        excess = (4 * s.unsqueeze(-1) * lam / denominator).sum(-1) - target
-        step = excess / (4 * lam / denominator**2).sum(-1).clamp_min(1e-300)
+        excess = cayley_distance_sq(lam, s.sqrt()) - target
+        slope = (4 * lam / (1 + s.unsqueeze(-1) * lam) ** 2).sum(-1)  # g'(s)
+        step = excess / slope.clamp_min(1e-300)
         s = s - step
         if (step.abs() <= 1e-15 * s).all():
             break
