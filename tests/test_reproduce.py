@@ -118,6 +118,7 @@ def test_all_tables_on_a_two_step_schedule(shapes_root, tmp_path):
     assert search["method"] == "coft" and search["best lr"] in ("0.0001", "0.001", "0.01")
     assert float(search[f"lr {search['best lr']}"]) == max(float(search[f"lr {lr:g}"]) for lr in (1e-4, 1e-3, 1e-2))
     assert "conf/method/<method>.yaml" in (reports / "lr_search.md").read_text()
+    assert "- seed: 0; 2 steps of batch" in (reports / "lr_search.md").read_text()  # its own schedule, not the grid's
 
     energy = {row["method"]: row for row in read_csv(reports / "energy.csv")}
     assert float(energy["coft"]["max |ΔHE|/HE"]) < 1e-6  # rotations keep every angle (float error)

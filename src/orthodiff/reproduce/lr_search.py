@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 
 from orthodiff.eval.control_metrics import headline_metric
 from orthodiff.reproduce.cells import run_all
-from orthodiff.reproduce.report import control_settings, final_figure, fmt, higher_is_better, write_report
+from orthodiff.reproduce.report import final_figure, fmt, higher_is_better, lr_search_settings, write_report
 
 
 def methods(cfg: DictConfig) -> list[str]:
@@ -52,4 +52,4 @@ def table(cfg: DictConfig) -> Path:
              "does this after the run). Cells are keyed on their overrides, not on config files: cells trained "
              "before the commit (outside this table) must be deleted from runs_dir, or use a fresh runs_dir."]
     return write_report(cfg, "lr_search", f"Learning-rate search ({control}, equal budget)", rows, notes,
-                        settings=control_settings(cfg))
+                        settings=lr_search_settings(cfg))

@@ -31,6 +31,13 @@ def control_settings(cfg: DictConfig) -> str:
                      cfg.train_overrides)
 
 
+def lr_search_settings(cfg: DictConfig) -> str:
+    search = cfg.lr_search
+    return _settings(f"seed: {cfg.seeds[0]}; {search.steps} steps of batch {cfg.schedule.batch_size} on "
+                     f"{cfg.controls[0]}, validated at the last step on {cfg.schedule.val_items} scenes; "
+                     f"lrs: {[float(lr) for lr in search.lrs]}", cfg.train_overrides)
+
+
 def subject_settings(cfg: DictConfig) -> str:
     return _settings(f"seed: {cfg.subject.seed}; each method's own settings (conf/task_method/subject_<method>.yaml)",
                      cfg.subject.train_overrides)
