@@ -45,9 +45,8 @@ def table(cfg: DictConfig) -> Path:
         rows.append({"method": method, **{f"lr {lr:g}": fmt(v) for lr, v in scores.items()},
                      "best lr": "none (every run diverged)" if best is None else f"{best:g}",
                      f"best {key}": scores.get(best, math.nan)})
-    notes = [f"Every method: lrs {[float(lr) for lr in search.lrs]} (method.control_lr), seed {cfg.seeds[0]}, "
-             f"{control}, {search.steps} steps of batch {cfg.schedule.batch_size}, {key} on the first "
-             f"{cfg.schedule.val_items} validation scenes at the last step; n/a: the loss diverged.",
+    notes = [f"Every method gets every lr as method.control_lr (the settings line above); {key} at the last step; "
+             "n/a: the loss diverged.",
              "To apply: commit each method's best lr as `method.control_lr` in conf/method/<method>.yaml (a person "
              "does this after the run). Cells are keyed on their overrides, not on config files: cells trained "
              "before the commit (outside this table) must be deleted from runs_dir, or use a fresh runs_dir."]
