@@ -198,7 +198,35 @@ def test_a_finished_cell_is_reused_until_its_overrides_or_base_weights_change(tm
     cells.train_cell(cfg, "cell", ["method=lora"])  # other base weights: retrained
     assert len(launches) == 3
     (tmp_path / "cell" / "metrics.json").write_text(json.dumps({"step0": {}}))  # a run that died before "final"
-    assert cells.train_cell(cfg, "cell", ["method=lora"])["run"] == 4
+    assert cells.train_cell(cfg, "cell", ["method=lora"])["run"] == 4 and "resume=" not in " ".join(launches[-1])
+    # Where a run checkpoints is not part of its identity.
+    assert cells.train_cell(cfg, "cell", ["method=lora", "callbacks.checkpoint.every_n_train_steps=7"])["run"] == 4
+
+
+def test_a_cell_that_died_part_way_resumes_from_its_last_validations_checkpoint(tmp_path, monkeypatch):
+    from orthodiff.reproduce import cells
+
+    launches = []
+    monkeypatch.setattr(cells.subprocess, "run", fake_train(launches))
+    monkeypatch.setattr(cells, "embedded_model_digest", lambda: "v3")
+    cfg = OmegaConf.create({"runs_dir": str(tmp_path), "jobs": 1})
+    checkpoints = tmp_path / "cell" / "checkpoints"
+
+    def die_after_a_validation(overrides):
+        cells.train_cell(cfg, "cell", overrides)
+        (tmp_path / "cell" / "metrics.json").write_text(json.dumps({"step0": {"canny_iou": 0.1}}))
+        checkpoints.mkdir(exist_ok=True)
+        (checkpoints / "last.ckpt").write_bytes(b"step 200")
+
+    die_after_a_validation(["method=oft"])
+    run = cells.train_cell(cfg, "cell", ["method=oft"])
+    assert f"resume={checkpoints.resolve() / 'last.ckpt'}" in launches[-1] and run["resumed"]
+    assert all(o in launches[0] for o in cells.CHECKPOINT_AT_VALIDATION)
+    die_after_a_validation(["method=oft"])  # a checkpoint of other overrides or base weights is not resumed...
+    monkeypatch.setattr(cells, "embedded_model_digest", lambda: "v4")
+    run = cells.train_cell(cfg, "cell", ["method=oft"])
+    assert "resume=" not in " ".join(launches[-1]) and "resumed" not in run
+    assert not checkpoints.exists()  # ...but deleted with the run it belonged to
 
 
 def test_a_diverged_cell_is_kept_as_a_result_and_other_failures_raise(tmp_path, monkeypatch):
@@ -220,6 +248,35 @@ def test_a_diverged_cell_is_kept_as_a_result_and_other_failures_raise(tmp_path, 
     monkeypatch.setattr(cells.subprocess, "run", lambda command, **kw: subprocess.CompletedProcess(command, 1, "", "boom"))
     with pytest.raises(RuntimeError, match="boom"):
         cells.train_cell(cfg, "broken", ["method=oft"])
+
+
+def test_a_cell_killed_after_a_validation_resumes_to_the_uninterrupted_curve(shapes_root, tmp_path, monkeypatch):
+    """Real train.py runs: 4 steps validated every 2; one killed (SIGKILL) at step 3, then
+    run again. The resumed cell's curve holds every validation and its end is the
+    uninterrupted cell's."""
+    from orthodiff.reproduce import cells
+
+    overrides = ["experiment=canny", f"data.train.root={shapes_root}", "+data.train.max_items=8", "data.batch_size=2",
+                 "data.val.max_items=2", "data.val_batch_size=2", "model.val_steps=2", "trainer.max_steps=4",
+                 "trainer.val_check_interval=2", "validate_at_start=true", "trainer.deterministic=true",
+                 "callbacks.progress_bar.refresh_rate=0", "logger=none"]
+    cfg = OmegaConf.create({"runs_dir": str(tmp_path), "jobs": 1, "threads": 1})
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")])))
+    uninterrupted = cells.train_cell(cfg, "uninterrupted", overrides)
+    real_run = subprocess.run
+
+    def killed_at_step_3(command, **kwargs):
+        kill = ["+callbacks.kill._target_=faults.KillAt", "+callbacks.kill.step=3"]
+        return real_run([*command[:-1], *kill, command[-1]], **kwargs)
+
+    monkeypatch.setattr(cells.subprocess, "run", killed_at_step_3)
+    with pytest.raises(RuntimeError, match="exit -9"):
+        cells.train_cell(cfg, "killed", overrides)
+    monkeypatch.setattr(cells.subprocess, "run", real_run)
+    resumed = cells.train_cell(cfg, "killed", overrides)
+    assert resumed["resumed"] and "resumed" not in uninterrupted
+    assert [v["step"] for v in resumed["history"]] == [v["step"] for v in uninterrupted["history"]] == [0, 2, 4]
+    assert resumed["history"] == uninterrupted["history"] and resumed["final"] == uninterrupted["final"]
 
 
 def schedule_cfg(tmp_path, **extra):

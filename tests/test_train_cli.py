@@ -106,6 +106,7 @@ def test_resume_restores_step_and_optimizer(trained_run, shapes_root, tmp_path):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     check_metrics(metrics, final_step=5)  # step 0 is carried over from the run that wrote the checkpoint
     assert metrics["step0"] == json.loads((trained_run / "metrics.json").read_text())["step0"]
+    assert [v["step"] for v in metrics["history"]] == [0, 3, 5]  # the earlier run's validations come with it
 
     before, after = load_checkpoint(previous), load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
     assert (before["global_step"], after["global_step"]) == (3, 5)

@@ -147,7 +147,7 @@ def train(cfg: DictConfig) -> float:
     # Reuse the validation fit ran at its last step; otherwise validate once more.
     final = plain_metrics([trainer.callback_metrics]) if module.validated_at == trainer.global_step else {}
     metrics["final"] = final or plain_metrics(trainer.validate(module, datamodule=datamodule))
-    metrics["history"] = module.validation_history  # this run's validations (convergence plots)
+    metrics["history"] = module.validation_history  # every validation since step 0, resumes included (convergence plots)
     metrics["cost"] = cost.summary(module)
     metrics["skipped"] = datamodule.skip_report() if hasattr(datamodule, "skip_report") else {}
     if trainer.is_global_zero:

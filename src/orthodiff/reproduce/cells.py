@@ -3,8 +3,9 @@
 A cell's run directory records the overrides it was trained with and a content hash of
 the embedded tiny SD (overrides.json); a later table asking for the same cell gets the
 finished run's metrics.json back without training it again, so `table=all` trains each
-cell once. Config-file edits are not part of the record: delete a run directory to
-retrain it.
+cell once. A cell that died part-way (a killed job, a session's end) resumes from the
+checkpoint its last validation wrote. Config-file edits are not part of the record: delete
+a run directory to retrain it.
 """
 
 from __future__ import annotations
@@ -45,8 +46,7 @@ def run_overrides(cfg: DictConfig, method: str, control: str, seed: int, extra=(
     return [f"experiment={control}", f"method={method}", f"seed={seed}", f"trainer.max_steps={steps}",
             f"trainer.val_check_interval={schedule.val_every if curve else steps}",
             f"validate_at_start={step0}", f"data.val.max_items={schedule.val_items}",
-            f"data.batch_size={schedule.batch_size}", f"callbacks.checkpoint.every_n_train_steps={steps}",
-            "logger=csv", "callbacks.progress_bar.refresh_rate=0", *cfg.train_overrides, *extra]
+            f"data.batch_size={schedule.batch_size}", "logger=csv", "callbacks.progress_bar.refresh_rate=0", *cfg.train_overrides, *extra]
 
 
 def embedded_model_digest() -> str:
@@ -80,20 +80,31 @@ def train_cell(cfg: DictConfig, name: str, overrides: list[str], cached_only: bo
     run_dir = Path(cfg.runs_dir).expanduser() / name
     record = run_dir / "overrides.json"
     metrics_path = run_dir / "metrics.json"
-    identity = {"overrides": overrides, "embedded_model": embedded_model_digest()}
-    if metrics_path.is_file() and record.is_file() and json.loads(record.read_text()) == identity:
+    checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    identity = cell_identity(overrides)
+    same_cell = record.is_file() and cell_identity(**json.loads(record.read_text())) == identity
+    if same_cell and metrics_path.is_file():
         metrics = json.loads(metrics_path.read_text())
         if "final" in metrics:
             log.info("cell %s: reused %s", name, run_dir)
             return {**metrics, "run_dir": str(run_dir)}
     if cached_only:
         return None
-    log.info("cell %s: training in %s", name, run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(run_dir / "eval", ignore_errors=True)  # scored a run this one replaces
-    metrics_path.unlink(missing_ok=True)  # a replaced run's, or a dead run's step 0
+    resume = same_cell and checkpoint.is_file()
+    if resume:
+        log.info("cell %s: resuming %s", name, checkpoint)
+    else:
+        log.info("cell %s: training in %s", name, run_dir)
+        for stale in ("eval", "checkpoints"):  # a replaced run's score and checkpoints
+            shutil.rmtree(run_dir / stale, ignore_errors=True)
+        metrics_path.unlink(missing_ok=True)  # a replaced run's, or a dead run's step 0
+        run_dir.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps(identity))  # now: a run that dies part-way is resumed as this cell
+    # Not resolve()d: last.ckpt links to "epoch=E-step=S.ckpt", whose "=" Hydra's override grammar refuses.
+    resume_from = [f"resume={checkpoint.absolute()}"] if resume else []
     started = time.time()
-    result = subprocess.run([sys.executable, "train.py", *overrides, f"hydra.run.dir={run_dir.resolve()}"],
+    result = subprocess.run([sys.executable, "train.py", *overrides, *CHECKPOINT_AT_VALIDATION, *resume_from,
+                             f"hydra.run.dir={run_dir.resolve()}"],
                             cwd=ROOT, capture_output=True, text=True, env=cell_env(cfg))
     (run_dir / "stdout.log").write_text(result.stdout + result.stderr)
     diverged = NON_FINITE_LOSS.search(result.stderr)
@@ -104,10 +115,26 @@ def train_cell(cfg: DictConfig, name: str, overrides: list[str], cached_only: bo
     if result.returncode != 0:
         log.warning("cell %s: %s", name, diverged.group(0))
         metrics.update(final={}, diverged=diverged.group(0))
-    metrics["wall_seconds"] = round(time.time() - started, 1)
+    metrics["wall_seconds"] = round(time.time() - started, 1)  # a resumed run's: since the resume
+    if resume:
+        metrics["resumed"] = True
     metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
-    record.write_text(json.dumps(identity))
     return {**metrics, "run_dir": str(run_dir)}
+
+
+# A checkpoint at the end of every validation (save_last=link: last.ckpt points at it), so a
+# resumed cell's curve misses no validation; ModelCheckpoint's every_n_train_steps saves
+# before the validation of the same step.
+CHECKPOINT_AT_VALIDATION = ("callbacks.checkpoint.every_n_train_steps=null", "callbacks.checkpoint.save_top_k=1",
+                            "callbacks.checkpoint.save_last=link")
+
+
+def cell_identity(overrides: list[str], embedded_model: str | None = None) -> dict:
+    """What makes two runs the same cell (a run's overrides.json): its overrides, less where
+    it checkpoints (that does not change what a run learns), and the embedded base model's
+    weights (default: today's)."""
+    return {"overrides": [o for o in overrides if not o.startswith("callbacks.checkpoint.")],
+            "embedded_model": embedded_model or embedded_model_digest()}
 
 
 def run_eval(cfg: DictConfig, run: dict) -> dict:

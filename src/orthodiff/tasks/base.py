@@ -243,9 +243,11 @@ class DiffusionTask(pl.LightningModule):
         checkpoint["state_dict"] = self.trainable_state_dict()
         if self.step_random_states is not None:
             checkpoint["random_states"] = self.step_random_states
+        checkpoint["validation_history"] = self.validation_history  # a resumed run's curve starts at step 0
 
     def on_load_checkpoint(self, checkpoint):
         self.step_random_states = checkpoint.get("random_states")  # absent in checkpoints before issue 19
+        self.validation_history = list(checkpoint.get("validation_history", []))  # absent before issue 16
 
     # --- sampling and validation -----------------------------------------------------
 
