@@ -2,8 +2,10 @@
 module samples, merging changes nothing but speed, export reloads in plain diffusers, and
 generate.py / export turn bad input into one clear line."""
 
+import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -177,8 +179,9 @@ def test_generate_and_export_bad_input_is_one_clear_line(adapters, tmp_path):
         (("generate.py", f"adapter={adapter}", "condition=x.png", "prompt=x", "stepz=3"), "keys adapter, prompt, condition"),
         (("orthodiff.export", f"adapter={tmp_path / 'missing.safetensors'}", f"out={tmp_path / 'o'}"), "no such adapter file"),
     ]
-    for args, message in cases:
-        result = run(*args)
+    with ThreadPoolExecutor(os.cpu_count()) as pool:  # seven start-ups (imports) at once
+        results = list(pool.map(lambda case: run(*case[0]), cases))
+    for (args, message), result in zip(cases, results):
         assert result.returncode != 0 and message in result.stderr, (args, result.stderr[-1500:])
         assert "Traceback" not in result.stderr, result.stderr[-1500:]
 

@@ -11,6 +11,7 @@ import math
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -44,12 +45,12 @@ def subject_fixture(tmp_path) -> list[str]:
 
 
 def test_unknown_table_lists_the_valid_ones(tmp_path):
-    result = reproduce("table=bogus", f"out_dir={tmp_path}")
-    assert result.returncode != 0
-    assert ("params, lr_search, controllable, convergence, energy, ablation, subject, edit, claims, all"
-            in result.stderr)
-    result = reproduce("table=params", "jobs=0", f"out_dir={tmp_path}")
-    assert result.returncode != 0 and "jobs=0" in result.stderr
+    with ThreadPoolExecutor(2) as pool:  # both start-ups at once
+        bogus, no_jobs = pool.map(lambda args: reproduce(*args, f"out_dir={tmp_path}"), [["table=bogus"],
+                                                                                          ["table=params", "jobs=0"]])
+    assert bogus.returncode != 0
+    assert "params, lr_search, controllable, convergence, energy, ablation, subject, edit, claims, all" in bogus.stderr
+    assert no_jobs.returncode != 0 and "jobs=0" in no_jobs.stderr
 
 
 def test_params_table_is_stamped_and_matches_the_references(tmp_path):
