@@ -309,7 +309,7 @@ def test_controllable_runs_every_seed_on_every_control_with_reference_rows(tmp_p
     def run_all(cfg, cells, desc):
         return [{"final": {"seg_miou": 0.1 * seed, "canny_iou": 0.3}, "step0": {"seg_miou": 0.01, "canny_iou": 0.02 + seed},
                  "run_dir": f"{c}-{m}-s{seed}",
-                 "cost": {"trainable_parameters": 10, "seconds_per_step": 1.0, "peak_memory_mb": 5}}
+                 "cost": {"trainable_parameters": 10, "seconds_per_step": (9.0, 1.0, 1.2)[seed], "peak_memory_mb": 5}}
                 for m, c, seed in cells]
 
     monkeypatch.setattr(controllable, "run_all", run_all)
@@ -328,6 +328,8 @@ def test_controllable_runs_every_seed_on_every_control_with_reference_rows(tmp_p
     assert rows["real images"]["canny canny_iou"] == "1.0000" and rows["real images through the VAE"]["seg seg_miou"] == "0.8000"
     assert scored == ["seg-coft-s0", "canny-coft-s0"]  # each control's references from its own validation scenes
     assert "mean ± std over seeds [0, 1]" in (tmp_path / "controllable.md").read_text()
+    controllable.table(schedule_cfg(tmp_path, methods=["coft"], controls=["seg", "canny"], seeds=[0, 1, 2]))
+    assert read_csv(tmp_path / "controllable.csv")[0]["s/step"] == "1.2"  # the median: seed 0's 9 s (a paused cell) drops out
 
 
 def history(*values, every=200):

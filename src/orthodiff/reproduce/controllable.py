@@ -11,6 +11,7 @@ validation scenes, scorer and VAE):
 from __future__ import annotations
 
 import math
+import statistics
 from pathlib import Path
 
 import torch
@@ -72,7 +73,10 @@ def table(cfg: DictConfig) -> Path:
             row[f"FID ({first_control}, {quality['fid_extractor']} features)"] = round(quality["fid"], 2)
         cost = first.get("cost", {})
         row["trainable params"] = cost.get("trainable_parameters", "n/a")
-        row["s/step"] = round(cost["seconds_per_step"], 3) if cost else "n/a"
+        # The median over the seeds: one cell slowed by other work on the machine does not move it.
+        timed = [runs[(method, first_control, s)].get("cost", {}).get("seconds_per_step") for s in cfg.seeds]
+        timed = [t for t in timed if t is not None]
+        row["s/step"] = round(statistics.median(timed), 3) if timed else "n/a"
         row["peak memory MB"] = cost.get("peak_memory_mb", "n/a")
         rows.append(row)
     references = {REAL: {"method": REAL}, THROUGH_VAE: {"method": THROUGH_VAE}, "base": {"method": base_label(cfg)}}
@@ -89,7 +93,8 @@ def table(cfg: DictConfig) -> Path:
                           for control, figures in paper.TABLE2.items())
     notes = [f"Final validation on the first {cfg.schedule.val_items} validation scenes after {steps} (batch "
              f"{cfg.schedule.batch_size}); mean ± std over seeds {list(cfg.seeds)}. FID/KID from eval.py on "
-             f"{cfg.eval_samples} test scenes of {first_control}, seed {first_seed}. Peak memory is the process's peak "
+             f"{cfg.eval_samples} test scenes of {first_control}, seed {first_seed}. s/step: training steps only, the median "
+             f"over the {first_control} cells' seeds. Peak memory is the process's peak "
              "resident memory on CPU (base model included) or CUDA's allocator peak on GPU. Each method trains at its "
              "own method.control_lr (conf/method/<method>.yaml; table=lr_search chooses it).",
              f"Reference rows, scored like the cells (same validation scenes and scorer): '{REAL}' is the ceiling by "
