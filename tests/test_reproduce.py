@@ -1,4 +1,4 @@
-"""reproduce.py: the table list, the params table, the cell cache (diverged runs included),
+"""reproduce.py: the table list, the params table, the cell cache (diverged runs included, killed runs resumed),
 the cells' schedules, the controllable table's cells and reference rows, the convergence
 levels, the lr search's choice, the ablation rows, the claims' verdict rule, the control
 network's lr scale, every control's headline metric; every run-based table on a 2-step
