@@ -46,7 +46,8 @@ def run_overrides(cfg: DictConfig, method: str, control: str, seed: int, extra=(
     return [f"experiment={control}", f"method={method}", f"seed={seed}", f"trainer.max_steps={steps}",
             f"trainer.val_check_interval={schedule.val_every if curve else steps}",
             f"validate_at_start={step0}", f"data.val.max_items={schedule.val_items}",
-            f"data.batch_size={schedule.batch_size}", "logger=csv", "callbacks.progress_bar.refresh_rate=0", *cfg.train_overrides, *extra]
+            f"data.batch_size={schedule.batch_size}", "logger=csv", "callbacks.progress_bar.refresh_rate=0",
+            *cfg.train_overrides, *extra]
 
 
 def embedded_model_digest() -> str:
