@@ -391,6 +391,19 @@ def test_the_verdict_rule():
     assert spread([0.1])[0] == 0.1 and math.isnan(spread([0.1])[1])
 
 
+def test_stability_counts_a_dip_mid_run_not_only_a_fall_at_the_end():
+    from orthodiff.reproduce.claims import largest_fall
+
+    def run(curve):  # validations, the last one also the final figure
+        return {"history": [{"step": 200 * i, "iou": v} for i, v in enumerate(curve)], "final": {"iou": curve[-1]}}
+
+    assert largest_fall(run([0.03, 0.25, 0.16, 0.27]), "iou", higher=True) == pytest.approx(0.09)  # dipped, recovered
+    assert largest_fall(run([0.03, 0.20, 0.30]), "iou", higher=True) == 0
+    assert largest_fall(run([0.03, 0.30, 0.25]), "iou", higher=True) == pytest.approx(0.05)
+    assert largest_fall(run([9.0, 6.0, 8.5, 7.0]), "iou", higher=False) == pytest.approx(2.5)  # an error: up is worse
+    assert math.isnan(largest_fall({"history": [{"iou": 0.2}], "final": {}}, "iou", higher=True))  # diverged
+
+
 def test_the_lr_search_picks_the_best_finite_score():
     from orthodiff.reproduce.lr_search import best_lr
 

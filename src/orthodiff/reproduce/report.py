@@ -74,14 +74,14 @@ def spread(values) -> tuple[float, float]:
     return float(np.mean(finite)), float(np.std(finite, ddof=1)) if len(finite) > 1 else math.nan
 
 
-def mean_std(values: list[float]) -> str:
+def mean_std(values: list[float], digits: int = 4) -> str:
     """"mean ± std" (sample std) of the finite values; a missing one (a diverged run, a
     figure the scorer did not give) is counted, not silently dropped."""
     mean, std = spread(values)
     if math.isnan(mean):
         return "n/a"
     missing = sum(math.isnan(v) for v in values)
-    text = f"{mean:.4f}" if math.isnan(std) else f"{mean:.4f} ± {std:.4f}"
+    text = f"{mean:.{digits}f}" if math.isnan(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
     return text + (f" ({missing} of {len(values)} n/a)" if missing else "")
 
 
