@@ -429,6 +429,12 @@ def test_ablation_rows_and_the_largest_move(tmp_path):
     assert ablation.cells(cfg, rows["r2"]) == [("oft", "canny", 0, ["adapter.num_blocks=2"], "-r2")]
     assert ablation.largest_moves({"hint": -0.1, "r2": 0.02, "conv": 0.15, "x": math.nan}) == [
         ("conv", 0.15), ("hint", -0.1), ("r2", 0.02)]
+    what = {"x10": "lr x10", "conv": "+ conv", "r2": "r = 2"}
+    verdict = ablation.what_moves_most("oft", "iou", True, {"x10": -0.3, "conv": 0.1, "r2": 0.03},
+                                       {"x10": 0.05, "conv": 0.45, "r2": 0.38}, what)
+    assert verdict.startswith("Moves oft most: 'x10' (lr x10), iou 0.3500 (default, same seeds) -> 0.0500 (-0.3000, worse)")
+    assert verdict.endswith("Largest gain: 'conv' (+ conv), +0.1000.")
+    assert "Largest gain" not in ablation.what_moves_most("oft", "iou", True, {"conv": 0.1}, {"conv": 0.45}, what)
     cfg.ablation.three_seeds = ["r3"]
     with pytest.raises(ValueError, match="r3"):
         ablation.variants(cfg)

@@ -70,6 +70,24 @@ def run_config(run: dict) -> dict:
             "control lr scale": config.module.get("control_lr_scale", 1.0)}
 
 
+def what_moves_most(method: str, key: str, higher: bool, changes: dict[str, float], means: dict[str, float],
+                    what: dict[str, str]) -> str:
+    """The report's verdict: the row that moves the method most (and, when that one hurts,
+    the row that helps most), with every row's change."""
+    moves = largest_moves(changes)
+    if not moves:
+        return "No row has a finite score: nothing to compare."
+    name, change = moves[0]
+    verdict = (f"Moves {method} most: '{name}' ({what[name]}), {key} {means[name] - change:.4f} (default, same seeds) "
+               f"-> {means[name]:.4f} ({change:+.4f}, {'better' if (change > 0) == higher else 'worse'}). "
+               "Largest |change| first: " + ", ".join(f"{n} {d:+.4f}" for n, d in moves)
+               + f". Candidates for ablation.three_seeds (the two that move it most): {[n for n, _ in moves[:2]]}.")
+    gains = [(n, d) for n, d in moves if (d > 0) == higher]
+    if gains and gains[0] != moves[0]:
+        verdict += f" Largest gain: '{gains[0][0]}' ({what[gains[0][0]]}), {gains[0][1]:+.4f}."
+    return verdict
+
+
 def table(cfg: DictConfig) -> Path:
     control, method = cfg.controls[0], cfg.ablation.method
     key, higher = headline_metric(control), higher_is_better(control)
@@ -95,16 +113,7 @@ def table(cfg: DictConfig) -> Path:
             row["OFT params at SD 1.5"] = oft_count(trained["r"])[0]
             row["paper total incl. encoder (M)"] = PAPER_TOTALS_M.get(trained["r"], "n/a")
         rows.append(row)
-    moves = largest_moves(changes)
-    if moves:
-        name, change = moves[0]
-        verdict = (f"Moves {method} most: '{name}' ({next(v['what'] for v in rows_spec if v['name'] == name)}), "
-                   f"{key} {means[name] - change:.4f} (default, same seeds) -> {means[name]:.4f} ({change:+.4f}, "
-                   f"{'better' if (change > 0) == higher else 'worse'}). Largest |change| first: "
-                   + ", ".join(f"{n} {d:+.4f}" for n, d in moves)
-                   + f". Candidates for ablation.three_seeds (the two that move it most): {[n for n, _ in moves[:2]]}.")
-    else:
-        verdict = "No row has a finite score: nothing to compare."
+    verdict = what_moves_most(method, key, higher, changes, means, {v['name']: v['what'] for v in rows_spec})
     notes = [verdict,
              f"{control}, {cfg.schedule.steps} steps of batch {cfg.schedule.batch_size}; final {key} on the first "
              f"{cfg.schedule.val_items} validation scenes; 'change vs default' = row mean - default mean at the row's "
