@@ -114,7 +114,7 @@ def table(cfg: DictConfig) -> Path:
     steps_reached = reach(cfg, runs)
     targets = thresholds(base, best, higher_is_better(control)) or {}
     rows, curve_rows = [], []
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8.5, 4.5))
     for method, (steps, mean, std) in curves(cfg, runs).items():
         row = {"method": method, f"final {key}": mean_std([final_figure(runs[(method, s)], key) for s in cfg.seeds])}
         for f in FRACTIONS:
@@ -134,7 +134,7 @@ def table(cfg: DictConfig) -> Path:
     ax.set_xlabel(f"training step (x {batch} = images seen)")
     ax.set_ylabel(key)
     ax.set_title(f"{control}: mean ± std over seeds {list(cfg.seeds)}")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # outside: the curves fill the axes
     fig.tight_layout()
     fig.savefig(out_dir(cfg) / "convergence.png", dpi=100)
     plt.close(fig)
