@@ -8,12 +8,12 @@ install:
 
 # Lint, then the full suite, slow tests included (CI runs exactly this).
 test: install
-	$(PY) -m ruff check src tests
+	$(PY) -m ruff check src tests scripts
 	$(PY) -m pytest -q
 
 # Skip tests marked slow.
 test-fast:
-	$(PY) -m ruff check src tests
+	$(PY) -m ruff check src tests scripts
 	$(PY) -m pytest -q -m "not slow"
 
 bench:

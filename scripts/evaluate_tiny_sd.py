@@ -32,9 +32,9 @@ from tqdm import tqdm
 
 from orthodiff.data.control import canny_edges
 from orthodiff.data.shapes import BACKGROUNDS, COLORS, SHAPES, make_scene, split_seeds
+from orthodiff.eval.control_metrics import edge_scores
 from orthodiff.eval.image_metrics import prompt_recognition
 from orthodiff.eval.metrics import frechet_distance
-from orthodiff.eval.control_metrics import edge_scores
 from orthodiff.eval.oracles import images_to_tensor, load_oracle, scene_labels
 from orthodiff.models.tiny_sd import TINY_SD_PATH, load_tiny_sd
 

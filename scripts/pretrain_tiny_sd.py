@@ -24,7 +24,6 @@ import cv2
 import hydra
 import numpy as np
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
@@ -32,7 +31,12 @@ from tqdm import tqdm
 from orthodiff.data.shapes import read_metadata, write_dataset
 from orthodiff.files import atomic_path
 from orthodiff.models.tiny_sd import (
-    build_clip_tokenizer, build_text_encoder, build_unet, build_vae, sampling_scheduler, training_scheduler,
+    build_clip_tokenizer,
+    build_text_encoder,
+    build_unet,
+    build_vae,
+    sampling_scheduler,
+    training_scheduler,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -287,7 +291,8 @@ def train_unet(cfg, tokenizer, moments, scaling_factor, records, cache: Path):
     for step in bar:
         idx = torch.randint(len(moments), (cfg.unet.batch_size,), generator=gen)
         m = moments[idx].float()
-        latents = (m[:, :latent_channels] + m[:, latent_channels:] * torch.randn(m[:, :latent_channels].shape, generator=gen)) * scaling_factor
+        mean, std = m[:, :latent_channels], m[:, latent_channels:]
+        latents = (mean + std * torch.randn(mean.shape, generator=gen)) * scaling_factor
         ids = token_ids[idx].clone()
         if augment:
             texts = [augment_caption(records[i]["shapes"], records[i]["background"], rng, caption_cfg) for i in idx.tolist()]

@@ -497,3 +497,27 @@ def test_each_controls_headline_metric_is_a_figure_its_scorer_computes(shapes_ro
     scorer = ControlScorer(control, num_classes=getattr(data, "num_classes", None))
     scorer.update((batch["pixel_values"] + 1) / 2, batch)
     assert headline_metric(control) in scorer.compute()
+
+
+def test_grid_wall_time_sums_each_tables_cells_and_scales_a_resumed_one(tmp_path):
+    def cell(name, steps, wall, timed=None, resumed=False):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "overrides.json").write_text(json.dumps({"overrides": [f"trainer.max_steps={steps}"]}))
+        if wall is not None:  # None: killed before it finished
+            (run / "metrics.json").write_text(json.dumps(
+                {"wall_seconds": wall, "resumed": resumed, "cost": {"timed_steps": (timed or steps) - 1}}))
+
+    cell("canny-oft-lr0.003-s0", 1000, 3600)
+    cell("canny-oft-conv-s0", 2000, 1800, timed=1000, resumed=True)  # timed half its steps: counts 3600 s
+    cell("canny-hint-s1", 2000, 3600)
+    cell("canny-oft-s2", 2000, 7200)
+    cell("seg-lora-s0", 1000, 1800)
+    cell("depth-oft-s0", 1000, None)
+    out = subprocess.run([sys.executable, str(ROOT / "scripts/grid_wall_time.py"), str(tmp_path)],
+                         capture_output=True, text=True, check=True).stdout
+    assert "| ablation | 2 | 2.00 | 1.00 | 1 |" in out
+    assert "| lr_search | 1 | 1.00 | 0.50 | 0 |" in out
+    assert "| convergence (canny) | 1 | 2.00 | 1.00 | 0 |" in out
+    assert "| controllable (other controls) | 1 | 0.50 | 0.25 | 0 |" in out
+    assert "| all | 5 | 5.50 | 2.75 | 1 |" in out and "not finished (not counted): 1: depth-oft-s0" in out
