@@ -466,6 +466,9 @@ def test_claims_train_nothing_and_say_which_table_runs_the_missing_cells(tmp_pat
     t2i = [r for r in rows if "t2i_adapter" in r["claim"]]
     assert t2i and all("add t2i_adapter to methods" in r["reason"] for r in t2i)
     assert [r["verdict"] for r in rows if r["from"] == "table=params"] == ["holds", "holds"]
+    speed = [r["claim"] for r in rows if r["from"] == "table=convergence" and "fewer steps" in r["claim"]]
+    assert speed == [f"coft reaches {level} of the best final score in fewer steps than {baseline}"
+                     for level in ("50%", "80%") for baseline in ("controlnet", "t2i_adapter")]
     assert "Verdicts: 2 hold, 0 do not hold" in (tmp_path / "claims.md").read_text()
 
 
