@@ -102,6 +102,7 @@ def test_all_tables_on_a_two_step_schedule(shapes_root, tmp_path):
     # control network: the same figure from coft, lora and controlnet at the same seed.
     step0 = {m: json.loads((runs / f"canny-{m}-s0" / "metrics.json").read_text())["step0"] for m in methods}
     assert step0["coft"] == step0["lora"] == step0["controlnet"]
+    assert "coft: eps 0.001 in the paper convention" in (reports / "controllable.md").read_text()  # from the cell's config
     assert "step0" in json.loads((runs / "seg-coft-s1" / "metrics.json").read_text())  # the base row on seg
 
     convergence = {row["method"]: row for row in read_csv(reports / "convergence.csv")}
@@ -303,12 +304,21 @@ def test_cell_schedules_curves_on_the_first_control_and_the_base_row_on_every_co
             search["method.control_lr"]) == ("500", "500", "False", "0.003")
 
 
+def cell_dir(root: Path, name: str, method: str) -> str:
+    """A fake cell's folder with the part of its config the reports read: coft = the paper's COFT, eps 1e-3."""
+    config = root / name / ".hydra" / "config.yaml"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    adapter = {"coft": True, "eps": 1e-3, "coft_norm": "paper"} if method == "coft" else {"coft": False}
+    OmegaConf.save({"method": {"name": method}, "adapter": adapter}, config)
+    return str(config.parents[1])
+
+
 def test_controllable_runs_every_seed_on_every_control_with_reference_rows(tmp_path, monkeypatch):
     from orthodiff.reproduce import controllable
 
     def run_all(cfg, cells, desc):
         return [{"final": {"seg_miou": 0.1 * seed, "canny_iou": 0.3}, "step0": {"seg_miou": 0.01, "canny_iou": 0.02 + seed},
-                 "run_dir": f"{c}-{m}-s{seed}",
+                 "run_dir": cell_dir(tmp_path, f"{c}-{m}-s{seed}", m),
                  "cost": {"trainable_parameters": 10, "seconds_per_step": (9.0, 1.0, 1.2)[seed], "peak_memory_mb": 5}}
                 for m, c, seed in cells]
 
@@ -326,8 +336,10 @@ def test_controllable_runs_every_seed_on_every_control_with_reference_rows(tmp_p
     base = rows["base model (step 0 of coft)"]
     assert base["seg seg_miou"] == "0.0100 ± 0.0000" and base["canny canny_iou"] == "0.5200 ± 0.7071"
     assert rows["real images"]["canny canny_iou"] == "1.0000" and rows["real images through the VAE"]["seg seg_miou"] == "0.8000"
-    assert scored == ["seg-coft-s0", "canny-coft-s0"]  # each control's references from its own validation scenes
-    assert "mean ± std over seeds [0, 1]" in (tmp_path / "controllable.md").read_text()
+    assert [Path(d).name for d in scored] == ["seg-coft-s0", "canny-coft-s0"]  # each control's own validation scenes
+    report = (tmp_path / "controllable.md").read_text()
+    assert "mean ± std over seeds [0, 1]" in report
+    assert "coft: eps 0.001 in the paper convention" in report  # COFT's eps always says its convention
     controllable.table(schedule_cfg(tmp_path, methods=["coft"], controls=["seg", "canny"], seeds=[0, 1, 2]))
     assert read_csv(tmp_path / "controllable.csv")[0]["s/step"] == "1.2"  # the median: seed 0's 9 s (a paused cell) drops out
 
@@ -361,7 +373,7 @@ def test_convergence_reports_steps_and_images_to_each_level(tmp_path, monkeypatc
 
     def run_all(cfg, cells, desc):
         return [{"final": {"canny_iou": curves[(m, s)][-1]["canny_iou"]}, "step0": {"canny_iou": curves[(m, s)][0]["canny_iou"]},
-                 "history": curves[(m, s)]} for m, _, s in cells]
+                 "history": curves[(m, s)], "run_dir": cell_dir(tmp_path, f"{m}-s{s}", m)} for m, _, s in cells]
 
     monkeypatch.setattr(convergence, "run_all", run_all)
     convergence.table(schedule_cfg(tmp_path, schedule={"steps": 400, "val_every": 200, "other_steps": 400,

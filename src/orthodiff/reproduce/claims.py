@@ -23,7 +23,7 @@ from orthodiff.eval.control_metrics import headline_metric
 from orthodiff.eval.param_counts import PAPER_TOTALS_M, parameter_table
 from orthodiff.reproduce import ablation, controllable, convergence, energy, paper
 from orthodiff.reproduce.cells import run_cell
-from orthodiff.reproduce.report import control_settings, final_figure, higher_is_better, mean_std, spread, write_report
+from orthodiff.reproduce.report import coft_note, control_settings, final_figure, higher_is_better, mean_std, spread, write_report
 
 HOLDS, FAILS, CANNOT = "holds", "does not hold", "cannot tell here"
 VERDICTS = (HOLDS, FAILS, CANNOT)
@@ -233,8 +233,8 @@ def table(cfg: DictConfig) -> Path:
              f"|ΔHE|/HE < {ENERGY_KEPT:g} (float error).",
              "Built from the cells of table=controllable, convergence, energy and ablation (and the params "
              "computation); nothing is trained here. 'not run' names the table that trains the missing cells.",
-             "Our COFT (method=coft) is the paper's convention (radius eps b²/√r on the generator); "
-             "method=coft_rotation bounds ||R_i - I||_F <= eps exactly. The paper's figures are SD 1.5 at full size; "
-             "ours are the miniature's (tiny SD, shapes world), so the claims are compared in direction, not value."]
+             "The paper's figures are SD 1.5 at full size; ours are the miniature's (tiny SD, shapes world), so the "
+             "claims are compared in direction, not value.",
+             *coft_note([run for m in cfg.methods if (run := cells.get((m, cfg.controls[0], cfg.seeds[0])))])]
     return write_report(cfg, "claims", "The OFT paper's claims, tested on the miniature", rows, notes,
                         settings=control_settings(cfg))

@@ -24,7 +24,7 @@ from orthodiff.eval.control_metrics import ControlScorer, headline_metric
 from orthodiff.models.base import load_base_model
 from orthodiff.reproduce import paper
 from orthodiff.reproduce.cells import run_all, run_eval
-from orthodiff.reproduce.report import control_settings, final_figure, mean_std, write_report
+from orthodiff.reproduce.report import coft_note, control_settings, final_figure, mean_std, write_report
 from orthodiff.reproduce.subject import vae_round_trip
 
 REAL, THROUGH_VAE = "real images", "real images through the VAE"
@@ -102,6 +102,7 @@ def table(cfg: DictConfig) -> Path:
              f"VAE, '{base_label(cfg)}' the base model without control ({cfg.methods[0]}'s adapter is the identity "
              "and its control network outputs zeros at step 0; the validation noise is each seed's).",
              f"Published (OFT paper Table 2, SD 1.5, full size; SD = the base model): {published}. ControlNet++ table: "
-             "ControlNet F1 34.65, mIoU 27.46, RMSE 35.90; T2I-Adapter F1 23.65, mIoU 12.61, RMSE 48.40."]
+             "ControlNet F1 34.65, mIoU 27.46, RMSE 35.90; T2I-Adapter F1 23.65, mIoU 12.61, RMSE 48.40.",
+             *coft_note([runs[(m, first_control, first_seed)] for m in cfg.methods])]
     return write_report(cfg, "controllable", "Controllable generation (miniature of the paper's table)", rows, notes,
                         settings=control_settings(cfg))

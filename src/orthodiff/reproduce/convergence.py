@@ -24,7 +24,16 @@ from omegaconf import DictConfig
 from orthodiff.eval.control_metrics import headline_metric
 from orthodiff.reproduce import paper
 from orthodiff.reproduce.cells import run_all
-from orthodiff.reproduce.report import control_settings, final_figure, finite_mean, higher_is_better, mean_std, out_dir, write_report
+from orthodiff.reproduce.report import (
+    coft_note,
+    control_settings,
+    final_figure,
+    finite_mean,
+    higher_is_better,
+    mean_std,
+    out_dir,
+    write_report,
+)
 
 FRACTIONS = (0.5, 0.8)
 
@@ -151,5 +160,6 @@ def table(cfg: DictConfig) -> Path:
              f"{', '.join(f'{f:.0%} = {t:.4f}' for f, t in targets.items()) or 'none'}). "
              "Measured from the base because the base model already scores above zero; the validation grid "
              f"({cfg.schedule.val_every} steps) is the resolution. Mean ± std over the seeds that reach it.",
-             f"Published (OFT paper): {paper.CONVERGENCE}."]
+             f"Published (OFT paper): {paper.CONVERGENCE}.",
+             *coft_note([runs[(m, cfg.seeds[0])] for m in cfg.methods])]
     return write_report(cfg, "convergence", f"Convergence ({control})", rows, notes, ["convergence.png"], settings=how)

@@ -14,7 +14,7 @@ from orthodiff.models.base import load_base_model
 from orthodiff.oft import hyperspherical_energy
 from orthodiff.reproduce import paper
 from orthodiff.reproduce.cells import run_all
-from orthodiff.reproduce.report import control_settings, write_report
+from orthodiff.reproduce.report import coft_note, control_settings, write_report
 
 
 @torch.no_grad()
@@ -73,6 +73,6 @@ def table(cfg: DictConfig) -> Path:
     notes = ["HE(W) = Σ_{i≠j} ‖ŵ_i − ŵ_j‖⁻¹ over unit-normalized neurons (rows), float64; effective weights "
              "read off the trained layers. OFT/COFT rotate every neuron by the same R, so their change "
              "is float error; LoRA and full finetuning change angles between neurons.",
-             f"Published (OFT paper): {paper.ENERGY}."]
+             f"Published (OFT paper): {paper.ENERGY}.", *coft_note(runs)]
     return write_report(cfg, "energy", f"Hyperspherical energy change ({cfg.controls[0]}, seed {cfg.seeds[0]})", rows,
                         notes, settings=control_settings(cfg))

@@ -43,6 +43,23 @@ def subject_settings(cfg: DictConfig) -> str:
                      cfg.subject.train_overrides)
 
 
+# COFT's eps means different things in the two conventions (BRIEF.md, COFT): every report with COFT rows says which.
+COFT_CONVENTIONS = {"paper": "the paper convention (each block's skew generator within eps·b²/√r)",
+                    "rotation": "the rotation convention (||R_i - I||_F <= eps)"}
+
+
+def coft_note(runs: list[dict]) -> list[str]:
+    """A note giving each COFT row's eps and its convention, read from its cells' own configs (an adapter
+    from before coft_norm existed used the rotation bound, OFTConfig's default)."""
+    described = {}
+    for run in runs:
+        config = OmegaConf.load(Path(run["run_dir"]) / ".hydra" / "config.yaml")
+        if config.adapter is not None and config.adapter.get("coft"):
+            name = config.method.name
+            described[name] = f"{name}: eps {config.adapter.eps:g} in {COFT_CONVENTIONS[config.adapter.get('coft_norm', 'rotation')]}"
+    return [f"COFT rows' eps: {'; '.join(described.values())}."] if described else []
+
+
 def stamp(cfg: DictConfig, settings: str | None) -> list[str]:
     """Where a report came from; `settings` is the line saying how its cells were trained (None: no cells)."""
     def git(*args):
