@@ -54,9 +54,10 @@ def coft_note(runs: list[dict]) -> list[str]:
     described = {}
     for run in runs:
         config = OmegaConf.load(Path(run["run_dir"]) / ".hydra" / "config.yaml")
-        if config.adapter is not None and config.adapter.get("coft"):
+        adapter = config.get("adapter")  # None or absent: the method trains no OFT adapter
+        if adapter and adapter.get("coft"):
             name = config.method.name
-            described[name] = f"{name}: eps {config.adapter.eps:g} in {COFT_CONVENTIONS[config.adapter.get('coft_norm', 'rotation')]}"
+            described[name] = f"{name}: eps {adapter.eps:g} in {COFT_CONVENTIONS[adapter.get('coft_norm', 'rotation')]}"
     return [f"COFT rows' eps: {'; '.join(described.values())}."] if described else []
 
 

@@ -23,7 +23,7 @@ from orthodiff.eval.subject_metrics import SubjectScorer
 from orthodiff.models.base import load_base_model
 from orthodiff.models.tiny_sd import TINY_SD_PATH
 from orthodiff.reproduce.cells import run_all, train_cell
-from orthodiff.reproduce.report import fmt, labelled_grid, mean_std, out_dir, subject_settings, write_report
+from orthodiff.reproduce.report import coft_note, fmt, labelled_grid, mean_std, out_dir, subject_settings, write_report
 
 SUBJECT_SCORES = ("subject_fidelity", "prompt_fidelity", "background_accuracy", "diversity", "no_token_kind",
                   "no_token_color")
@@ -180,7 +180,8 @@ def table(cfg: DictConfig) -> Path:
              "the no-token prompts too, as the paper's code does.",
              "Sample grids: row 1 the training images, row 2 the base model, then one row per method in the "
              f"order {list(settings.methods)} (labelled); columns are the evaluation prompts (subjects.EVAL_PROMPTS, "
-             "first sample each, same seeds for every method)."]
+             "first sample each, same seeds for every method).",
+             *coft_note([runs[(m, settings.subjects[0])] for m in settings.methods])]
     how = subject_settings(cfg)
     write_report(cfg, "subject_detail", "Subject-driven generation, per subject", detail, [], settings=how)
     return write_report(cfg, "subject", "Subject-driven generation (DreamBooth protocol, miniature)", rows, notes, plots,
