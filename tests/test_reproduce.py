@@ -306,7 +306,7 @@ def test_cell_schedules_curves_on_the_first_control_and_the_base_row_on_every_co
 
 
 def cell_dir(root: Path, name: str, method: str) -> str:
-    """A fake cell's folder with the part of its config the reports read: coft = the paper's COFT, eps 1e-3."""
+    """A fake cell's folder with the part of its config the reports read: coft = the paper's COFT, eps 1e-3 in the paper convention."""
     config = root / name / ".hydra" / "config.yaml"
     config.parent.mkdir(parents=True, exist_ok=True)
     adapter = {"coft": True, "eps": 1e-3, "coft_norm": "paper"} if method == "coft" else {"coft": False}

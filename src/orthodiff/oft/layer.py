@@ -20,6 +20,10 @@ DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj")
 ADAPTER_PREFIX = "oft_"
 
 
+# COFT's two conventions for eps (OFTConfig.coft_norm): what each one bounds.
+COFT_NORMS = {"rotation": "||R_i - I||_F <= eps", "paper": "||Q_i||_F <= eps * b^2 / sqrt(r), the OFT paper's code"}
+
+
 @dataclass
 class OFTConfig:
     """How to adapt a model. Set block_size or num_blocks (r = in_features / b).
@@ -55,9 +59,9 @@ class OFTConfig:
             )
         if self.block_size is None and self.num_blocks is None:
             self.num_blocks = 4
-        if self.coft_norm not in ("rotation", "paper"):
-            raise ValueError(f"OFTConfig.coft_norm={self.coft_norm!r}: use 'rotation' (||R_i - I||_F <= eps) or "
-                             "'paper' (||Q_i||_F <= eps * b^2 / sqrt(r), the OFT paper's code)")
+        if self.coft_norm not in COFT_NORMS:
+            raise ValueError(f"OFTConfig.coft_norm={self.coft_norm!r}: use 'rotation' ({COFT_NORMS['rotation']}) or "
+                             f"'paper' ({COFT_NORMS['paper']})")
         if self.cayley not in ("exact", "neumann"):
             raise ValueError(f"OFTConfig.cayley={self.cayley!r}: use 'exact' or 'neumann'")
         if self.cayley == "neumann" and self.neumann_terms < 2:

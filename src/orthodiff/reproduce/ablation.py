@@ -17,13 +17,13 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from orthodiff.eval.control_metrics import headline_metric
 from orthodiff.eval.param_counts import PAPER_TOTALS_M, oft_count
 from orthodiff.oft import DEFAULT_TARGETS
 from orthodiff.reproduce import paper
-from orthodiff.reproduce.cells import run_all
+from orthodiff.reproduce.cells import cell_config, run_all
 from orthodiff.reproduce.report import control_settings, final_figure, finite_mean, higher_is_better, mean_std, write_report
 
 
@@ -63,7 +63,7 @@ def largest_moves(changes: dict[str, float]) -> list[tuple[str, float]]:
 
 def run_config(run: dict) -> dict:
     """What a row trained, read back from its run: targets, r, the control network's lr scale."""
-    config = OmegaConf.load(Path(run["run_dir"]) / ".hydra" / "config.yaml")
+    config = cell_config(run["run_dir"])
     adapter = config.adapter
     return {"targets": "none (UNet untouched)" if adapter is None else ", ".join(adapter.targets or DEFAULT_TARGETS),
             "r": "" if adapter is None else adapter.get("num_blocks", ""),

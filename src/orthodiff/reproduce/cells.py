@@ -22,13 +22,18 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from orthodiff.models.tiny_sd import TINY_SD_PATH
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[3]  # where train.py and eval.py are
+
+
+def cell_config(run_dir: str | Path) -> DictConfig:
+    """The composed config a cell's train.py run saved (Hydra's .hydra/config.yaml)."""
+    return OmegaConf.load(Path(run_dir) / ".hydra" / "config.yaml")
 
 
 def run_overrides(cfg: DictConfig, method: str, control: str, seed: int, extra=(), steps: int | None = None,

@@ -16,14 +16,14 @@ from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from orthodiff.data.datasets import collate
 from orthodiff.eval.control_metrics import ControlScorer, headline_metric
 from orthodiff.models.base import load_base_model
 from orthodiff.reproduce import paper
-from orthodiff.reproduce.cells import run_all, run_eval
+from orthodiff.reproduce.cells import cell_config, run_all, run_eval
 from orthodiff.reproduce.report import coft_note, control_settings, final_figure, mean_std, write_report
 from orthodiff.reproduce.subject import vae_round_trip
 
@@ -43,7 +43,7 @@ def reference_scores(run_dir: str | Path) -> dict[str, dict]:
     """The real validation images, as they are and through the VAE, scored as the run's
     validation scored its samples: the run's own validation scenes (its data.val), base
     model and scorer (built as ControlTask.build_scorer builds it)."""
-    config = OmegaConf.load(Path(run_dir) / ".hydra" / "config.yaml")
+    config = cell_config(run_dir)
     dataset = instantiate(config.data.val)
     scorer = ControlScorer(config.module.control, config.module.evaluator, getattr(dataset, "num_classes", None),
                            getattr(dataset, "ignore_index", None))

@@ -17,7 +17,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from orthodiff.eval.control_metrics import CONTROL_CONFIGS
-from orthodiff.reproduce.cells import ROOT, cell_env
+from orthodiff.oft.layer import COFT_NORMS, OFTConfig
+from orthodiff.reproduce.cells import ROOT, cell_config, cell_env
 
 log = logging.getLogger(__name__)
 
@@ -43,21 +44,17 @@ def subject_settings(cfg: DictConfig) -> str:
                      cfg.subject.train_overrides)
 
 
-# COFT's eps means different things in the two conventions (BRIEF.md, COFT): every report with COFT rows says which.
-COFT_CONVENTIONS = {"paper": "the paper convention (each block's skew generator within eps·b²/√r)",
-                    "rotation": "the rotation convention (||R_i - I||_F <= eps)"}
-
-
 def coft_note(runs: list[dict]) -> list[str]:
-    """A note giving each COFT row's eps and its convention, read from its cells' own configs (an adapter
-    from before coft_norm existed used the rotation bound, OFTConfig's default)."""
+    """A note giving each COFT row's eps and its convention (BRIEF.md, COFT: the same eps means different
+    bounds), read from its cells' own configs; a run from before coft_norm existed has OFTConfig's default."""
     described = {}
     for run in runs:
-        config = OmegaConf.load(Path(run["run_dir"]) / ".hydra" / "config.yaml")
+        config = cell_config(run["run_dir"])
         adapter = config.get("adapter")  # None or absent: the method trains no OFT adapter
         if adapter and adapter.get("coft"):
-            name = config.method.name
-            described[name] = f"{name}: eps {adapter.eps:g} in {COFT_CONVENTIONS[adapter.get('coft_norm', 'rotation')]}"
+            norm = adapter.get("coft_norm", OFTConfig.coft_norm)
+            described[config.method.name] = (f"{config.method.name}: eps {adapter.eps:g} in the {norm} convention "
+                                             f"({COFT_NORMS[norm]})")
     return [f"COFT rows' eps: {'; '.join(described.values())}."] if described else []
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from PIL import Image
 
 from orthodiff.adapter import load_adapter
@@ -22,7 +22,7 @@ from orthodiff.eval.oracles import images_to_tensor
 from orthodiff.eval.subject_metrics import SubjectScorer
 from orthodiff.models.base import load_base_model
 from orthodiff.models.tiny_sd import TINY_SD_PATH
-from orthodiff.reproduce.cells import run_all, train_cell
+from orthodiff.reproduce.cells import cell_config, run_all, train_cell
 from orthodiff.reproduce.report import coft_note, fmt, labelled_grid, mean_std, out_dir, subject_settings, write_report
 
 SUBJECT_SCORES = ("subject_fidelity", "prompt_fidelity", "background_accuracy", "diversity", "no_token_kind",
@@ -80,7 +80,7 @@ def every_prompt_forgetting(run_dir: Path, subject: str) -> dict:
     """Perfusion's no-token recognition with its edit applied to every prompt (the paper's
     code; the adapter as trained edits only prompts that name the concept): the run's
     validation captions without the token, in its batches and with its seeds."""
-    data = OmegaConf.load(Path(run_dir) / ".hydra" / "config.yaml").data
+    data = cell_config(run_dir).data
     module = load_adapter(Path(run_dir) / "adapter.safetensors")
     module.embedding.every_prompt = True
     token_prompts = len(data.prompts or EVAL_PROMPTS) * data.samples_per_prompt
