@@ -11,6 +11,10 @@ export of the EMA weights as a diffusers StableDiffusionPipeline folder in fp16.
 tokenizer and VAE are used as they are and the UNet stage starts from its UNet and text
 encoder. The machines this runs on do not keep ~/.cache between sessions, so the shipped
 pipeline is the checkpoint that survives.
+
+`unet_width=0.5|2` trains a rung of the width ladder: only a UNet, from scratch, at that
+multiple of v3's channels, on the frozen VAE, tokenizer and text encoder of `ladder.base`
+(the shipped v3), so that width is the only difference (conf/pretrain_tiny_sd.yaml).
 """
 
 import json
@@ -24,6 +28,7 @@ import cv2
 import hydra
 import numpy as np
 import torch
+from diffusers import AutoencoderKL
 from omegaconf import DictConfig, OmegaConf
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
@@ -37,9 +42,11 @@ from orthodiff.models.tiny_sd import (
     build_vae,
     sampling_scheduler,
     training_scheduler,
+    width_tag,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
+LADDER_WIDTHS = (0.5, 2)  # unet_width's rungs besides the shipped 1
 
 
 def atomic_save(obj, path: Path):
@@ -178,8 +185,6 @@ def augment_images(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 def train_vae(cfg, images: torch.Tensor, cache: Path):
     final = cache / "vae_final.pt"
     if cfg.init_from:
-        from diffusers import AutoencoderKL
-
         return AutoencoderKL.from_pretrained(Path(cfg.init_from) / "vae", torch_dtype=torch.float32)
     v = cfg.vae
     vae = build_vae(v.channels, v.latent_channels, v.get("norm_num_groups", 16), v.get("layers_per_block", 1))
@@ -244,11 +249,16 @@ def encode_latents(vae, images: torch.Tensor, cache: Path) -> tuple[torch.Tensor
 
 def train_unet(cfg, tokenizer, moments, scaling_factor, records, cache: Path):
     latent_channels = moments.shape[1] // 2
+    width = cfg.get("unet_width", 1)
     text_encoder = build_text_encoder(cfg.text_encoder.hidden, cfg.text_encoder.layers, cfg.text_encoder.heads)
-    unet = build_unet(cfg.unet.channels, cfg.text_encoder.hidden, cfg.unet.attention_heads, latent_channels=latent_channels)
+    unet = build_unet([round(c * width) for c in cfg.unet.channels], cfg.text_encoder.hidden, cfg.unet.attention_heads,
+                      latent_channels=latent_channels, norm_num_groups=round(32 * width))
     init = Path(cfg.init_from) if cfg.init_from else None
     warm_te = warm_unet = init is not None
-    if init is None and cfg.get("warm_start_from"):
+    if width != 1:  # a ladder rung: the base's text encoder, frozen; the UNet from scratch
+        init, warm_te, warm_unet = ROOT / cfg.ladder.base, True, False
+        text_encoder.requires_grad_(False)
+    elif init is None and cfg.get("warm_start_from"):
         init = Path(os.path.expanduser(cfg.warm_start_from))
         warm_te, warm_unet = cfg.unet.get("warm_start_text_encoder", True), cfg.unet.get("warm_start_unet", True)
     if init is not None:  # a checkpoint in cache_dir, if any, overrides this below
@@ -266,7 +276,7 @@ def train_unet(cfg, tokenizer, moments, scaling_factor, records, cache: Path):
             print(f"text encoder warm-started from {init}", flush=True)
     models = torch.nn.ModuleDict({"unet": unet, "text_encoder": text_encoder})
     ema = AveragedModel(models, multi_avg_fn=get_ema_multi_avg_fn(cfg.unet.ema_decay), use_buffers=True)
-    opt = torch.optim.AdamW(models.parameters(), lr=cfg.unet.lr, weight_decay=0.01)
+    opt = torch.optim.AdamW([p for p in models.parameters() if p.requires_grad], lr=cfg.unet.lr, weight_decay=0.01)
     warmup = lambda s: min(1.0, (s + 1) / cfg.unet.warmup_steps)  # noqa: E731
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup)
     ckpt = Checkpointer(cache / "unet.pt", cfg.checkpoint_every_s, model=models, ema=ema, opt=opt, sched=sched)
@@ -372,11 +382,18 @@ def main(cfg: DictConfig):
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    cache = Path(os.path.expanduser(cfg.cache_dir))
+    ladder = cfg.unet_width != 1
+    if ladder and cfg.unet_width not in LADDER_WIDTHS:
+        raise SystemExit(f"pretrain_tiny_sd: unet_width={cfg.unet_width}; the ladder's widths are "
+                         f"{', '.join(map(str, LADDER_WIDTHS))} (1 is the shipped v3 recipe)")
+    tag = width_tag(cfg.unet_width)
+    cache = Path(os.path.expanduser(cfg.ladder.cache_dir.format(width=tag) if ladder else cfg.cache_dir))
     cache.mkdir(parents=True, exist_ok=True)
-    data_dir, out_dir = ROOT / cfg.data_dir, ROOT / os.path.expanduser(cfg.out_dir)  # an absolute path stays as it is
+    out_dir = ROOT / os.path.expanduser(cfg.ladder.out_dir.format(width=tag) if ladder else cfg.out_dir)
+    data_dir = ROOT / cfg.data_dir  # an absolute out_dir stays as it is
     write_dataset(data_dir, cfg.train_size)  # no-op when the same dataset is already there
-    tokenizer_dir = Path(cfg.init_from) / "tokenizer" if cfg.init_from else cache / "tokenizer"
+    base = ROOT / cfg.ladder.base if ladder else (Path(cfg.init_from) if cfg.init_from else None)
+    tokenizer_dir = base / "tokenizer" if base else cache / "tokenizer"
     warm = Path(os.path.expanduser(cfg.warm_start_from)) if cfg.get("warm_start_from") else None
     if not cfg.init_from and warm is not None and not (tokenizer_dir / "vocab.json").exists():
         # the warm start's tokenizer, copied so that the run no longer needs that folder
@@ -394,8 +411,10 @@ def main(cfg: DictConfig):
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
     images, records = load_images(data_dir / "train")
     start = time.time()
-    vae = train_vae(cfg, images, cache)
+    vae = train_vae(cfg, images, cache) if not ladder else AutoencoderKL.from_pretrained(base / "vae", torch_dtype=torch.float32)
     moments, scaling_factor = encode_latents(vae, images, cache)
+    if ladder:  # the base's latent scale, so every rung's UNet sees the same latents
+        scaling_factor = vae.config.scaling_factor
     print(f"vae ready ({time.time() - start:.0f}s this run), latent scaling factor {scaling_factor:.4f}")
     for step, ema_models in train_unet(cfg, tokenizer, moments, scaling_factor, records, cache):
         pipe = make_pipeline(vae, ema_models, tokenizer, scaling_factor)

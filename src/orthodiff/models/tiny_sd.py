@@ -50,15 +50,20 @@ def build_text_encoder(hidden=64, layers=3, heads=4, vocab_size=49408) -> CLIPTe
 
 
 def build_unet(channels=(64, 96, 96), cross_attention_dim=64, attention_heads=2, sample_size=16,
-               latent_channels=4) -> UNet2DConditionModel:
+               latent_channels=4, norm_num_groups=32) -> UNet2DConditionModel:
     return UNet2DConditionModel(
         sample_size=sample_size, in_channels=latent_channels, out_channels=latent_channels,
         block_out_channels=tuple(channels), layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         # diffusers' UNet reads `attention_head_dim` as the number of heads (SD 1.5's 8 = 8 heads).
-        cross_attention_dim=cross_attention_dim, attention_head_dim=attention_heads, norm_num_groups=32,
+        cross_attention_dim=cross_attention_dim, attention_head_dim=attention_heads, norm_num_groups=norm_num_groups,
     )
+
+
+def width_tag(width: float) -> str:
+    """The width ladder's spelling of a UNet width: 0.5 -> "05", 2 -> "2" (model=tiny_w05, tiny-sd-w2)."""
+    return f"{width:g}".replace(".", "")
 
 
 def training_scheduler() -> DDPMScheduler:
