@@ -73,7 +73,7 @@ def test_all_tables_on_a_two_step_schedule(shapes_root, tmp_path):
         "table=all", f"out_dir={tmp_path / 'reports'}", f"runs_dir={tmp_path / 'runs'}", *schedule,
         "eval_samples=4", f"eval_overrides=[{quoted([f'data.train.root={shapes_root}', 'steps=2', 'batch_size=4'])}]",
         "lr_search.methods=[coft]", "lr_search.lrs=[1e-4,1e-3,1e-2]", "lr_search.steps=2",
-        "ablation.method=coft", "ablation.num_blocks=[2]", "ablation.control_lr_scales=[10]", "ablation.three_seeds=[r2]",
+        "ablation.method=coft", "ablation.num_blocks=[2]", "ablation.hint_lrs=[0.03]", "ablation.three_seeds=[r2]",
         "subject.methods=[coft,textual_inversion,perfusion]", "subject.subjects=[badge_circle]",
         f"subject.train_overrides=[{quoted(subject_fixture(tmp_path))}]",
         "edit.steps=3", "edit.seeds=2", "edit.learn_seeds=1", "edit.real_images=1", "edit.iterations=1",
@@ -128,15 +128,15 @@ def test_all_tables_on_a_two_step_schedule(shapes_root, tmp_path):
         assert float(energy[method]["mean |ΔHE|/HE"]) > 1e-6, energy[method]
 
     ablation = {row["row"]: row for row in read_csv(reports / "ablation.csv")}
-    assert list(ablation) == ["hint", "attention", "default", "conv", "r2", "control_lr_x10"]
+    assert list(ablation) == ["hint", "attention", "default", "conv", "r2", "hint_lr0.03"]
     assert {name: int(row["seeds"]) for name, row in ablation.items() if int(row["seeds"]) > 1} == {"default": 2, "r2": 2}
     assert ablation["attention"]["targets"] == "to_q, to_k, to_v, to_out.0"
     assert ablation["conv"]["targets"].endswith("conv1, conv2") and ablation["hint"]["targets"].startswith("none")
     assert (ablation["default"]["r"], ablation["r2"]["r"]) == ("4", "2")
-    assert float(ablation["control_lr_x10"]["control lr scale"]) == 10
+    assert float(ablation["hint_lr0.03"]["hint lr"]) == 0.03
     params = {name: int(row["trainable params (this model)"]) for name, row in ablation.items()}
     assert params["hint"] < params["attention"] < params["default"] < params["conv"] and params["r2"] > params["default"]
-    assert params["control_lr_x10"] == params["default"]
+    assert params["hint_lr0.03"] == params["default"]
     assert "Moves coft most: '" in (reports / "ablation.md").read_text()
     assert (runs / "canny-coft-s0" / "metrics.json").is_file()  # the default row is the controllable cell
     assert not list(runs.glob("canny-coft-default-*"))
@@ -429,14 +429,14 @@ def test_ablation_rows_and_the_largest_move(tmp_path):
     from orthodiff.reproduce import ablation
 
     cfg = schedule_cfg(tmp_path, ablation={"method": "oft", "attention_targets": ["to_q", "to_out.0"],
-                                           "conv_targets": ["conv1"], "num_blocks": [2], "control_lr_scales": [0.1],
+                                           "conv_targets": ["conv1"], "num_blocks": [2], "hint_lrs": [1e-4],
                                            "three_seeds": ["conv"]})
     rows = {v["name"]: v for v in ablation.variants(cfg)}
-    assert list(rows) == ["hint", "attention", "default", "conv", "r2", "control_lr_x0.1"]
+    assert list(rows) == ["hint", "attention", "default", "conv", "r2", "hint_lr0.0001"]
     assert rows["hint"]["method"] == "hint" and rows["hint"]["extra"] == []
     assert rows["attention"]["extra"] == ["adapter.targets=[to_q,to_out.0]"]
     assert rows["conv"]["extra"] == ["adapter.targets=[to_q,to_k,to_v,to_out.0,ff.net.0.proj,conv1]"]
-    assert rows["control_lr_x0.1"]["extra"] == ["module.control_lr_scale=0.1"]
+    assert rows["hint_lr0.0001"]["extra"] == ["module.hint_lr=0.0001"]
     assert {n: v["seeds"] for n, v in rows.items() if len(v["seeds"]) > 1} == {"default": [0, 1], "conv": [0, 1]}
     assert ablation.cells(cfg, rows["default"]) == [("oft", "canny", 0, [], ""), ("oft", "canny", 1, [], "")]  # reused
     assert ablation.cells(cfg, rows["r2"]) == [("oft", "canny", 0, ["adapter.num_blocks=2"], "-r2")]
@@ -466,7 +466,7 @@ def test_claims_train_nothing_and_say_which_table_runs_the_missing_cells(tmp_pat
     cfg = schedule_cfg(tmp_path, methods=["coft", "oft", "lora", "controlnet"],
                        claims={"ours": ["coft"], "baselines": ["controlnet", "t2i_adapter"], "stability": ["coft"]},
                        ablation={"method": "oft", "attention_targets": ["to_q"], "conv_targets": ["conv1"],
-                                 "num_blocks": [2], "control_lr_scales": [], "three_seeds": []})
+                                 "num_blocks": [2], "hint_lrs": [], "three_seeds": []})
     claims.table(cfg)
     rows = read_csv(tmp_path / "claims.csv")
     for row in rows:
@@ -485,22 +485,27 @@ def test_claims_train_nothing_and_say_which_table_runs_the_missing_cells(tmp_pat
     assert "Verdicts: 2 hold, 0 do not hold" in (tmp_path / "claims.md").read_text()
 
 
-def test_the_control_networks_lr_scale_reaches_the_optimizer():
+@pytest.mark.parametrize("method", ["oft", "hint", "controlnet"])
+def test_the_hint_encoder_trains_at_its_own_lr(method):
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
     with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
-        cfg = compose("train", overrides=["experiment=canny", "method=oft", "method.control_lr=2e-4",
-                                          "module.control_lr_scale=10"])
+        cfg = compose("train", overrides=["experiment=canny", f"method={method}", "method.control_lr=2e-4",
+                                          "module.hint_lr=7e-3"])
     module = instantiate(cfg.module)
-    encoder = {id(p) for p in module.control_network.parameters()}
-    adapter = {id(p) for p in module.parameters() if p.requires_grad} - encoder
-    assert encoder and adapter
+    control = {id(p) for p in module.control_network.parameters()}
+    adapter = {id(p) for p in module.parameters() if p.requires_grad} - control
     groups = [(g["lr"], {id(p) for p in g["params"]}) for g in module.configure_optimizers().param_groups]
-    assert [lr for lr, _ in groups] == pytest.approx([2e-4, 2e-3]) and [ids for _, ids in groups] == [adapter, encoder]
-    module.hparams.control_lr_scale = 1.0  # the default: one group, as before
+    if method == "controlnet":  # its control network is what the method trains: the method's lr
+        assert groups == [(pytest.approx(2e-4), control)]
+    elif method == "hint":  # nothing but the encoder
+        assert groups == [(pytest.approx(7e-3), control)]
+    else:
+        assert groups == [(pytest.approx(2e-4), adapter), (pytest.approx(7e-3), control)] and adapter
+    module.hparams.hint_lr = None  # null: one group at the optimizer's lr, as before
     [group] = module.configure_optimizers().param_groups
-    assert group["lr"] == pytest.approx(2e-4) and {id(p) for p in group["params"]} == adapter | encoder
+    assert group["lr"] == pytest.approx(2e-4) and {id(p) for p in group["params"]} == adapter | control
 
 
 @pytest.mark.parametrize("control", sorted(p.stem for p in CONTROL_CONFIGS.glob("*.yaml")))

@@ -6,7 +6,7 @@ cells' schedule), one seed per row unless the row is in ablation.three_seeds (ev
     default              + GEGLU: ablation.method as configured (its controllable cells, every seed)
     conv                 + the ResNet convolutions (OFTConv2d on ablation.conv_targets)
     r<r>                 the block count r (ablation.num_blocks; the default row has the method's own)
-    control_lr_x<s>      the control network's lr at s times the adapter's (module.control_lr_scale)
+    hint_lr<lr>          the hint encoder at another lr of its own (module.hint_lr; ablation.hint_lrs)
 
 Each row's targets, r and lr scale are read back from its run's config, and the report says
 which row moves the method most, and by how much, against the default.
@@ -39,8 +39,8 @@ def variants(cfg: DictConfig) -> list[dict]:
             ("default", f"+ GEGLU: {a.method} as configured", a.method, []),
             ("conv", "+ ResNet convolutions", a.method, [targets_override([*DEFAULT_TARGETS, *a.conv_targets])]),
             *((f"r{r}", f"{a.method}, r = {r}", a.method, [f"adapter.num_blocks={r}"]) for r in a.num_blocks),
-            *((f"control_lr_x{s:g}", f"{a.method}, control network lr x{s:g}", a.method,
-               [f"module.control_lr_scale={s}"]) for s in a.control_lr_scales)]
+            *((f"hint_lr{lr:g}", f"{a.method}, hint encoder lr {lr:g}", a.method, [f"module.hint_lr={lr}"])
+              for lr in a.hint_lrs)]
     names = [name for name, *_ in rows]
     unknown = set(a.three_seeds) - set(names)
     if unknown:
@@ -62,12 +62,12 @@ def largest_moves(changes: dict[str, float]) -> list[tuple[str, float]]:
 
 
 def run_config(run: dict) -> dict:
-    """What a row trained, read back from its run: targets, r, the control network's lr scale."""
+    """What a row trained, read back from its run: targets, r, the hint encoder's lr."""
     config = cell_config(run["run_dir"])
     adapter = config.adapter
     return {"targets": "none (UNet untouched)" if adapter is None else ", ".join(adapter.targets or DEFAULT_TARGETS),
             "r": "" if adapter is None else adapter.get("num_blocks", ""),
-            "control lr scale": config.module.get("control_lr_scale", 1.0)}
+            "hint lr": config.module.get("hint_lr") or config.module.optimizer.lr}
 
 
 def what_moves_most(method: str, key: str, higher: bool, changes: dict[str, float], means: dict[str, float],
@@ -119,7 +119,7 @@ def table(cfg: DictConfig) -> Path:
              f"{cfg.schedule.val_items} validation scenes; 'change vs default' = row mean - default mean at the row's "
              "seeds. Seeds: "
              f"{list(cfg.seeds)} for default (the controllable cells) and ablation.three_seeds "
-             f"{list(cfg.ablation.three_seeds)}, seed {cfg.seeds[0]} for the others. Targets, r and lr scale are read "
+             f"{list(cfg.ablation.three_seeds)}, seed {cfg.seeds[0]} for the others. Targets, r and the hint encoder's lr are read "
              "back from each run's config.",
              "Published (OFT paper): seg mIoU by r: " + ", ".join(f"r={r} {v}" for r, v in paper.R_ABLATION_MIOU.items())
              + "; FID on ADE20K by adapted layers: attention 30.8, conv 39.8, both 30.4."]

@@ -1,14 +1,15 @@
 """table=claims: the verdict. One row per claim of the OFT paper that the miniature can test,
-with the paper's figure, ours with its spread, and a verdict (holds / does not hold / cannot
-tell here) with its reason. Built only from the cells the other tables trained: a claim whose
-cells are missing says "not run" and names the table that trains them; nothing trains here.
+with the paper's figure, ours with its spread, the difference with its 95 % CI, n, p, and a
+verdict (holds / does not hold / equivalent / cannot tell) with its reason. Built only from the
+cells the other tables trained: a claim whose cells are missing says "not run" and names the
+table that trains them; nothing trains here.
 
-The rule for a claim that one method's figure beats another's over seeds: with the two
-means and sample stds, the intervals mean ± std must not overlap (|difference| > the sum of
-the stds); then the claim holds if ours is the better one and does not hold otherwise.
-Overlapping intervals, fewer than two seeds (no spread) or no finite figure: cannot tell here.
-Exact quantities (parameter counts) and properties with a float-error bound (hyperspherical
-energy) are decided by the comparison or the bound itself.
+A claim that one method's figure beats another's over seeds is decided by stats.py's rule:
+Welch's comparison of the two arms of seeds, every such row of this table one Holm family, and
+equivalence within ±5 % of the metric's range from the base model to the best method (±5 % of
+the schedule for step counts); an arm with fewer than 2 seeds is never decided. Exact
+quantities (parameter counts) and properties with a float-error bound (hyperspherical energy)
+are decided by the comparison or the bound itself.
 """
 
 from __future__ import annotations
@@ -23,27 +24,23 @@ from orthodiff.eval.control_metrics import headline_metric
 from orthodiff.eval.param_counts import PAPER_TOTALS_M, parameter_table
 from orthodiff.reproduce import ablation, controllable, convergence, energy, paper
 from orthodiff.reproduce.cells import run_cell
-from orthodiff.reproduce.report import coft_note, control_settings, final_figure, higher_is_better, mean_std, spread, write_report
+from orthodiff.reproduce.report import coft_note, control_settings, final_figure, finite_mean, higher_is_better, mean_std, write_report
+from orthodiff.reproduce.stats import (
+    CANNOT,
+    EQUIVALENT,
+    FAILS,
+    HOLDS,
+    VERDICTS,
+    Comparison,
+    compare,
+    decide,
+    equivalence_margin,
+    format_difference,
+    holm,
+)
 
-HOLDS, FAILS, CANNOT = "holds", "does not hold", "cannot tell here"
-VERDICTS = (HOLDS, FAILS, CANNOT)
 ENERGY_KEPT = 1e-6  # |ΔHE|/HE below this is float error (float32 weights; rotations keep every angle)
 ENERGY_CHANGERS = ("lora", "full")  # the methods the paper says change the energy
-
-
-def compare(ours: tuple[float, float], theirs: tuple[float, float], higher: bool) -> tuple[str, str]:
-    """The verdict on "ours is better than theirs" from (mean, std) pairs (the module's rule)."""
-    (mean_a, std_a), (mean_b, std_b) = ours, theirs
-    if math.isnan(mean_a) or math.isnan(mean_b):
-        return CANNOT, "no finite figure (the runs diverged)"
-    if math.isnan(std_a) or math.isnan(std_b):
-        return CANNOT, "no spread to compare against (fewer than 2 seeds)"
-    gap, noise = abs(mean_a - mean_b), std_a + std_b
-    if gap <= noise:
-        return CANNOT, f"mean ± std overlap (difference {gap:.4g} <= {noise:.4g}, the sum of the stds)"
-    better = mean_a > mean_b if higher else mean_a < mean_b
-    return (HOLDS if better else FAILS), (f"mean ± std apart (difference {gap:.4g} > {noise:.4g}); "
-                                          f"ours is {'better' if better else 'worse'}")
 
 
 def not_run(table: str, missing: list[str] = ()) -> tuple[str, str]:
@@ -52,9 +49,25 @@ def not_run(table: str, missing: list[str] = ()) -> tuple[str, str]:
     return CANNOT, f"not run (python reproduce.py table={table})"
 
 
-def row(claim: str, paper_figure: str, ours: str, verdict: tuple[str, str], table: str) -> dict:
-    return {"claim": claim, "paper": paper_figure, "ours": ours, "verdict": verdict[0], "reason": verdict[1],
-            "from": f"table={table}"}
+def row(claim: str, paper_figure: str, ours: str, verdict: tuple[str, str] | Comparison, table: str,
+        digits: int = 3) -> dict:
+    """A claim's row. verdict: (label, reason), or a Comparison, which stays in the verdict column
+    until decided() decides it with the table's other comparisons (one Holm family)."""
+    columns = {"claim": claim, "paper": paper_figure, "ours": ours, "difference": "", "n": "", "p": "", "holm p": ""}
+    if isinstance(verdict, Comparison):
+        columns.update({"difference": format_difference(verdict, digits), "n": f"{verdict.n_ours}/{verdict.n_theirs}",
+                        "p": verdict.p})
+        verdict = (verdict, "")
+    return {**columns, "verdict": verdict[0], "reason": verdict[1], "from": f"table={table}"}
+
+
+def decided(rows: list[dict]) -> list[dict]:
+    """The rows with every Comparison decided, the whole table one family for Holm."""
+    compared = [r for r in rows if isinstance(r["verdict"], Comparison)]
+    comparisons = [r["verdict"] for r in compared]
+    for r, (label, reason), p in zip(compared, decide(comparisons), holm([c.p for c in comparisons])):
+        r.update({"holm p": p, "verdict": label, "reason": reason})
+    return rows
 
 
 class Cells:
@@ -72,11 +85,26 @@ class Cells:
         return None if any(r is None for r in runs) else runs
 
 
+def metric_margin(cfg: DictConfig, cells: Cells, control: str) -> float | None:
+    """The equivalence margin of a control's headline figure: 5 % of the range from the base model
+    (step 0 of cfg.methods[0], mean over seeds) to the best mean final figure of any method's
+    finished cells; None while either is missing."""
+    key = headline_metric(control)
+    base = finite_mean([r.get("step0", {}).get(key, math.nan) for s in cfg.seeds
+                        if (r := cells.get((cfg.methods[0], control, s)))])
+    finals = [finite_mean([final_figure(r, key) for r in runs]) for m in cfg.methods if (runs := cells.seeds(m, control))]
+    finals = [v for v in finals if not math.isnan(v)]
+    if math.isnan(base) or not finals:
+        return None
+    return equivalence_margin(base, (max if higher_is_better(control) else min)(finals))
+
+
 def consistency_rows(cfg: DictConfig, cells: Cells) -> list[dict]:
     rows = []
     for control in cfg.controls:
         key, higher = headline_metric(control), higher_is_better(control)
         published = paper.TABLE2.get(control, {})
+        margin = metric_margin(cfg, cells, control)
         base = [cells.get((cfg.methods[0], control, s)) for s in cfg.seeds]
         for ours in cfg.claims.ours:
             claim = f"{ours} controls {control} better than the base model without control ({key})"
@@ -89,7 +117,7 @@ def consistency_rows(cfg: DictConfig, cells: Cells) -> list[dict]:
             else:
                 a, b = [final_figure(r, key) for r in a], [r.get("step0", {}).get(key, math.nan) for r in base]
                 rows.append(row(claim, figure, f"{ours} {mean_std(a)} vs {controllable.base_label(cfg)} {mean_std(b)}",
-                                compare(spread(a), spread(b), higher), "controllable"))
+                                compare(a, b, higher, margin), "controllable"))
             for baseline in cfg.claims.baselines:
                 claim = f"{ours} beats {baseline} on {control} control ({key})"
                 figure = (f"{paper.TABLE2_METRIC[control]}: {ours} {published[ours]} vs {baseline} {published[baseline]}"
@@ -101,14 +129,14 @@ def consistency_rows(cfg: DictConfig, cells: Cells) -> list[dict]:
                     continue
                 a, b = [final_figure(r, key) for r in a], [final_figure(r, key) for r in b]
                 rows.append(row(claim, figure, f"{ours} {mean_std(a)} vs {baseline} {mean_std(b)}",
-                                compare(spread(a), spread(b), higher), "controllable"))
+                                compare(a, b, higher, margin), "controllable"))
     return rows
 
 
 def convergence_rows(cfg: DictConfig, cells: Cells) -> list[dict]:
     """Steps to reach each of convergence.FRACTIONS of the best final score (50 % shows who
     starts faster, 80 % who gets there); a seed that never reaches a level counts as one
-    validation past its last step (a lower bound)."""
+    validation past its last step (a lower bound). Equivalent: within 5 % of the schedule's steps."""
     found = {(m, s): cells.get((m, c, s)) for m, c, s in convergence.cells(cfg)}
     claims = [(fraction, ours, baseline) for fraction in convergence.FRACTIONS for ours in cfg.claims.ours
               for baseline in cfg.claims.baselines]
@@ -119,6 +147,7 @@ def convergence_rows(cfg: DictConfig, cells: Cells) -> list[dict]:
                     "convergence") for t, c in zip(text, claims)]
     reached = convergence.reach(cfg, found)
     limit = cfg.schedule.steps + cfg.schedule.val_every
+    margin = equivalence_margin(0, cfg.schedule.steps)
     rows = []
     for claim, (fraction, ours, baseline) in zip(text, claims):
         if reached is None:
@@ -128,7 +157,7 @@ def convergence_rows(cfg: DictConfig, cells: Cells) -> list[dict]:
         never = {m: reached[m][fraction].count(None) for m in (ours, baseline)}
         ours_text = (f"steps: {ours} {mean_std(a, digits=0)} vs {baseline} {mean_std(b, digits=0)}"
                      + "".join(f"; {m}: {n} seed(s) never reached it (counted as {limit})" for m, n in never.items() if n))
-        rows.append(row(claim, paper.CONVERGENCE, ours_text, compare(spread(a), spread(b), False), "convergence"))
+        rows.append(row(claim, paper.CONVERGENCE, ours_text, compare(a, b, False, margin), "convergence", digits=0))
     return rows
 
 
@@ -181,6 +210,7 @@ def largest_fall(run: dict, key: str, higher: bool) -> float:
 def stability_rows(cfg: DictConfig, cells: Cells) -> list[dict]:
     control = cfg.controls[0]
     key, higher = headline_metric(control), higher_is_better(control)
+    margin = metric_margin(cfg, cells, control)  # a fall is in the figure's own units
     rows = []
     for constrained in cfg.claims.stability:
         claim = (f"{constrained} is more stable than oft on {control}: a smaller largest fall from its best "
@@ -192,13 +222,12 @@ def stability_rows(cfg: DictConfig, cells: Cells) -> list[dict]:
             continue
         a, b = [largest_fall(r, key, higher) for r in a], [largest_fall(r, key, higher) for r in b]
         rows.append(row(claim, paper.STABILITY, f"fall: {constrained} {mean_std(a)} vs oft {mean_std(b)}",
-                        compare(spread(a), spread(b), False), "convergence"))
+                        compare(a, b, False, margin), "convergence"))
     return rows
 
 
 def r_rows(cfg: DictConfig, cells: Cells) -> list[dict]:
-    """The smallest against the largest r of the ablation; a one-seed row borrows the default
-    row's std over seeds (the noise of the same setting)."""
+    """The smallest against the largest r of the ablation (a one-seed row: cannot tell)."""
     control, method = cfg.controls[0], cfg.ablation.method
     key, higher = headline_metric(control), higher_is_better(control)
     figure = "seg mIoU falls as r grows: " + ", ".join(f"r={r} {v}" for r, v in paper.R_ABLATION_MIOU.items())
@@ -209,28 +238,30 @@ def r_rows(cfg: DictConfig, cells: Cells) -> list[dict]:
         return [row(f"{method}: smaller r (fewer, larger blocks) controls better on {control}", figure, "",
                     not_run("ablation"), "ablation")]
     by_r = {int(ablation.run_config(runs[0])["r"]): [final_figure(r, key) for r in runs] for runs in found.values()}
-    noise = spread(by_r[int(ablation.run_config(found["default"][0])["r"])])[1]
     low, high = min(by_r), max(by_r)
-    stats = {r: (spread(v)[0], spread(v)[1] if len(v) > 1 else noise) for r, v in by_r.items()}
-    verdict = compare(stats[low], stats[high], higher)
     claim = f"{method}: r={low} controls better than r={high} on {control} ({key})"
     ours = ", ".join(f"r={r} {mean_std(by_r[r])}" for r in sorted(by_r))
-    if any(len(v) == 1 for v in by_r.values()):
-        verdict = (verdict[0], verdict[1] + "; one-seed rows take the default row's std")
-    return [row(claim, figure, ours, verdict, "ablation")]
+    return [row(claim, figure, ours, compare(by_r[low], by_r[high], higher, metric_margin(cfg, cells, control)),
+                "ablation")]
 
 
 def table(cfg: DictConfig) -> Path:
     cells = Cells(cfg)
-    rows = [*consistency_rows(cfg, cells), *convergence_rows(cfg, cells), *parameter_rows(cfg),
-            *energy_rows(cfg, cells), *stability_rows(cfg, cells), *r_rows(cfg, cells)]
+    rows = decided([*consistency_rows(cfg, cells), *convergence_rows(cfg, cells), *parameter_rows(cfg),
+                    *energy_rows(cfg, cells), *stability_rows(cfg, cells), *r_rows(cfg, cells)])
     counts = {v: sum(r["verdict"] == v for r in rows) for v in VERDICTS}
-    notes = [f"Verdicts: {counts[HOLDS]} hold, {counts[FAILS]} do not hold, {counts[CANNOT]} cannot tell here.",
-             "Rule: a claim that one method's figure beats another's holds when the two mean ± std intervals over "
-             "seeds do not overlap and ours is the better one, does not hold when they do not overlap and ours is "
-             "worse, and cannot be told when they overlap, when either has fewer than two seeds (no spread) or no "
-             "finite figure. Parameter counts are exact (no spread); hyperspherical energy is kept when "
-             f"|ΔHE|/HE < {ENERGY_KEPT:g} (float error).",
+    notes = [f"Verdicts: {counts[HOLDS]} hold, {counts[FAILS]} do not hold, {counts[EQUIVALENT]} equivalent, "
+             f"{counts[CANNOT]} cannot tell.",
+             "Rule (a claim that one method's figure beats another's over seeds): Welch's two-sample comparison, "
+             "'difference' = mean ours - mean theirs with its 95 % CI; the p-values of every such row of this table "
+             "are one family, Holm-adjusted ('holm p'). Adjusted p < 0.05: holds if ours is the better one, does "
+             "not hold if worse. Otherwise equivalent when a TOST (Holm-adjusted likewise) puts |difference| within "
+             "±5 % of the metric's range from the base model (step 0 of "
+             f"{cfg.methods[0]}) to the best method's mean final figure (a fall in stability rows too), or within "
+             f"±5 % of the schedule ({cfg.schedule.steps} steps) for step counts; else cannot tell. Diverged seeds "
+             "are dropped; an arm with fewer than 2 seeds is never decided. Two arms with every seed equal (steps "
+             "on the validation grid) are decided by their means: p = 0 if they differ. Parameter counts are exact "
+             f"(no spread); hyperspherical energy is kept when |ΔHE|/HE < {ENERGY_KEPT:g} (float error).",
              "Built from the cells of table=controllable, convergence, energy and ablation (and the params "
              "computation); nothing is trained here. 'not run' names the table that trains the missing cells.",
              "The paper's figures are SD 1.5 at full size; ours are the miniature's (tiny SD, shapes world), so the "

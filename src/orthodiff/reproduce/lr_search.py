@@ -1,7 +1,12 @@
 """table=lr_search: the same learning-rate search for every method (an equal tuning budget):
-each lr in lr_search.lrs as method.control_lr, one seed, the first control, lr_search.steps
-steps validated at the end; per method every lr's score and the best. The chosen values are
-not applied here: a person commits them as method.control_lr in conf/method/<method>.yaml."""
+each lr in lr_search.lrs, one seed, the first control, lr_search.steps steps validated at the
+end; per method every lr's score and the best. The hint encoder has an lr of its own, the same
+for every method that trains it: method=hint's row searches it (module.hint_lr), and every
+other row searches the method's own lr (method.control_lr: its UNet adapter's, or for
+ControlNet and the T2I-Adapters their control network's) with the hint encoder at its
+committed lr. The chosen values are not applied here: a person commits them (hint's as
+module.hint_lr in conf/experiment/base/tiny_control.yaml, first; the others' as
+method.control_lr in conf/method/<method>.yaml)."""
 
 from __future__ import annotations
 
@@ -19,10 +24,15 @@ def methods(cfg: DictConfig) -> list[str]:
     return list(cfg.lr_search.methods or cfg.methods)
 
 
+def searched_key(method: str) -> str:
+    """The config key a method's row searches: the hint encoder's own lr for the encoder alone."""
+    return "module.hint_lr" if method == "hint" else "method.control_lr"
+
+
 def cells(cfg: DictConfig) -> list[tuple]:
     """run_cell's arguments: one seed, the search's own steps, validated at the end only."""
     search = cfg.lr_search
-    return [(m, cfg.controls[0], cfg.seeds[0], [f"method.control_lr={lr}"], f"-lr{lr:g}", search.steps, False, False)
+    return [(m, cfg.controls[0], cfg.seeds[0], [f"{searched_key(m)}={lr}"], f"-lr{lr:g}", search.steps, False, False)
             for m in methods(cfg) for lr in search.lrs]
 
 
@@ -42,13 +52,15 @@ def table(cfg: DictConfig) -> Path:
     for method in methods(cfg):
         scores = {float(lr): final_figure(next(runs), key) for lr in search.lrs}
         best = best_lr(scores, higher)
-        rows.append({"method": method, **{f"lr {lr:g}": fmt(v) for lr, v in scores.items()},
+        rows.append({"method": method, "searches": searched_key(method), **{f"lr {lr:g}": fmt(v) for lr, v in scores.items()},
                      "best lr": "none (every run diverged)" if best is None else f"{best:g}",
                      f"best {key}": scores.get(best, math.nan)})
-    notes = [f"Every method gets every lr as method.control_lr (the settings line above); {key} at the last step; "
-             "n/a: the loss diverged.",
-             "To apply: commit each method's best lr as `method.control_lr` in conf/method/<method>.yaml (a person "
-             "does this after the run). Cells are keyed on their overrides, not on config files: cells trained "
-             "before the commit (outside this table) must be deleted from runs_dir, or use a fresh runs_dir."]
+    notes = [f"Every method gets every lr as the key in its 'searches' column (the settings line above); {key} at "
+             "the last step; n/a: the loss diverged. The hint encoder trains at its own module.hint_lr in every row "
+             "but hint's, where that lr is the one searched.",
+             "To apply: commit hint's best as `module.hint_lr` in conf/experiment/base/tiny_control.yaml before the "
+             "other rows run, and each other method's best as `method.control_lr` in conf/method/<method>.yaml (a "
+             "person does this after the run). Cells are keyed on their overrides, not on config files: cells "
+             "trained before a commit must be deleted from runs_dir, or use a fresh runs_dir."]
     return write_report(cfg, "lr_search", f"Learning-rate search ({control}, equal budget)", rows, notes,
                         settings=lr_search_settings(cfg))

@@ -80,7 +80,11 @@ def signed(value: float, digits: int) -> str:
 
 
 def format_difference(c: Comparison, digits: int = 3) -> str:
-    """"+0.041 [+0.020, +0.062]": the difference and its CI, for a table's cell."""
+    """"+0.041 [+0.020, +0.062]": the difference and its CI, for a table's cell (no CI below 2 seeds)."""
+    if math.isnan(c.difference):
+        return "n/a"
+    if math.isnan(c.ci[0]):
+        return signed(c.difference, digits)
     return f"{signed(c.difference, digits)} [{signed(c.ci[0], digits)}, {signed(c.ci[1], digits)}]"
 
 
@@ -94,19 +98,19 @@ def decide(comparisons: list[Comparison], alpha: float = 0.05) -> list[Verdict]:
         if c.n_ours < 2 or c.n_theirs < 2:
             verdicts.append((CANNOT, f"fewer than 2 seeds in an arm (n={c.n_ours}/{c.n_theirs})"))
             continue
-        # Two significant digits of the larger CI end: 0.062 -> 3 decimals, 620 steps -> 0.
+        # 3 decimals (a metric in [0, 1]), fewer for larger figures: 5.2 px -> 2, 620 steps -> 0.
         scale = max(abs(c.difference), *map(abs, c.ci))
-        digits = max(0, 1 - math.floor(math.log10(scale))) if scale > 0 else 3
+        digits = 3 if scale < 1 else max(0, 2 - math.floor(math.log10(scale)))
         found = (f"difference {signed(c.difference, digits)} [{c.level * 100:g} % CI {signed(c.ci[0], digits)}, "
                  f"{signed(c.ci[1], digits)}], n={c.n_ours}/{c.n_theirs}, p={c.p:.2g}, Holm p={p:.2g} over {m} "
                  f"comparison{'s' * (m != 1)}")
         if p < alpha:
             better = c.difference > 0 if c.higher_is_better else c.difference < 0
             verdicts.append((HOLDS if better else FAILS, f"{found}; ours is {'better' if better else 'worse'}"))
-        elif c.margin is None or math.isnan(p_eq):
+        elif math.isnan(p_eq):
             verdicts.append((CANNOT, f"{found}; no equivalence margin"))
         else:
-            within = (f"; TOST for |difference| < {c.margin:.2g}: p={c.p_equivalent:.2g}, Holm p={p_eq:.2g} over "
+            within = (f"; TOST for |difference| < {c.margin:.3g}: p={c.p_equivalent:.2g}, Holm p={p_eq:.2g} over "
                       f"{m_equivalent}")
             verdicts.append((EQUIVALENT, f"{found}{within}; equivalent") if p_eq < alpha else
                             (CANNOT, f"{found}{within}; neither different nor shown equivalent"))

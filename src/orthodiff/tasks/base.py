@@ -225,19 +225,12 @@ class DiffusionTask(pl.LightningModule):
             self.adapter_config.after_step(self.unet)
 
     def configure_optimizers(self):
-        trainable = [p for p in self.parameters() if p.requires_grad]
-        scale = self.hparams.get("control_lr_scale", 1.0)
-        if scale == 1.0:  # one group, as before: earlier checkpoints' optimizer states still load
-            return self.optimizer_factory(trainable)
-        # The control network in a param group of its own, at `scale` times the adapter's lr
-        # (reproduce.py's encoder-lr ablation).
-        control = {id(p) for p in self.control_network.parameters()}
-        groups = [{"params": [p for p in trainable if id(p) not in control], "lr_scale": 1.0},
-                  {"params": [p for p in trainable if id(p) in control], "lr_scale": scale}]
-        optimizer = self.optimizer_factory([group for group in groups if group["params"]])
-        for group in optimizer.param_groups:
-            group["lr"] *= group["lr_scale"]
-        return optimizer
+        return self.optimizer_factory(self.param_groups([p for p in self.parameters() if p.requires_grad]))
+
+    def param_groups(self, trainable: list) -> list:
+        """The optimizer's parameters: a list of tensors (one group at the optimizer's lr), or
+        of param-group dicts where a task trains a part at a learning rate of its own."""
+        return trainable
 
     def on_save_checkpoint(self, checkpoint):
         checkpoint["state_dict"] = self.trainable_state_dict()

@@ -28,7 +28,7 @@ class ControlTask(DiffusionTask):
                  adapter=None, control_network: str = "hint", method: str | None = None, optimizer=None,
                  empty_prompt_prob: float = 0.1, cache_latents: bool = False, cache_text: bool = True,
                  val_steps: int = 25, val_guidance: float = 4.0, val_seed: int = 0, evaluator: str = "shapes",
-                 original_config: str | None = None, control_lr_scale: float = 1.0):
+                 original_config: str | None = None, hint_lr: float | None = None):
         super().__init__()
         # The frozen networks are loaded here, not passed in, so hparams stay small.
         self.save_hyperparameters(ignore=["optimizer"])
@@ -44,6 +44,17 @@ class ControlTask(DiffusionTask):
         self.injector = ControlInjector(self.unet, self.control_network)
 
     # --- hooks ------------------------------------------------------------------------------
+
+    def param_groups(self, trainable):
+        # The hint encoder at its own lr (hint_lr), the same for every method that trains it, so
+        # that a method's lr search moves its adapter alone; ControlNet and the T2I-Adapters
+        # train their control network at the optimizer's lr (the method's own).
+        if self.hparams.get("hint_lr") is None or self.hparams.control_network != "hint":
+            return trainable  # one group, as before: earlier checkpoints' optimizer states still load
+        hint = {id(p) for p in self.control_network.parameters()}
+        groups = [{"params": [p for p in trainable if id(p) not in hint]},
+                  {"params": [p for p in trainable if id(p) in hint], "lr": self.hparams.hint_lr}]
+        return [group for group in groups if group["params"]]
 
     def condition(self, batch):
         return batch["conditioning"]
