@@ -1,5 +1,8 @@
 """OFT core: orthogonality, identity at init, dense reference, merge, energy, COFT, state dicts."""
 
+import math
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,6 +11,7 @@ from torch import nn
 from orthodiff.oft import (
     DEFAULT_TARGETS,
     OFTConfig,
+    OFTLinear,
     cayley,
     count_parameters,
     hyperspherical_energy,
@@ -409,3 +413,53 @@ def test_tiny_unet_inject_merge_and_conv_targets():
         assert (adapted - base).abs().max() > 1e-3
         merge_oft(unet)
         assert (unet(x, t, text).sample - adapted).abs().max() < 1e-4
+
+
+def test_the_angle_budget_matches_the_briefs_scale_table():
+    from orthodiff.oft.scale import plane_angle_budget
+
+    # BRIEF, "What the miniature can and cannot say": about 4 / 7 degrees per plane on tiny SD's
+    # b = 16 / 24 blocks, 39 / 91 / 141 on SD 1.5's b = 80 / 160 / 320, at eps 1e-3 (paper convention), r = 4.
+    budgets = [plane_angle_budget(1e-3, b, 4) for b in (16, 24, 80, 160, 320)]
+    assert budgets == pytest.approx([3.67, 6.73, 39.4, 90.7, 141.5], abs=0.05)
+    assert plane_angle_budget(1e-3, 16, 4, block_share=True) > budgets[0]  # sharing drops the 1/sqrt(r)
+
+
+def test_the_scale_matched_eps_gives_the_tiny_model_sd15s_median_budget():
+    from omegaconf import OmegaConf
+
+    from orthodiff.eval.param_counts import sd15_unet
+    from orthodiff.models.tiny_sd import build_unet
+    from orthodiff.oft import DEFAULT_TARGETS
+    from orthodiff.oft.scale import layer_widths, median_angle_budget, scale_matched_eps
+
+    with torch.device("meta"):
+        sd15, tiny = sd15_unet(), build_unet(latent_channels=8)  # tiny SD v3's architecture
+    reference, widths = layer_widths(sd15, DEFAULT_TARGETS), layer_widths(tiny, DEFAULT_TARGETS)
+    assert len(reference) == 144 and sorted(set(widths)) == [64, 96]
+    eps = scale_matched_eps(widths, reference)
+    assert median_angle_budget(eps, widths, 4) == pytest.approx(median_angle_budget(1e-3, reference, 4), rel=1e-5)
+    assert median_angle_budget(1e-3, reference, 4) == pytest.approx(106.1, abs=0.1)  # SD 1.5's text inputs, b = 192
+    assert 10 * 1e-3 < eps < 100 * 1e-3
+    matched = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "method" / "coft_matched.yaml").adapter
+    assert matched.eps == pytest.approx(eps, rel=0.02), "conf/method/coft_matched.yaml is out of step with the code"
+
+
+def test_rotation_stats_read_the_radius_and_the_plane_angles():
+    from orthodiff.oft.scale import rotation_stats
+
+    # b = 4, r = 2, eps 0.2 (paper convention): radius 0.2 * 16 / sqrt(2) = 2.26 on ||Q_i||_F.
+    layer = OFTLinear(nn.Linear(8, 3), OFTConfig(num_blocks=2, coft=True, eps=0.2, coft_norm="paper"))
+    assert rotation_stats([layer]) == {"share on radius": 0.0, "median angle per plane (deg)": 0.0}
+    q = math.tan(math.radians(20))  # block 0: planes (0, 1) and (2, 3), each turned by 40 degrees
+    with torch.no_grad():
+        layer.oft_generator[0] = torch.tensor([q, 0, 0, 0, 0, q])  # triangle order (0,1) (0,2) (0,3) (1,2) (1,3) (2,3)
+        layer.oft_generator[1] = torch.full((6,), 10.0)  # far outside: projected onto the radius
+    layer.project()
+    assert rotation_stats([layer])["share on radius"] == 0.5
+    with torch.no_grad():
+        layer.oft_generator[1] = layer.oft_generator[0]
+    # Independent of the eigenvalues of Q: the angles of R's own eigenvalues e^(+-i theta).
+    turned = torch.linalg.eigvals(layer.rotation().double()).angle().abs().rad2deg().flatten()  # R is float32
+    assert turned.tolist() == pytest.approx([40.0] * 8, abs=1e-4)
+    assert rotation_stats([layer])["median angle per plane (deg)"] == pytest.approx(40.0, abs=1e-6)

@@ -142,11 +142,12 @@ def test_all_tables_on_a_two_step_schedule(shapes_root, tmp_path):
     assert not list(runs.glob("canny-coft-default-*"))
 
     claims = read_csv(reports / "claims.csv")
-    assert {row["verdict"] for row in claims} <= {"holds", "does not hold", "cannot tell here"}
+    assert {row["verdict"] for row in claims} <= {"holds", "does not hold", "equivalent", "cannot tell"}
     by_claim = {row["claim"]: row for row in claims}
-    assert by_claim["coft beats lora on canny control (canny_iou)"]["ours"].count("±") == 2
+    lora = by_claim["coft beats lora on canny control (canny_iou)"]
+    assert lora["ours"].count("±") == 2 and lora["n"] == "2/2" and lora["difference"].count("[") == 1
     missing = by_claim["coft beats t2i_adapter on seg control (seg_miou)"]
-    assert missing["verdict"] == "cannot tell here" and missing["reason"].startswith("not run: add t2i_adapter")
+    assert missing["verdict"] == "cannot tell" and missing["reason"].startswith("not run: add t2i_adapter")
     assert by_claim["coft keeps the hyperspherical energy of the layers it adapts"]["verdict"] == "holds"
     assert by_claim["lora changes the hyperspherical energy of the layers it adapts"]["verdict"] == "holds"
     assert any(row["from"] == "table=ablation" and row["ours"].startswith("r=2 ") for row in claims)
@@ -390,16 +391,39 @@ def test_convergence_reports_steps_and_images_to_each_level(tmp_path, monkeypatc
     assert (tmp_path / "convergence.png").is_file() and (tmp_path / "convergence_curves.csv").is_file()
 
 
-def test_the_verdict_rule():
-    from orthodiff.reproduce.claims import CANNOT, FAILS, HOLDS, compare, spread
+def test_claims_decide_every_compared_row_as_one_holm_family(tmp_path):
+    from orthodiff.reproduce import claims
 
-    assert compare((0.2, 0.01), (0.1, 0.02), higher=True)[0] == HOLDS
-    assert compare((0.1, 0.01), (0.2, 0.02), higher=True)[0] == FAILS
-    assert compare((6.9, 0.1), (7.6, 0.2), higher=False)[0] == HOLDS  # a lower-is-better figure
-    verdict, reason = compare((0.15, 0.03), (0.13, 0.02), higher=True)
-    assert verdict == CANNOT and "overlap" in reason  # 0.02 apart, stds sum to 0.05
-    assert compare((0.2, math.nan), (0.1, 0.02), higher=True) == (CANNOT, "no spread to compare against (fewer than 2 seeds)")
-    assert compare((math.nan, math.nan), (0.1, 0.02), higher=True)[0] == CANNOT
+    # Final canny IoU per seed; t2i_adapter diverged on two of its three seeds.
+    finals = {"coft": [0.408, 0.412, 0.41], "lora": [0.20, 0.22, 0.21], "controlnet": [0.409, 0.411, 0.41],
+              "t2i_adapter": [0.1, math.nan, math.nan]}
+
+    class FakeCells(claims.Cells):
+        def get(self, args):
+            method, control, seed = args[:3]
+            return {"final": {"canny_iou": finals[method][seed]}, "step0": {"canny_iou": 0.03 + 0.001 * seed}}
+
+    cfg = schedule_cfg(tmp_path, methods=list(finals), controls=["canny"], seeds=[0, 1, 2],
+                       claims={"ours": ["coft"], "baselines": ["lora", "controlnet", "t2i_adapter"], "stability": []})
+    cells = FakeCells(cfg)
+    # 5 % of the way from the base model (mean step 0 of coft, 0.031) to the best mean final figure (0.41).
+    assert claims.metric_margin(cfg, cells, "canny") == pytest.approx(0.05 * (0.41 - 0.031))
+    rows = {r["claim"].split(" (")[0]: r for r in claims.decided(claims.consistency_rows(cfg, cells))}
+    assert {claim: r["verdict"] for claim, r in rows.items()} == {
+        "coft controls canny better than the base model without control": "holds",
+        "coft beats lora on canny control": "holds",
+        "coft beats controlnet on canny control": "equivalent",  # 0.000 apart, well within ±0.019
+        "coft beats t2i_adapter on canny control": "cannot tell"}  # one finite seed, far below: never decided
+    lora = rows["coft beats lora on canny control"]
+    assert lora["difference"] == "+0.200 [+0.176, +0.224]" and lora["n"] == "3/3"
+    assert lora["p"] < lora["holm p"] <= 3 * lora["p"] and "over 3 comparisons" in lora["reason"]  # t2i's row not counted
+    one_seed = rows["coft beats t2i_adapter on canny control"]
+    assert one_seed["reason"] == "fewer than 2 seeds in an arm (n=3/1)" and one_seed["n"] == "3/1"
+
+
+def test_spread_of_the_finite_values():
+    from orthodiff.reproduce.report import spread
+
     assert spread([0.1, 0.3, math.nan]) == pytest.approx((0.2, 0.1414), abs=1e-4)
     assert spread([0.1])[0] == 0.1 and math.isnan(spread([0.1])[1])
 
@@ -472,7 +496,8 @@ def test_claims_train_nothing_and_say_which_table_runs_the_missing_cells(tmp_pat
     for row in rows:
         assert row["verdict"] in claims.VERDICTS
         if row["from"] != "table=params":  # every trained claim: not run, and which table runs it
-            assert row["verdict"] == "cannot tell here" and row["reason"].startswith("not run"), row
+            assert row["verdict"] == "cannot tell" and row["reason"].startswith("not run"), row
+            assert row["difference"] == row["n"] == row["holm p"] == "", row
             assert f"python reproduce.py {row['from']}" in row["reason"], row
     assert {r["from"] for r in rows} == {"table=controllable", "table=convergence", "table=params", "table=energy",
                                          "table=ablation"}
