@@ -462,4 +462,4 @@ def test_rotation_stats_read_the_radius_and_the_plane_angles():
     # Independent of the eigenvalues of Q: the angles of R's own eigenvalues e^(+-i theta).
     turned = torch.linalg.eigvals(layer.rotation().double()).angle().abs().rad2deg().flatten()  # R is float32
     assert turned.tolist() == pytest.approx([40.0] * 8, abs=1e-4)
-    assert rotation_stats([layer])["median angle per plane (deg)"] == pytest.approx(40.0, abs=1e-6)
+    assert rotation_stats([layer])["median angle per plane (deg)"] == pytest.approx(40.0, abs=1e-4)  # float32 q
