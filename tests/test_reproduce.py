@@ -18,6 +18,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from orthodiff.eval.control_metrics import CONTROL_CONFIGS, headline_metric
+from orthodiff.reproduce.stats import VERDICTS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,7 +50,8 @@ def test_unknown_table_lists_the_valid_ones(tmp_path):
         bogus, no_jobs = pool.map(lambda args: reproduce(*args, f"out_dir={tmp_path}"), [["table=bogus"],
                                                                                           ["table=params", "jobs=0"]])
     assert bogus.returncode != 0
-    assert "params, lr_search, controllable, convergence, energy, ablation, subject, edit, claims, all" in bogus.stderr
+    assert ("params, lr_search, controllable, convergence, energy, ablation, radius, frontier, length, subject, edit, claims, "
+            "all") in bogus.stderr
     assert no_jobs.returncode != 0 and "jobs=0" in no_jobs.stderr
 
 
@@ -74,6 +76,10 @@ def test_all_tables_on_a_two_step_schedule(shapes_root, tmp_path):
         "eval_samples=4", f"eval_overrides=[{quoted([f'data.train.root={shapes_root}', 'steps=2', 'batch_size=4'])}]",
         "lr_search.methods=[coft]", "lr_search.lrs=[1e-4,1e-3,1e-2]", "lr_search.steps=2",
         "ablation.method=coft", "ablation.num_blocks=[2]", "ablation.hint_lrs=[0.03]", "ablation.three_seeds=[r2]",
+        # the new tables on as few new cells as they can: the rest are the cells above
+        "radius.eps=[1e-3]", "radius.references=[hint]", "frontier.oft_blocks=[4]", "frontier.lora_ranks=[4]",
+        "frontier.others=[coft_matched,hint]", "frontier.against=[lora_r4,hint]", "length.methods=[coft,lora]",
+        "length.steps=2", "length.val_every=1", "length.at=[1,2]", "length.pairs=[[coft,lora]]",
         "subject.methods=[coft,textual_inversion,perfusion]", "subject.subjects=[badge_circle]",
         f"subject.train_overrides=[{quoted(subject_fixture(tmp_path))}]",
         "edit.steps=3", "edit.seeds=2", "edit.learn_seeds=1", "edit.real_images=1", "edit.iterations=1",
@@ -116,6 +122,32 @@ def test_all_tables_on_a_two_step_schedule(shapes_root, tmp_path):
     steps = [int(row["step"]) for row in read_csv(reports / "convergence_curves.csv") if row["method"] == "coft"]
     assert steps == [0, 1, 2] and (reports / "convergence.png").is_file()
 
+    radius = {row["row"]: row for row in read_csv(reports / "radius.csv")}
+    assert list(radius) == ["coft eps 0.001", "coft_matched", "hint"]
+    # The median per-plane budget over tiny SD v3's layers: its 16-wide blocks' at eps 1e-3, SD 1.5's at the matched eps.
+    assert float(radius["coft eps 0.001"]["budget per plane (deg)"]) == pytest.approx(3.67, abs=0.01)
+    assert float(radius["coft_matched"]["budget per plane (deg)"]) == pytest.approx(106.1, abs=0.5)
+    assert 0 <= float(radius["coft eps 0.001"]["share on radius"]) <= 1 and radius["hint"]["share on radius"] == "n/a"
+    assert not list(runs.glob("canny-coft-eps*"))  # the eps 1e-3 row is coft's own cell
+    compared = read_csv(reports / "radius_comparisons.csv")
+    assert [(r["ours"], r["against"], r["n"]) for r in compared] == [("coft eps 0.001", "hint", "2/2"),
+                                                                     ("coft_matched", "hint", "2/2")]
+    assert all(r["verdict"] in VERDICTS for r in compared)
+
+    frontier = {row["row"]: row for row in read_csv(reports / "frontier.csv")}
+    assert list(frontier) == ["oft_r4", "lora_r4", "coft_matched", "hint"]
+    adapter = {name: int(row["adapter params"]) for name, row in frontier.items()}
+    assert adapter["hint"] == 0 and adapter["oft_r4"] == adapter["coft_matched"] < adapter["lora_r4"]  # the inverted ratio
+    assert len({row["control network params"] for row in frontier.values()}) == 1  # one hint encoder for all
+    assert (reports / "frontier.png").is_file()
+    assert [(r["ours"], r["against"]) for r in read_csv(reports / "frontier_comparisons.csv")] == [
+        ("oft_r4", "lora_r4"), ("oft_r4", "hint")]
+
+    length = {row["method"]: row for row in read_csv(reports / "length.csv")}
+    assert set(length) == {"coft", "lora"} and not list(runs.glob("*-len*"))  # the schedule's length: plain cells
+    assert all(str(row["flattens at step"]).isdigit() or row["flattens at step"] == "no gain" for row in length.values())
+    assert [r["at step"] for r in read_csv(reports / "length_comparisons.csv")] == ["1", "2"]
+
     [search] = read_csv(reports / "lr_search.csv")
     assert search["method"] == "coft" and search["best lr"] in ("0.0001", "0.001", "0.01")
     assert float(search[f"lr {search['best lr']}"]) == max(float(search[f"lr {lr:g}"]) for lr in (1e-4, 1e-3, 1e-2))
@@ -146,6 +178,14 @@ def test_all_tables_on_a_two_step_schedule(shapes_root, tmp_path):
     by_claim = {row["claim"]: row for row in claims}
     lora = by_claim["coft beats lora on canny control (canny_iou)"]
     assert lora["ours"].count("±") == 2 and lora["n"] == "2/2" and lora["difference"].count("[") == 1
+    # The second edition: each factor's verdict from the radius, frontier and length cells, and what moves it.
+    assert lora["radius"].split(": ")[1].startswith("coft_matched vs lora, ")
+    assert lora["parameters"].split(": ")[1].startswith("coft vs lora_r4, ")  # the only (r, rank) pair here
+    assert lora["length"].split(": ")[1].startswith("coft vs lora, ")
+    assert lora["scale-matched"].split(": ")[1].startswith("coft_matched vs lora_r4, ")
+    factors = [f for f in ("radius", "parameters", "length") if lora[f].split(":")[0] != lora["verdict"]]
+    assert lora["what moves it"] == (", ".join(factors) or "none of these")
+    assert by_claim["coft beats controlnet on canny control (canny_iou)"]["parameters"] == ""  # LoRA's factor only
     missing = by_claim["coft beats t2i_adapter on seg control (seg_miou)"]
     assert missing["verdict"] == "cannot tell" and missing["reason"].startswith("not run: add t2i_adapter")
     assert by_claim["coft keeps the hyperspherical energy of the layers it adapts"]["verdict"] == "holds"
@@ -284,11 +324,13 @@ def test_a_cell_killed_after_a_validation_resumes_to_the_uninterrupted_curve(sha
 
 
 def schedule_cfg(tmp_path, **extra):
+    shipped = OmegaConf.load(ROOT / "conf" / "reproduce.yaml")  # the tables' own sections, as shipped
     return OmegaConf.create({"out_dir": str(tmp_path), "runs_dir": str(tmp_path / "runs"), "jobs": 1,
                              "methods": ["coft", "lora"], "controls": ["canny", "seg"], "seeds": [0, 1],
                              "eval_samples": 4, "train_overrides": [],
                              "schedule": {"steps": 2000, "val_every": 200, "other_steps": 1000, "val_items": 32,
-                                          "batch_size": 8}, **extra})
+                                          "batch_size": 8},
+                             **{k: shipped[k] for k in ("radius", "frontier", "length")}, **extra})
 
 
 def test_cell_schedules_curves_on_the_first_control_and_the_base_row_on_every_control(tmp_path):
@@ -391,8 +433,8 @@ def test_convergence_reports_steps_and_images_to_each_level(tmp_path, monkeypatc
     assert (tmp_path / "convergence.png").is_file() and (tmp_path / "convergence_curves.csv").is_file()
 
 
-def test_claims_decide_every_compared_row_as_one_holm_family(tmp_path):
-    from orthodiff.reproduce import claims
+def test_claims_decide_every_compared_row_as_one_holm_family(tmp_path, monkeypatch):
+    from orthodiff.reproduce import claims, controllable
 
     # Final canny IoU per seed; t2i_adapter diverged on two of its three seeds.
     finals = {"coft": [0.408, 0.412, 0.41], "lora": [0.20, 0.22, 0.21], "controlnet": [0.409, 0.411, 0.41],
@@ -401,18 +443,22 @@ def test_claims_decide_every_compared_row_as_one_holm_family(tmp_path):
     class FakeCells(claims.Cells):
         def get(self, args):
             method, control, seed = args[:3]
-            return {"final": {"canny_iou": finals[method][seed]}, "step0": {"canny_iou": 0.03 + 0.001 * seed}}
+            return {"final": {"canny_iou": finals[method][seed]}, "step0": {"canny_iou": 0.03 + 0.001 * seed},
+                    "run_dir": "unused"}
+
+    # The ceiling: the real validation images through the VAE, scored like a sample (no VAE here).
+    monkeypatch.setattr(controllable, "reference_scores", lambda run_dir: {controllable.THROUGH_VAE: {"canny_iou": 0.72}})
 
     cfg = schedule_cfg(tmp_path, methods=list(finals), controls=["canny"], seeds=[0, 1, 2],
                        claims={"ours": ["coft"], "baselines": ["lora", "controlnet", "t2i_adapter"], "stability": []})
     cells = FakeCells(cfg)
-    # 5 % of the way from the base model (mean step 0 of coft, 0.031) to the best mean final figure (0.41).
-    assert claims.metric_margin(cfg, cells, "canny") == pytest.approx(0.05 * (0.41 - 0.031))
+    # 5 % of the way from the base model (mean step 0 of coft, 0.031) to the ceiling through the VAE (0.72).
+    assert claims.metric_margin(cfg, cells, "canny") == pytest.approx(0.05 * (0.72 - 0.031))
     rows = {r["claim"].split(" (")[0]: r for r in claims.decided(claims.consistency_rows(cfg, cells))}
     assert {claim: r["verdict"] for claim, r in rows.items()} == {
         "coft controls canny better than the base model without control": "holds",
         "coft beats lora on canny control": "holds",
-        "coft beats controlnet on canny control": "equivalent",  # 0.000 apart, well within ±0.019
+        "coft beats controlnet on canny control": "equivalent",  # 0.000 apart, well within ±0.034
         "coft beats t2i_adapter on canny control": "cannot tell"}  # one finite seed, far below: never decided
     lora = rows["coft beats lora on canny control"]
     assert lora["difference"] == "+0.200 [+0.176, +0.224]" and lora["n"] == "3/3"

@@ -69,3 +69,38 @@ def test_pretraining_script_runs_resumes_and_exports(tmp_path):
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "out")
     assert pipe.unet.dtype == pipe.text_encoder.dtype == torch.float32
     assert (tmp_path / "cache" / "samples_000002.png").exists()
+
+
+def test_a_width_ladder_rung_trains_only_a_wider_unet_on_the_shipped_parts(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    ladder = [f"ladder.cache_dir='{tmp_path}/cache_w{{width}}'", f"ladder.out_dir='{tmp_path}/out_w{{width}}'"]
+    run = subprocess.run([sys.executable, str(ROOT / "scripts/pretrain_tiny_sd.py"), "unet_width=0.5",
+                          f"data_dir={tmp_path / 'shapes'}", "train_size=40", *ladder, "unet.batch_size=4",
+                          "unet.steps=1", "unet.sample_every=100", "checkpoint_every_s=0",
+                          f"hydra.run.dir={tmp_path / 'hydra'}"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rung, shipped = StableDiffusionPipeline.from_pretrained(tmp_path / "out_w05"), StableDiffusionPipeline.from_pretrained(
+        TINY_SD_PATH)
+    assert list(rung.unet.config.block_out_channels) == [32, 48, 48]
+    assert rung.unet.config.attention_head_dim == shipped.unet.config.attention_head_dim  # the head count: dims halve
+    assert rung.vae.config.scaling_factor == shipped.vae.config.scaling_factor
+    for frozen in ("vae", "text_encoder"):  # only the UNet differs
+        theirs = getattr(shipped, frozen).state_dict()
+        assert all(torch.equal(v, theirs[k]) for k, v in getattr(rung, frozen).state_dict().items()), frozen
+    bad = subprocess.run([sys.executable, str(ROOT / "scripts/pretrain_tiny_sd.py"), "unet_width=3",
+                          f"hydra.run.dir={tmp_path / 'hydra'}"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "unet_width=3; the ladder's widths are 0.5, 2" in bad.stderr
+
+
+def test_a_ladder_model_not_built_yet_names_the_command_that_builds_it(tmp_path, monkeypatch):
+    from hydra import compose, initialize_config_dir
+
+    from orthodiff.models.base import load_base_model
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # an empty ~/.cache
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
+        cfg = compose("train", overrides=["model=tiny_w2"])
+    assert cfg.model.resolution == 64 and cfg.model.pretrained.endswith("tiny-sd-w2")
+    with pytest.raises(FileNotFoundError, match=r"python scripts/pretrain_tiny_sd.py unet_width=2"):
+        load_base_model(cfg.model.pretrained)

@@ -65,6 +65,9 @@ class TrainingCost(pl.Callback):
         return {"seconds_per_step": sum(steps) / max(len(steps), 1), "timed_steps": len(steps),
                 "peak_memory_mb": round(peak, 1), "peak_memory_kind": kind,
                 "trainable_parameters": sum(p.numel() for p in module.parameters() if p.requires_grad),
+                # the control network's share (the hint encoder, a ControlNet, a T2I-Adapter): the rest is the UNet adapter
+                "control_network_parameters": sum(p.numel() for p in getattr(module, "control_network", torch.nn.Module()).parameters()
+                                                  if p.requires_grad),
                 **getattr(module, "extra_cost", {})}  # e.g. method=encoder's encode_seconds
 
 

@@ -8,6 +8,7 @@ CLIP BPE vocabulary, and a three-level UNet2DConditionModel.
 
 import gzip
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -64,6 +65,17 @@ def build_unet(channels=(64, 96, 96), cross_attention_dim=64, attention_heads=2,
 def width_tag(width: float) -> str:
     """The width ladder's spelling of a UNet width: 0.5 -> "05", 2 -> "2" (model=tiny_w05, tiny-sd-w2)."""
     return f"{width:g}".replace(".", "")
+
+
+def missing_model_message(path: Path) -> str:
+    """What to say when a local base model is absent: for a rung of the width ladder
+    (tiny-sd-w05, tiny-sd-w2), the command that builds it."""
+    rung = re.fullmatch(r"tiny-sd-w(05|2)", path.name)
+    if rung is None:
+        return f"the base model folder {path} does not exist"
+    width = {"05": "0.5", "2": "2"}[rung.group(1)]
+    return (f"the width ladder's {width}x tiny SD is not built yet ({path} does not exist): build it with "
+            f"`python scripts/pretrain_tiny_sd.py unet_width={width}` (resumable; hours on a CPU core)")
 
 
 def training_scheduler() -> DDPMScheduler:

@@ -9,8 +9,10 @@ settings, so `table=all` trains each cell once.
     cells.py         the cell runner: train.py / eval.py per cell, the cache in runs_dir
     report.py        the report writer: .csv, stamped .md, settings lines
     paper.py         the OFT paper's published figures the tables compare with
-    params.py  lr_search.py  controllable.py  convergence.py  energy.py  ablation.py  subject.py  edit.py
+    params.py  lr_search.py  controllable.py  convergence.py  energy.py  ablation.py  radius.py
+    frontier.py  length.py  subject.py  edit.py
                      one module per table, each a `table(cfg) -> Path` (the .md written)
+    stats.py         how two groups of seeds are compared: Welch CI, Holm, equivalence
     claims.py        the verdict per claim of the paper, from the cells the tables above trained
 """
 
@@ -22,7 +24,20 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from orthodiff.reproduce import ablation, claims, controllable, convergence, edit, energy, lr_search, params, subject
+from orthodiff.reproduce import (
+    ablation,
+    claims,
+    controllable,
+    convergence,
+    edit,
+    energy,
+    frontier,
+    length,
+    lr_search,
+    params,
+    radius,
+    subject,
+)
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +45,7 @@ log = logging.getLogger(__name__)
 # claims last (it reads the cells the others trained).
 TABLES = {"params": params.table, "lr_search": lr_search.table, "controllable": controllable.table,
           "convergence": convergence.table, "energy": energy.table, "ablation": ablation.table,
+          "radius": radius.table, "frontier": frontier.table, "length": length.table,
           "subject": subject.table, "edit": edit.table, "claims": claims.table}
 
 

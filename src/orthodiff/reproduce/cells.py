@@ -37,9 +37,9 @@ def cell_config(run_dir: str | Path) -> DictConfig:
 
 
 def run_overrides(cfg: DictConfig, method: str, control: str, seed: int, extra=(), steps: int | None = None,
-                  curve: bool | None = None, step0: bool | None = None) -> list[str]:
+                  curve: bool | None = None, step0: bool | None = None, val_every: int | None = None) -> list[str]:
     """train.py's overrides for one cell. Defaults: the first control runs schedule.steps,
-    validated every schedule.val_every steps from step 0 (the convergence curves); the others
+    validated every schedule.val_every (or val_every) steps from step 0 (the convergence curves); the others
     run schedule.other_steps and are validated at their last step only, except that
     cfg.methods[0] also validates at step 0 on every control: it starts at the base model,
     so its step 0 is the base model's reference row."""
@@ -49,7 +49,7 @@ def run_overrides(cfg: DictConfig, method: str, control: str, seed: int, extra=(
     curve = first if curve is None else curve
     step0 = (curve or method == cfg.methods[0]) if step0 is None else step0
     return [f"experiment={control}", f"method={method}", f"seed={seed}", f"trainer.max_steps={steps}",
-            f"trainer.val_check_interval={schedule.val_every if curve else steps}",
+            f"trainer.val_check_interval={(val_every or schedule.val_every) if curve else steps}",
             f"validate_at_start={step0}", f"data.val.max_items={schedule.val_items}",
             f"data.batch_size={schedule.batch_size}", "logger=csv", "callbacks.progress_bar.refresh_rate=0",
             *cfg.train_overrides, *extra]
@@ -67,10 +67,11 @@ def embedded_model_digest() -> str:
 
 
 def run_cell(cfg: DictConfig, method: str, control: str, seed: int, extra=(), tag: str = "", steps: int | None = None,
-             curve: bool | None = None, step0: bool | None = None, cached_only: bool = False) -> dict | None:
+             curve: bool | None = None, step0: bool | None = None, val_every: int | None = None,
+             cached_only: bool = False) -> dict | None:
     """One controllable-generation cell (see run_overrides and train_cell)."""
     return train_cell(cfg, f"{control}-{method}{tag}-s{seed}",
-                      run_overrides(cfg, method, control, seed, extra, steps, curve, step0), cached_only)
+                      run_overrides(cfg, method, control, seed, extra, steps, curve, step0, val_every), cached_only)
 
 
 # How train.py ends a run whose loss stopped being finite (tasks.base.NonFiniteLossError).

@@ -22,9 +22,9 @@ from omegaconf import DictConfig
 
 from orthodiff.eval.control_metrics import headline_metric
 from orthodiff.eval.param_counts import PAPER_TOTALS_M, parameter_table
-from orthodiff.reproduce import ablation, controllable, convergence, energy, paper
+from orthodiff.reproduce import ablation, controllable, convergence, energy, frontier, length, paper
 from orthodiff.reproduce.cells import run_cell
-from orthodiff.reproduce.report import coft_note, control_settings, final_figure, finite_mean, higher_is_better, mean_std, write_report
+from orthodiff.reproduce.report import coft_note, control_settings, final_figure, higher_is_better, mean_std, write_report
 from orthodiff.reproduce.stats import (
     CANNOT,
     EQUIVALENT,
@@ -86,17 +86,10 @@ class Cells:
 
 
 def metric_margin(cfg: DictConfig, cells: Cells, control: str) -> float | None:
-    """The equivalence margin of a control's headline figure: 5 % of the range from the base model
-    (step 0 of cfg.methods[0], mean over seeds) to the best mean final figure of any method's
-    finished cells; None while either is missing."""
-    key = headline_metric(control)
-    base = finite_mean([r.get("step0", {}).get(key, math.nan) for s in cfg.seeds
-                        if (r := cells.get((cfg.methods[0], control, s)))])
-    finals = [finite_mean([final_figure(r, key) for r in runs]) for m in cfg.methods if (runs := cells.seeds(m, control))]
-    finals = [v for v in finals if not math.isnan(v)]
-    if math.isnan(base) or not finals:
-        return None
-    return equivalence_margin(base, (max if higher_is_better(control) else min)(finals))
+    """The equivalence margin of a control's headline figure (controllable.equivalence_margin_of,
+    on cfg.methods[0]'s cells: their step 0 is the base model); None while they are missing."""
+    runs = [r for s in cfg.seeds if (r := cells.get((cfg.methods[0], control, s)))]
+    return controllable.equivalence_margin_of(cfg, runs, headline_metric(control)) if runs else None
 
 
 def consistency_rows(cfg: DictConfig, cells: Cells) -> list[dict]:
@@ -133,6 +126,79 @@ def consistency_rows(cfg: DictConfig, cells: Cells) -> list[dict]:
     return rows
 
 
+def factor_arms(cfg: DictConfig, cells: Cells, ours: str, baseline: str) -> dict[str, tuple[str, list, str, list]]:
+    """Where the miniature differs from SD 1.5, set as the paper's: the two arms of "ours beats
+    baseline" on the first control under each factor that applies to the pair, as
+    (ours' row, its runs, baseline's row, its runs) from the cells of table=radius, frontier and
+    length (a factor whose cells are missing is left out):
+        radius          COFT at the scale-matched eps (radius.matched) instead of the paper's
+        parameters      OFT and LoRA at the frontier's (r, rank) nearest the paper's parameter ratio
+        length          both run to length.steps (table=length)
+        scale-matched   radius and parameters together (each where it applies)"""
+    control = cfg.controls[0]
+
+    def seeds_of(method: str, extra=(), tag: str = "") -> list[dict] | None:
+        found = [cells.get((method, control, s, list(extra), tag)) for s in cfg.seeds]
+        return None if None in found else found
+
+    def frontier_row(row: str) -> list[dict] | None:
+        return seeds_of(*frontier.arms(cfg)[row])
+
+    ours_runs, base_runs = seeds_of(ours), seeds_of(baseline)
+    arms = {}
+    if ours == cfg.radius.method and base_runs and (matched := seeds_of(cfg.radius.matched)):
+        arms["radius"] = (cfg.radius.matched, matched, baseline, base_runs)
+    if baseline == "lora" and ours in ("oft", cfg.radius.method):
+        # COFT has OFT's parameters at the same r: its pair is OFT-as-configured's, with COFT's own runs.
+        own = f"oft_r{frontier.own_setting('oft', 'num_blocks')}"
+        wanted = [row for row in frontier.arms(cfg)
+                  if row.startswith("lora_r") or row == own or (ours == "oft" and row.startswith("oft_r"))]
+        counts = {row: frontier.parameters(runs[0])[0] for row in wanted if (runs := frontier_row(row))}
+        if any(r.startswith("oft_r") for r in counts) and any(r.startswith("lora_r") for r in counts):
+            oft_row, lora_row = frontier.nearest_pair(counts, cfg.frontier.paper_ratio)
+            a_row, a = (oft_row, frontier_row(oft_row)) if ours == "oft" else (ours, ours_runs)
+            if a:
+                arms["parameters"] = (a_row, a, lora_row, frontier_row(lora_row))
+    if ours in cfg.length.methods and baseline in cfg.length.methods:
+        a, b = ([cells.get(c) for c in length.cells(cfg) if c[0] == m] for m in (ours, baseline))
+        if None not in a + b:
+            arms["length"] = (ours, a, baseline, b)
+    if "radius" in arms or "parameters" in arms:
+        a_row, a = arms["radius"][:2] if "radius" in arms else (ours, ours_runs)
+        if "parameters" in arms and ours == "oft":
+            a_row, a = arms["parameters"][:2]
+        b_row, b = arms["parameters"][2:] if "parameters" in arms else (baseline, base_runs)
+        if a and b:
+            arms["scale-matched"] = (a_row, a, b_row, b)
+    return arms
+
+
+FACTORS = ("radius", "parameters", "length", "scale-matched")
+
+
+def second_edition(cfg: DictConfig, cells: Cells, rows: list[dict]) -> list[dict]:
+    """The first control's "ours beats baseline" rows with a verdict under each factor
+    (factor_arms; each factor's comparisons one Holm family) and 'what moves it': the factors
+    whose verdict differs from the default miniature's."""
+    control = cfg.controls[0]
+    key, higher = headline_metric(control), higher_is_better(control)
+    margin = metric_margin(cfg, cells, control)
+    pairs = [(r, o, b) for r in rows for o in cfg.claims.ours for b in cfg.claims.baselines
+             if r["claim"] == f"{o} beats {b} on {control} control ({key})"]
+    found = {id(r): factor_arms(cfg, cells, o, b) for r, o, b in pairs}
+    for factor in FACTORS:
+        decided_here = [(r, found[id(r)][factor]) for r, _, _ in pairs if factor in found[id(r)]]
+        comparisons = [compare([final_figure(x, key) for x in a], [final_figure(x, key) for x in b], higher, margin)
+                       for _, (_, a, _, b) in decided_here]
+        for (r, (a_row, _, b_row, _)), c, (label, _) in zip(decided_here, comparisons, decide(comparisons)):
+            r[factor] = f"{label}: {a_row} vs {b_row}, {format_difference(c)}"
+    for r, _, _ in pairs:
+        moved = [f for f in FACTORS[:3] if f in r and r[f].split(":")[0] != r["verdict"]]
+        r["what moves it"] = ", ".join(moved) if moved else ("none of these" if any(f in r for f in FACTORS) else
+                                                            "not run (table=radius, frontier, length)")
+    return rows
+
+
 def convergence_rows(cfg: DictConfig, cells: Cells) -> list[dict]:
     """Steps to reach each of convergence.FRACTIONS of the best final score (50 % shows who
     starts faster, 80 % who gets there); a seed that never reaches a level counts as one
@@ -157,6 +223,10 @@ def convergence_rows(cfg: DictConfig, cells: Cells) -> list[dict]:
         never = {m: reached[m][fraction].count(None) for m in (ours, baseline)}
         ours_text = (f"steps: {ours} {mean_std(a, digits=0)} vs {baseline} {mean_std(b, digits=0)}"
                      + "".join(f"; {m}: {n} seed(s) never reached it (counted as {limit})" for m, n in never.items() if n))
+        if all(never.values()) and set(a) == set(b) == {limit}:  # censored alike: the runs end before either gets there
+            rows.append(row(claim, paper.CONVERGENCE, ours_text, (CANNOT, "no seed of either reached it within the run"),
+                            "convergence"))
+            continue
         rows.append(row(claim, paper.CONVERGENCE, ours_text, compare(a, b, False, margin), "convergence", digits=0))
     return rows
 
@@ -247,8 +317,9 @@ def r_rows(cfg: DictConfig, cells: Cells) -> list[dict]:
 
 def table(cfg: DictConfig) -> Path:
     cells = Cells(cfg)
-    rows = decided([*consistency_rows(cfg, cells), *convergence_rows(cfg, cells), *parameter_rows(cfg),
-                    *energy_rows(cfg, cells), *stability_rows(cfg, cells), *r_rows(cfg, cells)])
+    rows = second_edition(cfg, cells, decided([*consistency_rows(cfg, cells), *convergence_rows(cfg, cells),
+                                                *parameter_rows(cfg), *energy_rows(cfg, cells),
+                                                *stability_rows(cfg, cells), *r_rows(cfg, cells)]))
     counts = {v: sum(r["verdict"] == v for r in rows) for v in VERDICTS}
     notes = [f"Verdicts: {counts[HOLDS]} hold, {counts[FAILS]} do not hold, {counts[EQUIVALENT]} equivalent, "
              f"{counts[CANNOT]} cannot tell.",
@@ -264,6 +335,14 @@ def table(cfg: DictConfig) -> Path:
              f"(no spread); hyperspherical energy is kept when |ΔHE|/HE < {ENERGY_KEPT:g} (float error).",
              "Built from the cells of table=controllable, convergence, energy and ablation (and the params "
              "computation); nothing is trained here. 'not run' names the table that trains the missing cells.",
+             f"Second edition ({cfg.controls[0]}'s 'ours beats baseline' rows): the verdict again where the miniature "
+             "is set as SD 1.5 is, one factor at a time: radius (COFT at the scale-matched eps, "
+             f"{cfg.radius.matched}, paper convention; table=radius), parameters (OFT and LoRA at the (r, rank) of "
+             f"table=frontier nearest the paper's {cfg.frontier.paper_ratio:g}x parameter ratio), length (both run "
+             f"to {cfg.length.steps} steps; table=length), and scale-matched (radius and parameters together). Each "
+             "factor's comparisons are one Holm family. 'what moves it' names the factors whose verdict differs "
+             "from the default's. The encoder's lr is no factor here: every row, default included, trains the hint "
+             "encoder at its own module.hint_lr (table=lr_search).",
              "The paper's figures are SD 1.5 at full size; ours are the miniature's (tiny SD, shapes world), so the "
              "claims are compared in direction, not value.",
              *coft_note([run for m in cfg.methods if (run := cells.get((m, cfg.controls[0], cfg.seeds[0])))])]

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from orthodiff.data.datasets import collate
 from orthodiff.eval.control_metrics import ControlScorer, headline_metric
 from orthodiff.models.base import load_base_model
-from orthodiff.reproduce import paper
+from orthodiff.reproduce import paper, stats
 from orthodiff.reproduce.cells import cell_config, run_all, run_eval
 from orthodiff.reproduce.report import coft_note, control_settings, final_figure, mean_std, write_report
 from orthodiff.reproduce.subject import vae_round_trip
@@ -32,6 +32,15 @@ REAL, THROUGH_VAE = "real images", "real images through the VAE"
 
 def cells(cfg: DictConfig) -> list[tuple]:
     return [(m, c, s) for c in cfg.controls for m in cfg.methods for s in cfg.seeds]
+
+
+def equivalence_margin_of(cfg: DictConfig, runs: list[dict], key: str) -> float:
+    """The equivalence margin of a table of runs on one control (reproduce.stats): a fraction of
+    the range from the base model (the runs' step-0 figure, mean) to the ceiling of any method
+    decoding through this VAE (the real validation images through it, the runs' own scenes)."""
+    base = statistics.fmean(r["step0"][key] for r in runs if key in r.get("step0", {}))
+    ceiling = reference_scores(runs[0]["run_dir"])[THROUGH_VAE][key]
+    return stats.equivalence_margin(base, ceiling)
 
 
 def base_label(cfg: DictConfig) -> str:

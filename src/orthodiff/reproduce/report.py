@@ -122,22 +122,33 @@ def out_dir(cfg: DictConfig) -> Path:
     return out
 
 
-def write_report(cfg: DictConfig, name: str, title: str, rows: list[dict], notes: list[str],
-                 plots: list[str] = (), settings: str | None = None) -> Path:
-    out = out_dir(cfg)
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    with open(out / f"{name}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, columns)
+def write_csv(cfg: DictConfig, name: str, rows: list[dict]) -> Path:
+    """rows as reports/<name>.csv, the columns in their first appearance's order."""
+    path = out_dir(cfg) / f"{name}.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, list(dict.fromkeys(key for row in rows for key in row)))
         writer.writeheader()
         writer.writerows(rows)
+    return path
+
+
+def markdown_table(rows: list[dict]) -> list[str]:
+    """rows as the lines of a markdown table."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+
     def cell(value) -> str:  # a "|" inside a cell (|ΔHE|) would end it
         return fmt(value).replace("|", "\\|")
 
-    lines = [f"# {title}", "", *stamp(cfg, settings), "", "| " + " | ".join(map(cell, columns)) + " |",
-             "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(row.get(c, "")) for c in columns) + " |" for row in rows]
-    lines += ["", *notes, *(f"![{p}]({p})" for p in plots)]
-    path = out / f"{name}.md"
+    return ["| " + " | ".join(map(cell, columns)) + " |", "|" + "---|" * len(columns),
+            *("| " + " | ".join(cell(row.get(c, "")) for c in columns) + " |" for row in rows)]
+
+
+def write_report(cfg: DictConfig, name: str, title: str, rows: list[dict], notes: list[str],
+                 plots: list[str] = (), settings: str | None = None) -> Path:
+    write_csv(cfg, name, rows)
+    lines = [f"# {title}", "", *stamp(cfg, settings), "", *markdown_table(rows),
+             "", *notes, *(f"![{p}]({p})" for p in plots)]
+    path = out_dir(cfg) / f"{name}.md"
     path.write_text("\n".join(lines) + "\n")
     log.info("%s: %s", name, path)
     return path

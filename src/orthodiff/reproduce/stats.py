@@ -118,5 +118,46 @@ def decide(comparisons: list[Comparison], alpha: float = 0.05) -> list[Verdict]:
 
 
 def equivalence_margin(base: float, ceiling: float, fraction: float = 0.05) -> float:
-    """The equivalence margin: ±fraction of a metric's range from the base model to the best method."""
+    """The equivalence margin: ±fraction of a metric's range from the base model to its ceiling."""
     return fraction * abs(ceiling - base)
+
+
+def mean_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float]:
+    """(mean, half-width of its t confidence interval) of the finite values; the half-width is
+    NaN below two of them."""
+    finite = np.array([v for v in values if math.isfinite(v)], dtype=float)
+    if len(finite) == 0:
+        return math.nan, math.nan
+    if len(finite) < 2:
+        return float(finite[0]), math.nan
+    sem = finite.std(ddof=1) / math.sqrt(len(finite))
+    return float(finite.mean()), float(stats.t.ppf((1 + level) / 2, len(finite) - 1) * sem)
+
+
+def mean_ci_text(values: Sequence[float], digits: int = 3) -> str:
+    """"0.412 [0.398, 0.426]" (mean and 95 % CI over seeds); a missing value is counted, not dropped."""
+    mean, half = mean_ci(values)
+    if math.isnan(mean):
+        return "n/a"
+    missing = sum(not math.isfinite(v) for v in values)
+    text = f"{mean:.{digits}f}" if math.isnan(half) else f"{mean:.{digits}f} [{mean - half:.{digits}f}, {mean + half:.{digits}f}]"
+    return text + (f" ({missing} of {len(values)} n/a)" if missing else "")
+
+
+def comparison_rows(arms: list[tuple[str, Sequence[float], str, Sequence[float]]], higher_is_better: bool,
+                    margin: float | None) -> list[dict]:
+    """One table's comparisons, (ours, its seeds' figures, theirs, theirs'), decided as one Holm family."""
+    comparisons = [compare(a, b, higher_is_better, margin) for _, a, _, b in arms]
+    return [{"ours": ours, "against": theirs, "difference [95 % CI]": format_difference(c), "n": f"{c.n_ours}/{c.n_theirs}",
+             "p": c.p, "holm p": p, "verdict": label, "reason": reason}
+            for (ours, _, theirs, _), c, p, (label, reason) in zip(arms, comparisons, holm([c.p for c in comparisons]),
+                                                                    decide(comparisons))]
+
+
+def notes(margin: float | None, key: str) -> list[str]:
+    """The rule, as a report states it under its comparisons."""
+    within = "no equivalence margin" if margin is None else f"equivalence margin ±{margin:.3g} {key}"
+    return [f"Decided over seeds (reproduce.stats): Welch's 95 % CI of the difference of means, Holm across the "
+            f"table's comparisons; holds / does not hold when the Holm p < 0.05, equivalent when a TOST shows "
+            f"|difference| < the margin ({within}: 5 % of the range from the base model to the real images through "
+            "the VAE), cannot tell otherwise; an arm with fewer than 2 seeds is never decided."]

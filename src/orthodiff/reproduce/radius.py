@@ -1,0 +1,100 @@
+"""table=radius: COFT along its radius. radius.method (COFT, paper convention) at every eps of
+radius.eps and at the scale-matched eps (radius.matched: the eps at which the tiny model's
+median per-plane rotation budget equals SD 1.5's at the paper's eps = 1e-3, orthodiff.oft.scale),
+on the first control with its schedule, every seed; beside them the references (unconstrained
+OFT, the hint encoder alone). Per row: the final figure with its 95 % CI over seeds, the
+rotation budget per plane that eps allows (median over the adapted layers), and where training
+left the blocks: the share on the radius and the median rotation angle per plane. Each COFT
+row is compared with each reference (reproduce.stats: Welch CI, Holm over the table).
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from orthodiff.adapter import load_adapter
+from orthodiff.eval.control_metrics import headline_metric
+from orthodiff.oft import oft_layers
+from orthodiff.oft.scale import plane_angle_budget, rotation_stats
+from orthodiff.reproduce import controllable, stats
+from orthodiff.reproduce.cells import ROOT, cell_config, run_all
+from orthodiff.reproduce.report import (
+    coft_note,
+    control_settings,
+    final_figure,
+    finite_mean,
+    higher_is_better,
+    markdown_table,
+    write_csv,
+    write_report,
+)
+
+
+def arms(cfg: DictConfig) -> dict[str, tuple[str, list[str], str]]:
+    """{row: (method, extra overrides, tag)}: the eps ladder (the method's own eps is its plain
+    cell, shared with table=controllable), the scale-matched method, the references."""
+    r = cfg.radius
+    own = cell_config_eps(cfg)
+    ladder = {f"{r.method} eps {eps:g}": (r.method, [] if eps == own else [f"adapter.eps={eps}"],
+                                          "" if eps == own else f"-eps{eps:g}") for eps in r.eps}
+    return {**ladder, r.matched: (r.matched, [], ""), **{m: (m, [], "") for m in r.references}}
+
+
+def cell_config_eps(cfg: DictConfig) -> float | None:
+    """The eps conf/method/<radius.method>.yaml sets itself (None: it inherits one): the ladder's
+    row at that eps is the method's plain cell."""
+    eps = OmegaConf.load(ROOT / "conf" / "method" / f"{cfg.radius.method}.yaml").get("adapter", {}).get("eps")
+    return None if eps is None else float(eps)
+
+
+def cells(cfg: DictConfig) -> list[tuple]:
+    return [(method, cfg.controls[0], s, extra, tag) for method, extra, tag in arms(cfg).values() for s in cfg.seeds]
+
+
+def where_blocks_sit(run: dict) -> dict:
+    """The trained adapter's rotation_stats and the median per-plane budget of its eps (COFT only)."""
+    if "diverged" in run:
+        return {}
+    adapter = cell_config(run["run_dir"]).get("adapter")
+    if adapter is None:  # the hint encoder alone: no rotation
+        return {}
+    layers = oft_layers(load_adapter(Path(run["run_dir"]) / "adapter.safetensors").unet)
+    found = rotation_stats(layers)
+    if adapter.get("coft") and adapter.get("coft_norm") == "paper":
+        found["budget per plane (deg)"] = statistics.median(
+            plane_angle_budget(adapter.eps, layer.block_size, layer.num_blocks, layer.block_share) for layer in layers)
+    return found
+
+
+def table(cfg: DictConfig) -> Path:
+    control = cfg.controls[0]
+    key, higher = headline_metric(control), higher_is_better(control)
+    names = list(arms(cfg))
+    results = iter(run_all(cfg, cells(cfg), "radius"))
+    runs = {name: [next(results) for _ in cfg.seeds] for name in names}
+    figures = {name: [final_figure(r, key) for r in rs] for name, rs in runs.items()}
+    margin = controllable.equivalence_margin_of(cfg, [r for rs in runs.values() for r in rs], key)
+    rows = []
+    for name in names:
+        sits = [where_blocks_sit(r) for r in runs[name]]
+        rows.append({"row": name, f"{key} [95 % CI]": stats.mean_ci_text(figures[name]), "seeds": len(figures[name]),
+                     **{k: finite_mean([s.get(k, float("nan")) for s in sits])
+                        for k in ("budget per plane (deg)", "share on radius", "median angle per plane (deg)")}})
+    coft_rows = [n for n in names if n not in cfg.radius.references]
+    pairs = [(a, b) for a in coft_rows for b in cfg.radius.references]
+    comparisons = stats.comparison_rows([(a, figures[a], b, figures[b]) for a, b in pairs], higher, margin)
+    write_csv(cfg, "radius_comparisons", comparisons)
+    notes = [f"{control}, {cfg.schedule.steps} steps of batch {cfg.schedule.batch_size}, final {key} on the first "
+             f"{cfg.schedule.val_items} validation scenes; mean [95 % CI] over seeds {list(cfg.seeds)}.",
+             "Every eps here is in the paper convention (||Q_i||_F <= eps b^2 / sqrt(r)). Budget per plane: the "
+             "rotation angle that radius allows each plane of a block when spread evenly, median over the adapted "
+             f"layers; {cfg.radius.matched} is at the scale-matched eps, where that median equals SD 1.5's at the "
+             "paper's eps = 1e-3 (orthodiff.oft.scale). Share on radius: blocks whose ||Q_i||_F is within 0.1 % of "
+             "the radius after the last step; median angle per plane: over every plane of every block (2 atan q_k).",
+             *coft_note([runs[n][0] for n in names]),
+             "", f"Each COFT row against each reference ({key}; radius_comparisons.csv):", "",
+             *markdown_table(comparisons), "", *stats.notes(margin, key)]
+    return write_report(cfg, "radius", f"COFT along its radius ({control})", rows, notes, settings=control_settings(cfg))
