@@ -463,3 +463,38 @@ def test_rotation_stats_read_the_radius_and_the_plane_angles():
     turned = torch.linalg.eigvals(layer.rotation().double()).angle().abs().rad2deg().flatten()  # R is float32
     assert turned.tolist() == pytest.approx([40.0] * 8, abs=1e-4)
     assert rotation_stats([layer])["median angle per plane (deg)"] == pytest.approx(40.0, abs=1e-4)  # float32 q
+
+
+def test_a_cached_rotation_is_never_used_after_its_generator_changed():
+    torch.manual_seed(0)
+    layer = OFTLinear(nn.Linear(8, 4), OFTConfig(num_blocks=2, coft=True, eps=0.5, coft_norm="paper"))
+    x = torch.randn(3, 8)
+
+    def fresh(layer):  # the rotation computed anew, for comparison
+        return layer._compute_rotation(False).detach()
+
+    optimizer = torch.optim.SGD(layer.parameters(), lr=1.0)
+    for change in ("optimizer step", "load_state_dict", "projection", "neumann"):
+        with torch.no_grad():
+            before = layer(x)
+            assert layer.rotation() is layer.rotation()  # cached while nothing changes
+        if change == "optimizer step":
+            layer(x).sum().backward()  # with a graph: no cache involved
+            optimizer.step()
+        elif change == "load_state_dict":
+            layer.load_state_dict({**layer.state_dict(), "oft_generator": torch.randn_like(layer.oft_generator)})
+        elif change == "projection":
+            with torch.no_grad():
+                layer.oft_generator.mul_(100)  # far outside the radius...
+            layer.rotation()  # ...cached there...
+            layer.project()  # ...and pulled back in place
+        else:
+            layer.neumann_terms = 5
+        with torch.no_grad():
+            assert torch.equal(layer.rotation(), fresh(layer)), change
+            assert not torch.allclose(layer(x), before), change
+    reference = OFTLinear(layer.base_layer, OFTConfig(num_blocks=2, cayley="neumann"))
+    reference.load_state_dict(layer.state_dict())
+    with torch.no_grad():
+        cached = layer(x)
+    assert torch.equal(cached, reference(x))  # with a graph, computed anew: the same arithmetic

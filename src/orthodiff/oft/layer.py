@@ -144,26 +144,45 @@ class OFTLayer(nn.Module):
         self.oft_generator = nn.Parameter(torch.zeros(stored_blocks, b * (b - 1) // 2))
         self.merged = False
         self.disabled = False
+        self._cached_rotation = None  # (generator version key, rotation): rotation()
 
     def rotation(self, with_dropout: bool = False) -> torch.Tensor:
-        """The (r, b, b) float32 blocks R_i, shared blocks expanded."""
+        """The (r, b, b) float32 blocks R_i, shared blocks expanded.
+
+        Without a graph to build (sampling, evaluation, a frozen adapter) the rotation is
+        computed once and reused until the generator changes: an optimizer step, a loaded
+        state dict or a projection bumps the generator's version counter (all are in-place),
+        and a move or cast gives it new storage, either of which misses the cache."""
+        dropout = with_dropout and self.dropout > 0
+        if dropout or (torch.is_grad_enabled() and self.oft_generator.requires_grad):
+            return self._compute_rotation(dropout)
+        generator = self.oft_generator
+        key = (generator._version, generator.data_ptr(), generator.device, generator.dtype, self.neumann_terms)
+        if self._cached_rotation is None or self._cached_rotation[0] != key:
+            with torch.no_grad():
+                self._cached_rotation = (key, self._compute_rotation(False))
+        return self._cached_rotation[1]
+
+    def _compute_rotation(self, with_dropout: bool) -> torch.Tensor:
         q = skew_from_triangle(self.oft_generator, self.block_size)  # cayley() upcasts
         r = cayley(q, self.neumann_terms).expand(self.num_blocks, -1, -1)
-        if with_dropout and self.dropout > 0:
+        if with_dropout:
             keep = torch.rand(self.num_blocks, 1, 1, device=r.device) >= self.dropout
             r = torch.where(keep, r, torch.eye(self.block_size, device=r.device))
         return r
 
+    @torch.no_grad()
     def project(self):
         """COFT: pull every block back into its eps-ball (OFTConfig.coft_norm says which). No-op
-        for plain OFT."""
+        for plain OFT. In place, so a cached rotation sees the change (rotation())."""
         if not self.coft:
             return
         if self.coft_norm == "rotation":
-            self.oft_generator.data = project_generator(self.oft_generator.data, self.block_size, self.eps)
+            projected = project_generator(self.oft_generator, self.block_size, self.eps)
         else:
-            self.oft_generator.data = project_generator_norm(self.oft_generator.data, self.block_size,
-                                                             self.paper_radius)
+            projected = project_generator_norm(self.oft_generator, self.block_size, self.paper_radius)
+        if projected is not self.oft_generator:
+            self.oft_generator.copy_(projected)
 
     @property
     def paper_radius(self) -> float:
