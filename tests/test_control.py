@@ -148,3 +148,36 @@ def test_shapes_depth_condition_is_near_bright_and_target_keeps_dataset_units(sh
     assert background.any() and (~background).any()
     assert condition[background].max() == 0  # far background -> dark
     torch.testing.assert_close(condition[~background], 1 - depth[~background], atol=1 / 255, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["oft", "controlnet"])
+def test_gradient_checkpointing_keeps_the_gradients_and_saves_fewer_activations(shapes_root, method):
+    from torch.autograd.graph import saved_tensors_hooks
+
+    adapter, network = (OFTConfig(num_blocks=4), "hint") if method == "oft" else (None, "controlnet")
+    batch = collate([ShapesDataset(shapes_root, "train", "canny")[i] for i in range(4)])
+    results = {}
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        module = ControlTask(control="canny", adapter=adapter, control_network=network, method=method,
+                             gradient_checkpointing=checkpointing)
+        trainable = dict((n, p) for n, p in module.named_parameters() if p.requires_grad)
+        with torch.no_grad():  # away from the zero init, so every gradient is non-trivial
+            for p in trainable.values():
+                p.add_(1e-2 * torch.randn_like(p))
+        saved = []  # the tensors the forward keeps for backward (inside a checkpoint: only its inputs)
+
+        def keep(tensor, saved=saved):
+            saved.append(tensor.numel() * tensor.element_size())
+            return tensor
+
+        torch.manual_seed(1)
+        with saved_tensors_hooks(keep, lambda tensor: tensor):
+            loss = module.training_step(batch, 0)
+        loss.backward()
+        results[checkpointing] = ({n: p.grad for n, p in trainable.items()}, sum(saved))
+    (plain, plain_bytes), (checkpointed, checkpointed_bytes) = results[False], results[True]
+    assert plain.keys() == checkpointed.keys()
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    assert checkpointed_bytes < 0.7 * plain_bytes, (checkpointed_bytes, plain_bytes)

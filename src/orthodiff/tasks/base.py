@@ -100,6 +100,17 @@ class DiffusionTask(pl.LightningModule):
         adapt_unet(self.unet, adapter)
         self.adapter_config = adapter
         self.optimizer_factory = optimizer or (lambda params: torch.optim.AdamW(params, lr=1e-4))
+        if self.hparams.get("gradient_checkpointing"):
+            self.enable_gradient_checkpointing()
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Keep fewer activations for backward and recompute the rest there (diffusers' checkpoints,
+        use_reentrant=False, so a frozen block's OFT generators still get their gradients): the
+        UNet's blocks and those of any trainable diffusers network beside it (a ControlNet)."""
+        for net in self.children():
+            if getattr(net, "_supports_gradient_checkpointing", False) and (
+                    net is self.unet or any(p.requires_grad for p in net.parameters())):
+                net.enable_gradient_checkpointing()
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         names = {name for name, p in self.named_parameters() if p.requires_grad}

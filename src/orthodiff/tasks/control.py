@@ -28,7 +28,8 @@ class ControlTask(DiffusionTask):
                  adapter=None, control_network: str = "hint", method: str | None = None, optimizer=None,
                  empty_prompt_prob: float = 0.1, cache_latents: bool = False, cache_text: bool = True,
                  val_steps: int = 25, val_guidance: float = 4.0, val_seed: int = 0, evaluator: str = "shapes",
-                 original_config: str | None = None, hint_lr: float | None = None):
+                 original_config: str | None = None, hint_lr: float | None = None,
+                 gradient_checkpointing: bool = False):
         super().__init__()
         # The frozen networks are loaded here, not passed in, so hparams stay small.
         self.save_hyperparameters(ignore=["optimizer"])

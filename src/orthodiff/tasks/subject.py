@@ -56,7 +56,7 @@ class SubjectTask(DiffusionTask):
                  val_guidance: float = 4.0, val_seed: int = 0, evaluator: str = "shapes",
                  dino_model: str | None = None, clip_model: str | None = None, original_config: str | None = None,
                  perfusion: PerfusionConfig | None = None, encoder: str | None = None,
-                 image_encoder: str | None = None):
+                 image_encoder: str | None = None, gradient_checkpointing: bool = False):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"])
         if embedding not in EMBEDDINGS:
