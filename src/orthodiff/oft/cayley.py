@@ -11,6 +11,8 @@ opposite signs in two places; PEFT's Neumann path approximates the transpose):
 The Neumann path approximates (I - Q)^-1 ~ I + Q + ... + Q^(k-1), i.e. the SAME R.
 """
 
+from contextlib import nullcontext
+
 import torch
 
 
@@ -31,7 +33,9 @@ def cayley(q: torch.Tensor, neumann_terms: int | None = None) -> torch.Tensor:
     the solve is ill-conditioned in half precision.
     """
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    with torch.autocast(device_type=q.device.type, enabled=False):
+    # The meta device (plan.py's shapes-only forward) has no autocast to switch off.
+    off = nullcontext() if q.device.type == "meta" else torch.autocast(device_type=q.device.type, enabled=False)
+    with off:
         q = q.to(dtype)
         eye = torch.eye(q.shape[-1], dtype=dtype, device=q.device)
         if neumann_terms is None:
