@@ -6,8 +6,8 @@ table that trains them; nothing trains here.
 
 A claim that one method's figure beats another's over seeds is decided by stats.py's rule:
 Welch's comparison of the two arms of seeds, every such row of this table one Holm family, and
-equivalence within ±5 % of the metric's range from the base model to the best method (±5 % of
-the schedule for step counts); an arm with fewer than 2 seeds is never decided. Exact
+equivalence within ±5 % of the metric's range from the base model to its ceiling, the real images
+through the VAE (±5 % of the schedule for step counts); an arm with fewer than 2 seeds is never decided. Exact
 quantities (parameter counts) and properties with a float-error bound (hyperspherical energy)
 are decided by the comparison or the bound itself.
 """
@@ -328,10 +328,11 @@ def table(cfg: DictConfig) -> Path:
              "are one family, Holm-adjusted ('holm p'). Adjusted p < 0.05: holds if ours is the better one, does "
              "not hold if worse. Otherwise equivalent when a TOST (Holm-adjusted likewise) puts |difference| within "
              "±5 % of the metric's range from the base model (step 0 of "
-             f"{cfg.methods[0]}) to the best method's mean final figure (a fall in stability rows too), or within "
+             f"{cfg.methods[0]}) to the real validation images through the VAE (a fall in stability rows too), or within "
              f"±5 % of the schedule ({cfg.schedule.steps} steps) for step counts; else cannot tell. Diverged seeds "
              "are dropped; an arm with fewer than 2 seeds is never decided. Two arms with every seed equal (steps "
-             "on the validation grid) are decided by their means: p = 0 if they differ. Parameter counts are exact "
+             "on the validation grid) are decided by their means: p = 0 if they differ; both never reaching a "
+             "level within the run: cannot tell. Parameter counts are exact "
              f"(no spread); hyperspherical energy is kept when |ΔHE|/HE < {ENERGY_KEPT:g} (float error).",
              "Built from the cells of table=controllable, convergence, energy and ablation (and the params "
              "computation); nothing is trained here. 'not run' names the table that trains the missing cells.",
