@@ -478,6 +478,7 @@ def test_a_cached_rotation_is_never_used_after_its_generator_changed():
         with torch.no_grad():
             before = layer(x)
             assert layer.rotation() is layer.rotation()  # cached while nothing changes
+            assert layer.rotated_weight() is layer.rotated_weight()
         if change == "optimizer step":
             layer(x).sum().backward()  # with a graph: no cache involved
             optimizer.step()
@@ -492,9 +493,10 @@ def test_a_cached_rotation_is_never_used_after_its_generator_changed():
             layer.neumann_terms = 5
         with torch.no_grad():
             assert torch.equal(layer.rotation(), fresh(layer)), change
+            assert torch.equal(layer.rotated_weight(), layer._rotate_weight(layer.base_layer.weight, fresh(layer))), change
             assert not torch.allclose(layer(x), before), change
     reference = OFTLinear(layer.base_layer, OFTConfig(num_blocks=2, cayley="neumann"))
     reference.load_state_dict(layer.state_dict())
     with torch.no_grad():
-        cached = layer(x)
-    assert torch.equal(cached, reference(x))  # with a graph, computed anew: the same arithmetic
+        cached = layer(x)  # (W R) x with W R reused, against W (R x) computed anew with a graph
+    torch.testing.assert_close(cached, reference(x), rtol=1e-6, atol=1e-6)

@@ -144,7 +144,7 @@ class OFTLayer(nn.Module):
         self.oft_generator = nn.Parameter(torch.zeros(stored_blocks, b * (b - 1) // 2))
         self.merged = False
         self.disabled = False
-        self._cached_rotation = None  # (generator version key, rotation): rotation()
+        self._cache = {}  # name -> (key, tensor): rotation() and rotated_weight() without a graph
 
     def rotation(self, with_dropout: bool = False) -> torch.Tensor:
         """The (r, b, b) float32 blocks R_i, shared blocks expanded.
@@ -154,14 +154,31 @@ class OFTLayer(nn.Module):
         state dict or a projection bumps the generator's version counter (all are in-place),
         and a move or cast gives it new storage, either of which misses the cache."""
         dropout = with_dropout and self.dropout > 0
-        if dropout or (torch.is_grad_enabled() and self.oft_generator.requires_grad):
+        if dropout or self.builds_graph():
             return self._compute_rotation(dropout)
+        return self._reused("rotation", self._generator_key(), lambda: self._compute_rotation(False))
+
+    def builds_graph(self) -> bool:
+        return torch.is_grad_enabled() and self.oft_generator.requires_grad
+
+    def _generator_key(self) -> tuple:
         generator = self.oft_generator
-        key = (generator._version, generator.data_ptr(), generator.device, generator.dtype, self.neumann_terms)
-        if self._cached_rotation is None or self._cached_rotation[0] != key:
+        return generator._version, generator.data_ptr(), generator.device, generator.dtype, self.neumann_terms
+
+    def _reused(self, name: str, key: tuple, compute):
+        """compute(), kept under `name` and returned again while `key` stays the same."""
+        cached = self._cache.get(name)
+        if cached is None or cached[0] != key:
             with torch.no_grad():
-                self._cached_rotation = (key, self._compute_rotation(False))
-        return self._cached_rotation[1]
+                cached = self._cache[name] = (key, compute())
+        return cached[1]
+
+    def rotated_weight(self) -> torch.Tensor:
+        """W R in the base weight's layout and dtype, reused while neither changes: without a graph
+        to build, the layer costs what a merged one does (one more weight in memory)."""
+        weight = self.base_layer.weight
+        key = (self._generator_key(), weight._version, weight.data_ptr(), weight.dtype)
+        return self._reused("weight", key, lambda: self._rotate_weight(weight, self.rotation()).to(weight.dtype))
 
     def _compute_rotation(self, with_dropout: bool) -> torch.Tensor:
         q = skew_from_triangle(self.oft_generator, self.block_size)  # cayley() upcasts
@@ -264,6 +281,8 @@ class OFTLinear(OFTLayer):
         super().__init__(base_layer, base_layer.in_features, config, name)
 
     def adapted_forward(self, x, rotation):
+        if not self.builds_graph() and not (self.training and self.dropout > 0):
+            return F.linear(x, self.rotated_weight().to(x.dtype), self.base_layer.bias)
         return _OFTLinearFunction.apply(x, rotation, self.base_layer.weight, self.base_layer.bias)
 
 
@@ -282,7 +301,10 @@ class OFTConv2d(OFTLayer):
         super().__init__(base_layer, in_features, config, name)
 
     def adapted_forward(self, x, rotation):
-        weight = self._rotate_weight(self.base_layer.weight, rotation).to(x.dtype)
+        if not self.builds_graph() and not (self.training and self.dropout > 0):
+            weight = self.rotated_weight().to(x.dtype)
+        else:
+            weight = self._rotate_weight(self.base_layer.weight, rotation).to(x.dtype)
         return self.base_layer._conv_forward(x, weight, self.base_layer.bias)
 
 
