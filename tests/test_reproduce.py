@@ -613,3 +613,14 @@ def test_grid_wall_time_sums_each_tables_cells_and_scales_a_resumed_one(tmp_path
     assert "| convergence (canny) | 1 | 2.00 | 1.00 | 0 |" in out
     assert "| controllable (other controls) | 1 | 0.50 | 0.25 | 0 |" in out
     assert "| all | 5 | 5.50 | 2.75 | 1 |" in out and "not finished (not counted): 1: depth-oft-s0" in out
+
+
+def test_cells_import_the_code_of_the_tree_that_runs_them(tmp_path):
+    from orthodiff.reproduce.cells import ROOT, cell_env
+
+    env = cell_env(schedule_cfg(tmp_path))
+    assert env["PYTHONPATH"].split(os.pathsep)[0] == str(ROOT / "src")  # first, whatever the install points at
+    probe = subprocess.run([sys.executable, "-c", "import orthodiff; print(orthodiff.__file__)"], env=env,
+                           cwd=tmp_path, capture_output=True, text=True)
+    assert Path(probe.stdout.strip()).is_relative_to(ROOT / "src"), probe.stdout  # not an editable install's checkout
+    assert env["OMP_NUM_THREADS"] == str(max(1, (os.cpu_count() or 1) // 1))  # jobs=1: every core

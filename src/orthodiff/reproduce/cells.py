@@ -164,7 +164,10 @@ def cell_env(cfg: DictConfig) -> dict:
     """The environment of a cell's subprocess: `threads` torch threads, or (null) an equal
     share of the cores among the `jobs` cells run at once."""
     threads = cfg.get("threads") or max(1, (os.cpu_count() or 1) // cfg.jobs)
-    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    # The cells import this tree's own code: with an editable install pointing at another checkout,
+    # a grid run from a frozen worktree would otherwise train with whatever that checkout holds now.
+    path = os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONPATH": path}
 
 
 def run_all(cfg: DictConfig, cells: list[tuple], desc: str, cell=run_cell) -> list[dict]:
