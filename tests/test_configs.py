@@ -22,7 +22,7 @@ CONF = ROOT / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 METHODS = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))
 # What each method trains in the UNet: its adapter class (None: the UNet stays frozen).
-UNET_ADAPTERS = {"oft": OFTConfig, "coft": OFTConfig, "coft_rotation": OFTConfig, "lora": LoRAConfig,
+UNET_ADAPTERS = {"oft": OFTConfig, "coft": OFTConfig, "coft_rotation": OFTConfig, "coft_matched": OFTConfig, "lora": LoRAConfig,
                  "full": FullFinetuneConfig, "hint": None, "controlnet": None, "t2i_adapter": None, "t2i_adapter_light": None,
                  "textual_inversion": None, "pplus": None, "perfusion": None, "encoder": None}
 
