@@ -9,7 +9,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from orthodiff.models.tiny_sd import TINY_SD_PATH, missing_model_message
+from orthodiff.models.tiny_sd import TINY_SD_PATH, is_ladder_rung, missing_model_message
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
 
@@ -33,7 +33,7 @@ def resolve_pretrained(pretrained: str) -> str:
     path = Path(pretrained).expanduser()
     if path.exists():
         return str(path)
-    if pretrained.startswith(("~", "/", "./")):  # a local path, never a hub id
+    if is_ladder_rung(path):  # a width-ladder model not built yet: say how to build it
         raise FileNotFoundError(missing_model_message(path))
     in_repo = TINY_SD_PATH.parents[1] / pretrained
     return str(in_repo) if in_repo.exists() else pretrained

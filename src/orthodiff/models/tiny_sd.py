@@ -67,13 +67,17 @@ def width_tag(width: float) -> str:
     return f"{width:g}".replace(".", "")
 
 
+LADDER_RUNG = re.compile(r"tiny-sd-w(05|2)")  # the folder names scripts/pretrain_tiny_sd.py unet_width=0.5|2 writes
+
+
+def is_ladder_rung(path: Path) -> bool:
+    return LADDER_RUNG.fullmatch(path.name) is not None
+
+
 def missing_model_message(path: Path) -> str:
-    """What to say when a local base model is absent: for a rung of the width ladder
-    (tiny-sd-w05, tiny-sd-w2), the command that builds it."""
-    rung = re.fullmatch(r"tiny-sd-w(05|2)", path.name)
-    if rung is None:
-        return f"the base model folder {path} does not exist"
-    width = {"05": "0.5", "2": "2"}[rung.group(1)]
+    """What to say when a rung of the width ladder (tiny-sd-w05, tiny-sd-w2) is absent: the
+    command that builds it."""
+    width = {"05": "0.5", "2": "2"}[LADDER_RUNG.fullmatch(path.name).group(1)]
     return (f"the width ladder's {width}x tiny SD is not built yet ({path} does not exist): build it with "
             f"`python scripts/pretrain_tiny_sd.py unet_width={width}` (resumable; hours on a CPU core)")
 
