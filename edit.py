@@ -1,8 +1,10 @@
 """Edit one attribute with a frozen model by a learned per-step mix of two prompts
 (Wu et al., CVPR 2023):
 `python edit.py prompt="a red circle on a black background" attribute="a red circle on a white background"
-[seed=0 out= iterations=10 lr=0.05 steps=50 guidance=7.5 base= adapter= clip_model= perceptual=]`
-learns the schedule; `schedule=<schedule.safetensors>` applies a learned one to another
+[seed=0 out= budget=adaptive iterations= lr=0.05 steps=50 guidance=7.5 base= adapter= clip_model= perceptual=]`
+learns the schedule (budget=adaptive: from the best of the paper's init and the hard switches,
+until the edit passes or `iterations` Adam steps, 40 unless given; budget=paper: the paper's
+10 steps from its init); `schedule=<schedule.safetensors>` applies a learned one to another
 seed; `image=<png>` edits a real image through inversion."""
 
 import logging

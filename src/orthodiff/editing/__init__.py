@@ -7,11 +7,11 @@ c_attribute; only the per-step lambdas are learned, through the whole sampling c
     schedule.py    untrained schedules (hard switches, the paper's init) and the schedule file
     objectives.py  the losses and scores: shapes-world oracles, or CLIP directional + perceptual
     perceptual.py  VGG-16 / LPIPS distances from local weights
-    editor.py      EditModel (base +- adapter) and Edit: render, learn, invert
+    editor.py      EditModel (base +- adapter) and Edit: render, learn (the paper's or the adaptive budget), invert
     run.py         edit.py's work: one edit, its baselines, the files
 """
 
-from orthodiff.editing.editor import Edit, EditModel, load_edit_model
+from orthodiff.editing.editor import Edit, EditModel, Learned, load_edit_model
 from orthodiff.editing.objectives import ClipObjective, ShapesObjective, build_objective, caption_changes
 from orthodiff.editing.sampler import denoise, invert, mix
 from orthodiff.editing.schedule import (
@@ -23,6 +23,6 @@ from orthodiff.editing.schedule import (
                                         switch_schedule,
 )
 
-__all__ = ["ClipObjective", "Edit", "EditModel", "ShapesObjective", "build_objective", "caption_changes",
+__all__ = ["ClipObjective", "Edit", "EditModel", "Learned", "ShapesObjective", "build_objective", "caption_changes",
            "check_schedule", "default_switches", "denoise", "invert", "load_edit_model", "load_schedule", "mix",
            "paper_schedule", "save_schedule", "switch_schedule"]

@@ -30,7 +30,8 @@ from orthodiff.editing.schedule import (
 from orthodiff.files import atomic_path
 
 log = logging.getLogger(__name__)
-PAPER_STEPS, PAPER_GUIDANCE = 50, 7.5
+PAPER_STEPS, PAPER_GUIDANCE, PAPER_ITERATIONS = 50, 7.5, 10
+ADAPTIVE_CAP = 40  # Adam steps, each through the whole chain (tiny SD v3, 20 steps: 13-19 s on a shared core)
 
 
 @dataclass
@@ -41,8 +42,9 @@ class EditConfig:
     out: str | None = None            # None: outputs/edit/<time>
     schedule: str | None = None       # apply this learned schedule.safetensors (no optimisation)
     image: str | None = None          # edit this image (inverted with the neutral prompt) instead of a sample
-    iterations: int = 10              # the paper's: Adam, about 10 iterations at lr 0.05
-    lr: float = 0.05
+    budget: str = "adaptive"          # adaptive: from the best of init and switches until the edit passes; or paper
+    iterations: int | None = None     # Adam steps; None: at most 40 (adaptive), the paper's 10 (paper)
+    lr: float = 0.05                  # the paper's
     steps: int | None = None          # None: the schedule file's, else 50 (the paper's)
     guidance: float | None = None     # None: the schedule file's, else 7.5 (the paper's)
     init: float = 0.4                 # initial schedule: lambda = 1 for this share of the steps, then 0 (paper: 20/50)
@@ -53,7 +55,9 @@ class EditConfig:
     lpips: str | None = None          # LPIPS (VGG) linear weights: LPIPS instead of the paper's VGG loss
     content: str = "masks"            # shapes world: masks (segmenter) or features (classifier)
     content_weight: float | None = None  # None: 1.0 shapes world, 0.05 CLIP + VGG (the paper's)
-    switches: str = "auto"            # hard-switch steps to compare, "2,4,6"; auto: every tenth; none
+    switches: str = "auto"            # hard-switch steps to compare (and to start from), "2,4,6"; auto: k=1 and
+                                      # every tenth; none
+    pass_cosine: float | None = None  # CLIP: the directional cosine that counts as made (None: learn to the cap)
     refine: int = 5                   # image=: fixed-point rounds per DDIM inversion step ...
     null_iterations: int = 10         # ... and null-text optimization steps per sampling step
     checkpoint: bool = True           # recompute sampling steps in the backward pass (SD at 512 px on one GPU)
@@ -120,11 +124,17 @@ def edit(cfg: EditConfig) -> Path:
     for name in ("prompt", "attribute"):
         if not getattr(cfg, name).strip():
             raise ValueError(f"{name}= is empty")
+    if cfg.prompt.strip() == cfg.attribute.strip():
+        raise ValueError("attribute= is the prompt itself: nothing to edit; give the prompt with one attribute changed")
+    if cfg.budget not in ("adaptive", "paper"):
+        raise ValueError(f"budget={cfg.budget!r}: choose adaptive or paper")
     learned_from = None
     if cfg.schedule:  # fail on a foreign file before loading any model
         learned_from, file_meta = load_schedule(cfg.schedule)
-    if cfg.iterations < 0:
-        raise ValueError(f"iterations={cfg.iterations}: must be >= 0")
+    iterations = cfg.iterations if cfg.iterations is not None else (
+        ADAPTIVE_CAP if cfg.budget == "adaptive" else PAPER_ITERATIONS)
+    if iterations < 0:
+        raise ValueError(f"iterations={iterations}: must be >= 0")
     model = load_edit_model(cfg.base, cfg.adapter, device)
     steps = cfg.steps or (int(file_meta["steps"]) if cfg.schedule else PAPER_STEPS)
     guidance = cfg.guidance if cfg.guidance is not None else (
@@ -136,7 +146,11 @@ def edit(cfg: EditConfig) -> Path:
                 log.warning("the schedule was learned with %s=%r; this edit uses %r", key, file_meta.get(key), value)
     switches = parse_switches(cfg.switches, steps)
     objective = build_objective(cfg.prompt, cfg.attribute, cfg.clip_model, cfg.perceptual, cfg.lpips, cfg.content,
-                                cfg.content_weight, device=device, resolution=model.resolution)
+                                cfg.content_weight, device=device, resolution=model.resolution,
+                                pass_cosine=cfg.pass_cosine)
+    if len(getattr(objective, "changes", ())) > 1:
+        log.warning("attribute= changes %d things at once (%s): success asks for all of them; edit.json scores "
+                    "each alone ('reads ...')", len(objective.changes), "; ".join(c.label for c in objective.changes))
     runner = Edit(model, cfg.prompt, cfg.attribute, steps, guidance, cfg.checkpoint)
     inverted, uncond = cfg.image is not None, None
     if inverted:
@@ -146,12 +160,11 @@ def edit(cfg: EditConfig) -> Path:
         noise = model.noise(cfg.seed)
         with torch.no_grad():
             reference = runner.render(noise, torch.ones(steps))
-    history, learn_seconds = [], None
+    learned = None
     if learned_from is None:
-        learn_started = time.perf_counter()
-        lambdas, history = runner.learn(noise, objective, cfg.iterations, cfg.lr, paper_schedule(steps, cfg.init),
-                                        uncond, reference)
-        learn_seconds = time.perf_counter() - learn_started
+        learned = runner.learn(noise, objective, iterations, cfg.lr, paper_schedule(steps, cfg.init), uncond,
+                               reference, adaptive=cfg.budget == "adaptive", switches=switches)
+        lambdas = learned.lambdas
     else:
         lambdas = learned_from
         objective.prepare(reference)
@@ -169,8 +182,10 @@ def edit(cfg: EditConfig) -> Path:
                    "attribute": cfg.attribute, "objective": objective.describe(),
                    "source": f"image {cfg.image} (inverted)" if inverted else f"seed {cfg.seed}"}
     if learned_from is None:
-        save_schedule(out / "schedule.safetensors", lambdas, {**record_meta, "iterations": str(cfg.iterations),
-                                                              "lr": str(cfg.lr), "init": str(cfg.init)})
+        save_schedule(out / "schedule.safetensors", lambdas, {**record_meta, "budget": cfg.budget,
+                                                              "iterations": str(learned.iterations[0]),
+                                                              "lr": str(cfg.lr), "init": str(cfg.init),
+                                                              "start": learned.start[0]})
     first = to_uint8(reference)[0]
     save_png(out / "neutral.png", first)
     save_png(out / "edited.png", to_uint8(images["edited"])[0])
@@ -181,14 +196,20 @@ def edit(cfg: EditConfig) -> Path:
     record = {"command": "python edit.py " + shlex.join(sys.argv[1:]), "config": asdict(cfg), **record_meta,
               "steps": steps, "device": device,
               "schedule": {"source": cfg.schedule or "learned", "lambda": [round(float(v), 5) for v in lambdas]},
-              "iterations": history, "scores": scores,
-              "seconds": {"learn": None if learn_seconds is None else round(learn_seconds, 2),
+              "learner": None if learned is None else {
+                  "budget": cfg.budget, "iterations": iterations,  # the cap, with the adaptive budget
+                  "start": learned.start[0], "iterations_taken": learned.iterations[0],
+                  "loss": round(learned.loss[0], 5), "passed": learned.passed[0]},
+              "iterations": [] if learned is None else learned.history, "scores": scores,
+              "seconds": {"learn": None if learned is None else round(learned.seconds, 2),
                           "total": round(time.perf_counter() - started, 2)},
               "grid": "neutral (the input image with image=) | attribute prompt alone | edited"}
     with atomic_path(out / "edit.json") as tmp:
         tmp.write_text(json.dumps(record, indent=2) + "\n")
     edited = scores["edited"]
     summary = ", ".join(f"{k} {v}" for k, v in edited.items() if v is not None)
-    how = "learned" if learned_from is None else "applied"
-    print(f"edit: {summary}; {how} schedule, images and edit.json in {out}")
+    how = "applied schedule" if learned is None else (
+        f"learned schedule ({cfg.budget} budget: from {learned.start[0]}, {learned.iterations[0]} Adam steps, "
+        f"{'passed' if learned.passed[0] else 'did not pass'}, {learned.seconds:.1f} s)")
+    print(f"edit: {summary}; {how}, images and edit.json in {out}")
     return out
