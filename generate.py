@@ -1,7 +1,8 @@
 """Generate with a trained adapter:
 `python generate.py adapter=<adapter.safetensors | run dir> condition=<image> prompt="..."
 [num_images=4 steps= guidance= seed=0 scheduler=ddim annotate=auto base= out=]`; a subject
-adapter (experiment=dreambooth) takes no condition: `prompt="a sks square on a black background"`."""
+adapter (experiment=dreambooth) takes no condition: `prompt="a sks square on a black background"`.
+Several control adapters compose: `adapter=[A,B] condition=[a.png,b.png] [scales=[1.0,1.0] compose=product|mean]`."""
 
 import logging
 import sys

@@ -50,7 +50,7 @@ def test_unknown_table_lists_the_valid_ones(tmp_path):
         bogus, no_jobs = pool.map(lambda args: reproduce(*args, f"out_dir={tmp_path}"), [["table=bogus"],
                                                                                           ["table=params", "jobs=0"]])
     assert bogus.returncode != 0
-    assert ("params, lr_search, controllable, convergence, energy, ablation, radius, frontier, length, subject, edit, claims, "
+    assert ("params, lr_search, controllable, convergence, energy, ablation, radius, frontier, length, subject, edit, multi, claims, "
             "all") in bogus.stderr
     assert no_jobs.returncode != 0 and "jobs=0" in no_jobs.stderr
 
@@ -83,10 +83,13 @@ def test_all_tables_on_a_two_step_schedule(shapes_root, tmp_path):
         "subject.methods=[coft,textual_inversion,perfusion]", "subject.subjects=[badge_circle]",
         f"subject.train_overrides=[{quoted(subject_fixture(tmp_path))}]",
         "edit.steps=3", "edit.seeds=2", "edit.learn_seeds=1", "edit.real_images=1", "edit.iterations=1",
-        "edit.null_iterations=1")
+        "edit.null_iterations=1", "edit.cap=1", "edit.pair_seeds=1", "edit.pairs=[]",
+        "multi.methods=[coft,controlnet]", "multi.pairs=[[canny,seg]]", "multi.mean_methods=[coft]", "multi.scenes=2",
+        "multi.steps=2", "multi.batch_size=2", "multi.conflict_scales=[[1.0,1.0]]")
     assert result.returncode == 0, result.stderr[-3000:]
     reports, runs = tmp_path / "reports", tmp_path / "runs"
     assert (reports / "edit.md").is_file() and (reports / "edit.csv").is_file()
+    assert (reports / "multi.csv").is_file() and (runs / "canny_seg-coft-s1").is_dir()  # table=multi (tests/test_compose.py)
     assert "reproduce all: " in result.stdout + result.stderr  # table=all's wall time is logged
 
     controllable = {row["method"]: row for row in read_csv(reports / "controllable.csv")}

@@ -149,22 +149,71 @@ def attach_adapter(unet: nn.Module, path: str | Path, base_name: str = "this bas
     """Adapt a plain diffusers `unet` in place with an adapter file; returns the control
     network (with its trained weights) and the adapter's metadata. The inference path:
     no Lightning module, no training state."""
-    tensors, meta = read_adapter(path)
-    if meta["task"] != "control":
-        raise ValueError(f"{path} is a {meta['task']}-driven adapter (token {meta.get('token')!r}), not a "
-                         "controllable-generation one: load it with orthodiff.adapter.load_adapter(path) and "
-                         "sample with module.generate(prompts)")
-    targets = getattr(meta["adapter_config"], "targets", DEFAULT_TARGETS)
-    # before adapting: names change
-    check_base(path, meta, target_fingerprint(unet, targets), target_signature(unet, targets), base_name, allow_other_base)
-    network = control_network_from_config(meta["control_network"], meta["control_network_config"])
-    adapt_unet(unet, meta["adapter_config"])
-    parts = nn.ModuleDict({"unet": unet, "control_network": network})
+    networks, metas = attach_adapters(unet, [path], base_name=base_name, allow_other_base=allow_other_base)
+    return networks[0], metas[0]
+
+
+def attach_adapters(unet: nn.Module, paths: list[str | Path], scales=None, mode: str = "product",
+                    base_name: str = "this base model", allow_other_base: bool = False) -> tuple[list[nn.Module], list[dict]]:
+    """Adapt a plain diffusers `unet` in place with one or several controllable-generation
+    adapters trained apart; returns their control networks (ControlInjector feeds them
+    together, each with its scale) and metadata, in the order given. The UNet adapters compose
+    into one of their kind (`type(config).compose`: OFT rotations multiplied in the order given,
+    R_1^s_1 R_2^s_2, or their geodesic mean with mode="mean"; LoRA updates added), each adapter
+    at its scale. Adapters for another base, UNet adapters of different kinds, or layers
+    adapted in incompatible ways are refused in one line naming the files."""
+    paths = [Path(p) for p in paths]
+    scales = [1.0] * len(paths) if scales is None else [float(s) for s in scales]
+    if len(scales) != len(paths):
+        raise ValueError(f"{len(scales)} scales for {len(paths)} adapters: give one per adapter")
+    files = " and ".join(map(str, paths))
+    refuse = (lambda error: ValueError(f"cannot compose {files}: {error}")) if len(paths) > 1 else (lambda error: error)
+    adapters = []
+    for path in paths:
+        tensors, meta = read_adapter(path)
+        if meta["task"] != "control":
+            raise ValueError(f"{path} is a {meta['task']}-driven adapter (token {meta.get('token')!r}), not a "
+                             "controllable-generation one: load it with orthodiff.adapter.load_adapter(path) and "
+                             "sample with module.generate(prompts)")
+        targets = getattr(meta["adapter_config"], "targets", DEFAULT_TARGETS)
+        try:  # before adapting: names change
+            check_base(path, meta, target_fingerprint(unet, targets), target_signature(unet, targets), base_name,
+                       allow_other_base)
+        except ValueError as error:
+            raise refuse(error) from None
+        stray = sorted(k for k in tensors if not k.startswith(("unet.", "control_network.")))
+        if stray:
+            raise ValueError(f"adapter {path} does not fit its method's model: unexpected {stray[:3]}")
+        adapters.append((path, tensors, meta))
+    adapted = [(path, meta["adapter_config"], scale, {k.removeprefix("unet."): v for k, v in tensors.items()
+                                                      if k.startswith("unet.")})
+               for (path, tensors, meta), scale in zip(adapters, scales) if meta["adapter_config"] is not None]
+    kinds = {config.kind for _, config, _, _ in adapted}
+    if len(kinds) > 1:
+        raise refuse(f"their UNet adapters are of different kinds ({', '.join(f'{p.name}: {c.kind}' for p, c, _, _ in adapted)}); "
+                     "compose adapters of one kind (OFT/COFT with OFT/COFT, LoRA with LoRA)")
+    config, unet_tensors = (adapted[0][1], {f"unet.{k}": v for k, v in adapted[0][3].items()}) if adapted else (None, {})
+    if len(adapted) > 1 or (adapted and adapted[0][2] != 1):
+        try:
+            config, composed = type(config).compose(unet, [(c, t) for _, c, _, t in adapted],
+                                                    [s for _, _, s, _ in adapted], mode)
+        except ValueError as error:
+            raise refuse(error) from None
+        unet_tensors = {f"unet.{k}": v for k, v in composed.items()}
+    adapt_unet(unet, config)
+    parts = nn.ModuleDict({"unet": unet})
     trainable = {name for name, p in parts.named_parameters() if p.requires_grad}
-    check_tensors(path, tensors, {k: v for k, v in parts.state_dict().items() if k in trainable})
-    parts.load_state_dict(tensors, strict=False)
-    parts.requires_grad_(False)
-    return network.eval(), meta
+    check_tensors(files, unet_tensors, {k: v for k, v in parts.state_dict().items() if k in trainable})
+    parts.load_state_dict(unet_tensors, strict=False)
+    unet.requires_grad_(False)
+    networks = []
+    for path, tensors, meta in adapters:
+        network = control_network_from_config(meta["control_network"], meta["control_network_config"])
+        own = {k: v for k, v in tensors.items() if k.startswith("control_network.")}
+        check_tensors(path, own, {f"control_network.{k}": v for k, v in network.named_parameters()})
+        network.load_state_dict({k.removeprefix("control_network."): v for k, v in own.items()}, strict=False)
+        networks.append(network.requires_grad_(False).eval())
+    return networks, [meta for _, _, meta in adapters]
 
 
 def attach_subject_adapter(unet: nn.Module, text_encoder: nn.Module, tokenizer, path: str | Path,

@@ -2,7 +2,9 @@
 
 Hydra's override grammar reads commas as sweeps and brackets as lists, which prompts
 are full of, so these commands take each value as typed, converted by the type of its
-field in a dataclass of defaults; unknown keys and bad values are errors naming them."""
+field in a dataclass of defaults; unknown keys and bad values are errors naming them.
+Only a field typed as a list reads `[a,b]` as a list (adapter=[A,B] in generate.py).
+"""
 
 from __future__ import annotations
 
@@ -12,10 +14,16 @@ import typing
 
 
 def _convert(key: str, text: str, kind):
-    if typing.get_origin(kind) in (typing.Union, types.UnionType):  # X | None
-        if text.lower() in ("null", "none", ""):
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):  # X | None, str | list[str]
+        options = [t for t in typing.get_args(kind) if t is not type(None)]
+        if len(options) < len(typing.get_args(kind)) and text.lower() in ("null", "none", ""):
             return None
-        kind = next(t for t in typing.get_args(kind) if t is not type(None))
+        listed = [t for t in options if typing.get_origin(t) is list]
+        single = [t for t in options if typing.get_origin(t) is not list]
+        kind = listed[0] if listed and (text.startswith("[") or not single) else single[0]
+    if typing.get_origin(kind) is list:  # [a,b] (or one value): items converted by the item type
+        inner = text[1:-1] if text.startswith("[") and text.endswith("]") else text
+        return [_convert(key, part.strip(), typing.get_args(kind)[0]) for part in inner.split(",")] if inner.strip() else []
     if kind is bool:
         if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
             raise ValueError(f"{key}={text!r}: expected true or false")

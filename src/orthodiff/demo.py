@@ -1,6 +1,8 @@
 """The Gradio demo (`python demo.py`): upload or draw a condition, type a prompt, pick an
 adapter, generate. A subject adapter (experiment=dreambooth: "a sks square ...") needs no
-condition; for a Perfusion one the beta/tau sliders set its gate.
+condition; for a Perfusion one the beta/tau sliders set its gate. A second condition composes a
+second adapter with the first (its path, condition and scale; OFT rotations by product or
+geodesic mean, as generate.py adapter=[A,B] does) or feeds a jointly trained adapter's second one.
 
     python demo.py [--host 127.0.0.1] [--port 7860] [--adapters DIR ...] [--base MODEL] [--share false]
 
@@ -127,6 +129,12 @@ def condition_preview(condition: torch.Tensor) -> np.ndarray:
     return np.uint8(image.permute(1, 2, 0).numpy() * 255 + 0.5)
 
 
+def conditions_preview(conditions) -> np.ndarray:
+    """Every condition the networks saw, side by side (black: one left out)."""
+    shown = [condition_preview(c) for c in conditions if c is not None]
+    return np.concatenate([condition_preview(c) if c is not None else np.zeros_like(shown[0]) for c in conditions], 1)
+
+
 class Demo:
     """The app's state: where adapters are looked for, the base model, and the loaded
     pipelines (least recently used dropped first)."""
@@ -147,13 +155,17 @@ class Demo:
                                     "or type the path of an adapter.safetensors or a train.py run directory")
         return adapter_file(text).resolve()
 
-    def pipeline(self, adapter: Path):
-        key = (str(adapter), adapter.stat().st_mtime_ns, self.base)
+    def pipeline(self, adapter: Path | list[Path], scales=None, mode: str = "product"):
+        """The pipeline of an adapter, or of several composed (generate.py's adapter=[A,B]), cached."""
+        adapters = adapter if isinstance(adapter, list) else [adapter]
+        key = (tuple((str(a), a.stat().st_mtime_ns) for a in adapters), self.base,
+               None if scales is None else tuple(scales), mode)
         with self.lock:
             if key in self.pipelines:
                 self.pipelines.move_to_end(key)
                 return self.pipelines[key]
-            pipe, meta = build_pipeline(adapter, self.base, self.device, self.dtype)
+            pipe, meta = build_pipeline(adapters if len(adapters) > 1 else adapters[0], self.base, self.device,
+                                        self.dtype, scales=scales, compose=mode)
             pipe.scheduler = getattr(diffusers, SCHEDULERS["ddim"]).from_config(pipe.scheduler.config)
             pipe.merge()  # base-model speed
             pipe.set_progress_bar_config(disable=True)
@@ -183,22 +195,27 @@ class Demo:
 
     def generate(self, condition, sketch, source: str, prompt: str, adapter_choice: str | None,
                  adapter_path: str | None, steps: float, guidance: float, seed: float, num_images: float,
-                 annotate: str, beta: float = DEFAULT_BETA, tau: float = DEFAULT_TAU,
+                 annotate: str, beta: float = DEFAULT_BETA, tau: float = DEFAULT_TAU, second_path: str | None = "",
+                 second_condition=None, second_scale: float = 1.0, compose: str = "product",
                  progress=gr.Progress()):  # noqa: B008 (gradio injects the tracker through this default)
         """Generate from a condition (an uploaded image, or a drawing) and a prompt with an
         adapter, or from a prompt alone with a subject adapter (beta/tau: a Perfusion
-        adapter's gate). Returns the condition as the network saw it (None for a subject
-        adapter), the samples and a summary."""
+        adapter's gate). A second adapter (second_path, with second_condition, at
+        second_scale) is composed with the first (compose: product | mean, as generate.py
+        does); a jointly trained adapter takes its second condition there too. Returns the
+        conditions as the networks saw them (None for a subject adapter), the samples and a summary."""
         try:
             return self._generate(condition, sketch, source, prompt, adapter_choice, adapter_path, steps,
-                                  guidance, seed, num_images, annotate, progress, beta, tau)
+                                  guidance, seed, num_images, annotate, progress, beta, tau,
+                                  second_path, second_condition, second_scale, compose)
         except gr.Error:
             raise
         except BAD_INPUT as error:
             raise gr.Error(str(error), print_exception=False) from None
 
     def _generate(self, condition, sketch, source, prompt, adapter_choice, adapter_path, steps, guidance, seed,
-                  num_images, annotate, progress, beta=DEFAULT_BETA, tau=DEFAULT_TAU):
+                  num_images, annotate, progress, beta=DEFAULT_BETA, tau=DEFAULT_TAU, second_path="",
+                  second_condition=None, second_scale=1.0, compose="product"):
         if annotate not in ANNOTATE:
             raise ValueError(f"annotate={annotate!r}: choose one of {', '.join(ANNOTATE)}")
         steps, num_images, seed = int(steps), int(num_images), int(seed)
@@ -206,9 +223,11 @@ class Demo:
             raise ValueError(f"steps={steps}, num images={num_images}, seed={seed}: steps and images must be at "
                              "least 1, the seed at least 0")
         adapter = self.resolve_adapter(adapter_choice, adapter_path)
+        adapters = [adapter] + ([adapter_file(second_path.strip()).resolve()] if (second_path or "").strip() else [])
         start = time.perf_counter()
         progress(0, desc="loading the adapter")
-        pipe, meta = self.pipeline(adapter)
+        composed = len(adapters) > 1
+        pipe, meta = self.pipeline(adapters, [1.0, float(second_scale)] if composed else None, compose)
         loaded = time.perf_counter() - start
         native = pipe.unet.config.sample_size * pipe.vae_scale_factor
 
@@ -224,14 +243,20 @@ class Demo:
         if image is None:
             raise ValueError("no condition: upload an image (a photo to annotate, or a ready "
                              f"{pipe.control} map) or draw one")
+        if len(pipe.conditions) > 2:
+            raise ValueError(f"these adapters take {len(pipe.conditions)} conditions ({', '.join(pipe.conditions)}); "
+                             "the demo gives two: use generate.py condition=[...]")
         with self.lock:  # one generation at a time per pipeline: the control hooks are per call
-            result = pipe(prompt or "", control_image=image, annotate=annotate, num_images_per_prompt=num_images,
+            result = pipe(prompt or "", control_image=[image, second_condition] if len(pipe.conditions) > 1 else image,
+                          annotate=annotate, num_images_per_prompt=num_images,
                           num_inference_steps=steps, guidance_scale=float(guidance),
                           generator=torch.Generator().manual_seed(seed), callback_on_step_end=step_end)
-            seen = condition_preview(pipe.last_condition)
+            seen = conditions_preview(pipe.last_conditions)
         took = time.perf_counter() - start
-        info = (f"{meta['method'] or 'no'} adapter, {pipe.control} control, {Path(adapter).name} in "
-                f"{Path(adapter).parent.name}/: {num_images} image(s) of {native}x{native}, {steps} steps, "
+        second = f" + {adapters[1].parent.name}/ at scale {float(second_scale):g} ({compose})" if composed else ""
+        info = (f"{' + '.join(m['method'] or 'no' for m in pipe.adapters_metadata)} adapter, "
+                f"{' + '.join(pipe.conditions)} control, {Path(adapter).name} in "
+                f"{Path(adapter).parent.name}/{second}: {num_images} image(s) of {native}x{native}, {steps} steps, "
                 f"guidance {float(guidance):g}, seed {seed}, {took:.1f} s"
                 + (f" (loading {loaded:.1f} s)" if loaded > 0.5 else ""))
         return seen, [(sample, f"seed {seed}, #{k}") for k, sample in enumerate(result.images)], info
@@ -297,9 +322,20 @@ def build_app(adapter_dirs=DEFAULT_ADAPTER_DIRS, base: str | None = None, device
                     beta = gr.Slider(0, 1.5, value=DEFAULT_BETA, step=0.05, label="Perfusion gate beta",
                                      info="Perfusion adapters: higher keeps more of the prompt")
                     tau = gr.Slider(0.01, 0.5, value=DEFAULT_TAU, step=0.01, label="Perfusion gate tau")
+                with gr.Accordion("a second condition (composed adapters, or a jointly trained one)", open=False):
+                    second_path = gr.Textbox(value="", label="second adapter path",
+                                             placeholder="composed with the first; empty for a jointly trained "
+                                             "adapter, whose second condition goes below")
+                    second_condition = friendly_preprocess(gr.Image(
+                        label="second condition image", type="numpy", image_mode="RGB",
+                        sources=["upload", "clipboard"], height=200), "second condition image")
+                    with gr.Row():
+                        second_scale = gr.Slider(0, 2, value=1.0, step=0.05, label="second adapter's scale")
+                        compose = gr.Radio(["product", "mean"], value="product", label="compose OFT rotations",
+                                           info="product: the first's rotation folded first; mean: geodesic mean")
                 run = gr.Button("Generate", variant="primary")
             with gr.Column():
-                seen = gr.Image(label="condition as the network saw it", type="numpy", format="png",
+                seen = gr.Image(label="condition(s) as the network(s) saw them", type="numpy", format="png",
                                 interactive=False, height=256)
                 samples = gr.Gallery(label="samples", format="png", columns=4, height="auto", interactive=False)
                 info = gr.Textbox(label="info", interactive=False)
@@ -311,7 +347,8 @@ def build_app(adapter_dirs=DEFAULT_ADAPTER_DIRS, base: str | None = None, device
             event(demo.sampling_defaults, [adapter_choice, adapter_path], [steps, guidance],
                   api_visibility="private")
         run.click(demo.generate, [condition, sketch, source, prompt, adapter_choice, adapter_path, steps, guidance,
-                                  seed, num_images, annotate, beta, tau], [seen, samples, info],
+                                  seed, num_images, annotate, beta, tau, second_path, second_condition,
+                                  second_scale, compose], [seen, samples, info],
                   api_name="generate", concurrency_limit=1)
         app.orthodiff = demo  # for tests and scripts: the cache, the folders
     app.queue(max_size=MAX_QUEUE)  # one generation at a time (concurrency_limit=1), a bounded line behind it

@@ -2,7 +2,7 @@
 seeds, write eval.json and a grid.
 
     control metric   Canny IoU/F1, seg mIoU/mAcc/aAcc, depth RMSE or landmark error
-                     (ControlScorer: shapes oracles, or a model named by `evaluator`)
+                     (control_scorer: shapes oracles, or a model named by `evaluator`)
     image quality    FID and KID (torchmetrics) against the same split's real images,
                      with the extractor named in the report (Inception or shapes features)
     prompt alignment CLIP score when `clip_model` is set; the classifier oracle's
@@ -22,8 +22,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from orthodiff.adapter import load_adapter
+from orthodiff.data.control import preview_condition
 from orthodiff.data.datasets import SkipBudget, collate
-from orthodiff.eval.control_metrics import ControlScorer
+from orthodiff.eval.control_metrics import control_scorer
 from orthodiff.eval.image_metrics import INCEPTION_WEIGHTS, ImageQuality, clip_score, prompt_alignment
 from orthodiff.files import atomic_path
 from orthodiff.preflight import check_base_model, check_eval
@@ -78,8 +79,8 @@ def evaluate(cfg: DictConfig) -> dict:
         overrides["control"] = control
     dataset = instantiate(test_cfg, **overrides)
     extractor = fid_extractor(cfg.fid)
-    scorer = ControlScorer(control, cfg.evaluator, getattr(dataset, "num_classes", None),
-                           getattr(dataset, "ignore_index", None))
+    scorer = control_scorer(control, cfg.evaluator, getattr(dataset, "num_classes", None),
+                            getattr(dataset, "ignore_index", None))
     quality = ImageQuality(extractor, cfg.fid.inception_weights if extractor == "inception" else None,
                            kid_subset_size=cfg.fid.kid_subset_size, seed=cfg.seed)
     loader = torch.utils.data.DataLoader(dataset, cfg.batch_size, shuffle=False, collate_fn=collate)
@@ -98,7 +99,7 @@ def evaluate(cfg: DictConfig) -> dict:
         captions += batch["text"]
         generated_all.append(generated)
         if sum(len(rows[0]) for rows in grid_rows) < cfg.grid_rows:
-            grid_rows.append((batch["conditioning"], generated, real))
+            grid_rows.append((preview_condition(control, batch["conditioning"]), generated, real))
     if not captions:
         raise ValueError(f"no readable items in {test_cfg._target_} (root {test_cfg.get('root')})")
     generated_all = torch.cat(generated_all)

@@ -8,6 +8,11 @@ weights, plus orthodiff.json saying how it meets the UNet), and with single_file
 `<out>/<name>.safetensors` in the original Stable Diffusion key layout for tools that
 read single-file checkpoints. The folder is written under a temporary name and renamed
 when complete, so an interrupted export never leaves a half-written model.
+
+Several OFT or LoRA adapters (`adapter=[A,B] [scales=[1.0,1.0] compose=product|mean]`) are
+composed as generate.py composes them (orthodiff.adapter.attach_adapters) and folded into one
+UNet; their control networks go to `control_network_1/`, `control_network_2/`, ..., each
+orthodiff.json naming its control and scale (add their outputs, ControlInjector does).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from orthodiff.adapter import read_adapter
-from orthodiff.generate import DTYPES, adapter_file, build_pipeline
+from orthodiff.generate import DTYPES, adapter_file, as_list, build_pipeline
 from orthodiff.models.adapters import fold_adapter
 
 HOW_TO_USE = {
@@ -36,12 +41,14 @@ HOW_TO_USE = {
 
 @dataclass
 class ExportConfig:
-    adapter: str                 # adapter.safetensors or a train.py run directory
+    adapter: str | list[str]     # adapter.safetensors or a train.py run directory; [A,B]: composed
     out: str                     # the folder to write
     base: str | None = None      # None: the base model named in the adapter
     single_file: bool = False    # also <out>/<name>.safetensors in the original SD key layout
     dtype: str = "float32"       # float32 | float16 | bfloat16 (merging always runs in float32)
     overwrite: bool = False
+    scales: list[float] | None = None  # several adapters: one each (generate.py's)
+    compose: str = "product"          # several OFT adapters: product | mean (generate.py's)
 
 
 def export(cfg: ExportConfig) -> Path:
@@ -50,24 +57,30 @@ def export(cfg: ExportConfig) -> Path:
     out = Path(cfg.out).expanduser()
     if out.exists() and any(out.iterdir()) and not cfg.overwrite:
         raise FileExistsError(f"out={out} already holds files: pass overwrite=true or another folder")
-    check_exportable(adapter_file(cfg.adapter))
-    pipe, meta = build_pipeline(adapter_file(cfg.adapter), cfg.base, "cpu", torch.float32)
+    adapters = [adapter_file(a) for a in as_list(cfg.adapter)]
+    for adapter in adapters:
+        check_exportable(adapter)
+    pipe, meta = build_pipeline(adapters if len(adapters) > 1 else adapters[0], cfg.base, "cpu", torch.float32,
+                                scales=cfg.scales, compose=cfg.compose)
     pipe.injector.remove()
     fold_adapter(pipe.unet)
     # model_index.json then names diffusers' own class: plain diffusers loads the folder.
     plain = StableDiffusionPipeline(**pipe.components, requires_safety_checker=False)
-    network = pipe.control_network
     if cfg.dtype != "float32":  # diffusers warns on every dtype cast, needed or not
         plain.to(dtype=DTYPES[cfg.dtype])
-        network.to(dtype=DTYPES[cfg.dtype])
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     plain.save_pretrained(partial, safe_serialization=True)
-    network.save_pretrained(partial / "control_network", safe_serialization=True)
-    info = {"control": meta["control"], "control_network": meta["control_network"], "method": meta["method"],
-            "base_model": meta["base_model"], "load_with": HOW_TO_USE[meta["control_network"]],
-            "sampling": meta["sampling"]}
-    (partial / "control_network" / "orthodiff.json").write_text(json.dumps(info, indent=2) + "\n")
+    scales = cfg.scales or [1.0] * len(adapters)
+    for k, (network, own, scale) in enumerate(zip(pipe.control_networks, pipe.adapters_metadata, scales)):
+        folder = partial / ("control_network" if len(adapters) == 1 else f"control_network_{k + 1}")
+        if cfg.dtype != "float32":
+            network.to(dtype=DTYPES[cfg.dtype])
+        network.save_pretrained(folder, safe_serialization=True)
+        info = {"control": own["control"], "control_network": own["control_network"], "method": own["method"],
+                "base_model": own["base_model"], "load_with": HOW_TO_USE[own["control_network"]],
+                "sampling": own["sampling"], **({"scale": scale} if len(adapters) > 1 else {})}
+        (folder / "orthodiff.json").write_text(json.dumps(info, indent=2) + "\n")
     if cfg.single_file:
         from orthodiff.pipelines.single_file import save_single_file
 
@@ -75,7 +88,8 @@ def export(cfg: ExportConfig) -> Path:
     if out.exists():
         shutil.rmtree(out)
     partial.rename(out)
-    print(f"merged model ({meta['method'] or 'no UNet adapter'}, {meta['control']} control) in {out}")
+    methods = " + ".join(m["method"] or "no UNet adapter" for m in pipe.adapters_metadata)
+    print(f"merged model ({methods}, {' + '.join(m['control'] for m in pipe.adapters_metadata)} control) in {out}")
     return out
 
 

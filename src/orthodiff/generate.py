@@ -1,6 +1,14 @@
 """Generation entry (called by generate.py): an adapter + a condition + a prompt -> PNGs
 and a side-by-side grid with the condition. A subject adapter (experiment=dreambooth)
-needs no condition: its prompt names the token ("a sks square on a black background")."""
+needs no condition: its prompt names the token ("a sks square on a black background").
+
+Control adapters trained apart compose (OrthodiffPipeline.load_adapters), one condition each:
+
+    python generate.py adapter=[runs/canny,runs/seg] condition=[edges.png,seg.png] scales=[1.0,0.8] \
+        [compose=product|mean] prompt="a red circle"
+
+and a jointly trained adapter (experiment=canny_seg) takes condition=[edges.png,seg.png]
+(null leaves a condition out)."""
 
 from __future__ import annotations
 
@@ -30,9 +38,12 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 @dataclass
 class GenerateConfig:
-    adapter: str                      # adapter.safetensors or a train.py run directory
+    adapter: str | list[str]          # adapter.safetensors or a train.py run directory; [A,B]: composed
     prompt: str
-    condition: str | None = None      # a raw image (annotated on the fly) or a ready condition map; not for subject adapters
+    condition: str | list[str | None] | None = None  # a raw image (annotated on the fly) or a ready condition map,
+    # one per condition of the adapters, in their order ([a.png,b.png]); not for subject adapters
+    scales: list[float] | None = None  # one per adapter (None: 1 each): its rotation's power / update's and features' weight
+    compose: str = "product"          # how OFT adapters compose: product (first adapter's rotation folded first) | mean
     negative_prompt: str = ""
     num_images: int = 4
     steps: int | None = None          # None: what the adapter was validated with (else 25)
@@ -68,8 +79,16 @@ def base_key(base: str | None) -> str:
     return "base" if base else "base (none given: the adapter's base_model)"
 
 
-def build_pipeline(adapter: Path, base: str | None, device: str, dtype: torch.dtype, allow_other_base: bool = False):
-    _, meta = read_adapter(adapter)  # fails early, before loading a base model, on a foreign file
+def as_list(value) -> list:
+    """A config value that is one item or a list ([A,B] on the command line), as a list."""
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def build_pipeline(adapter: Path | list[Path], base: str | None, device: str, dtype: torch.dtype,
+                   allow_other_base: bool = False, scales=None, compose: str = "product"):
+    """The pipeline with the adapter (or the adapters, composed) loaded; the first adapter's metadata."""
+    adapters = as_list(adapter)
+    _, meta = read_adapter(adapters[0])  # fails early, before loading a base model, on a foreign file
     check_base_model(base_key(base), base or meta["base_model"])
     source = resolve_pretrained(base or meta["base_model"])
     if not Path(source).exists() and "/" not in source:
@@ -81,7 +100,10 @@ def build_pipeline(adapter: Path, base: str | None, device: str, dtype: torch.dt
     except (OSError, ValueError) as error:
         raise FileNotFoundError(f"cannot load the base model {source!r} ({error}); pass base=<diffusers folder "
                                 "or hub id> (hub ids need network or the HF cache)") from None
-    pipe.load_adapter(adapter, allow_other_base=allow_other_base)
+    if len(adapters) == 1 and scales is None:
+        pipe.load_adapter(adapters[0], allow_other_base=allow_other_base)
+    else:
+        pipe.load_adapters(adapters, scales, compose, allow_other_base)
     return pipe.to(device), meta
 
 
@@ -94,17 +116,26 @@ def generate(cfg: GenerateConfig) -> Path:
     dtype_name = ("float16" if device.startswith("cuda") else "float32") if cfg.dtype == "auto" else cfg.dtype
     if dtype_name not in DTYPES:
         raise ValueError(f"dtype={cfg.dtype!r}: choose auto or one of {', '.join(DTYPES)}")
-    meta = read_adapter(adapter_file(cfg.adapter))[1]
+    adapters = [adapter_file(a) for a in as_list(cfg.adapter)]
+    meta = read_adapter(adapters[0])[1]
     # The base model (with its tokenizer) is checked before any model loads.
     check_base_model(base_key(cfg.base), cfg.base or meta["base_model"])
     if meta["task"] == "subject":
+        if len(adapters) > 1 or cfg.scales is not None:
+            raise ValueError("adapter=[...] and scales= compose controllable-generation adapters; for a second "
+                             "Perfusion concept use second_concept=")
         return generate_subject(cfg, device)
     if cfg.beta is not None or cfg.tau is not None or cfg.second_concept:
         raise ValueError("beta=, tau= and second_concept= are for Perfusion adapters; this one is for controllable "
                          "generation")
     if cfg.condition is None:
         raise ValueError("condition= is required: this adapter is for controllable generation (give an image)")
-    pipe, meta = build_pipeline(adapter_file(cfg.adapter), cfg.base, device, DTYPES[dtype_name], cfg.allow_other_base)
+    pipe, meta = build_pipeline(adapters if len(adapters) > 1 else adapters[0], cfg.base, device, DTYPES[dtype_name],
+                                cfg.allow_other_base, cfg.scales, cfg.compose)
+    conditions = as_list(cfg.condition)
+    if len(conditions) != len(pipe.conditions):
+        raise ValueError(f"{len(conditions)} condition(s) for {len(pipe.conditions)} ({', '.join(pipe.conditions)}): "
+                         "give condition=[...] with one image each, in the adapters' order (null leaves one out)")
     pipe.scheduler = getattr(diffusers, SCHEDULERS[cfg.scheduler]).from_config(pipe.scheduler.config)
     if cfg.merge:
         pipe.merge()
@@ -115,17 +146,28 @@ def generate(cfg: GenerateConfig) -> Path:
     sampling = meta["sampling"]
     steps = cfg.steps or sampling.get("steps", 25)
     guidance = cfg.guidance if cfg.guidance is not None else sampling.get("guidance", 7.5)
-    result = pipe(cfg.prompt, control_image=cfg.condition, annotate=cfg.annotate, height=cfg.height,
+    result = pipe(cfg.prompt, control_image=conditions if len(conditions) > 1 else conditions[0],
+                  annotate=cfg.annotate, height=cfg.height,
                   width=cfg.width, num_images_per_prompt=cfg.num_images, num_inference_steps=steps,
                   guidance_scale=guidance, negative_prompt=cfg.negative_prompt or None,
                   generator=torch.Generator().manual_seed(cfg.seed))
-    # The condition as the network saw it (annotated, resized), beside the samples.
-    condition = pipe.last_condition[0].float().cpu()
-    condition = (condition.expand(3, -1, -1) if condition.shape[0] == 1 else condition).permute(1, 2, 0)
+    # The conditions as the networks saw them (annotated, resized; black: left out), beside the samples.
+    seen = [condition_image(c, result.images[0].size[::-1]) for c in pipe.last_conditions]
+    methods = [m["method"] for m in pipe.adapters_metadata]
     record = {**asdict(cfg), "steps": steps, "guidance": guidance, "device": device, "dtype": dtype_name,
-              "base_model": pipe.name_or_path, "method": meta["method"], "control": meta["control"]}
+              "base_model": pipe.name_or_path, "method": methods[0] if len(methods) == 1 else methods,
+              "control": "+".join(pipe.conditions)}
     return write_outputs(cfg.out, [np.asarray(image) for image in result.images], record,
-                         first=np.uint8(condition.numpy() * 255))
+                         first=np.concatenate(seen, axis=1))
+
+
+def condition_image(condition: torch.Tensor | None, size: tuple[int, int]) -> np.ndarray:
+    """The first of a batch of encoded conditions as uint8 (H, W, 3); black for one left out (None)."""
+    if condition is None:
+        return np.zeros((*size, 3), np.uint8)
+    condition = condition[0].float().cpu()
+    condition = (condition.expand(3, -1, -1) if condition.shape[0] == 1 else condition).permute(1, 2, 0)
+    return np.uint8(condition.numpy() * 255)
 
 
 def generate_subject(cfg: GenerateConfig, device: str) -> Path:
@@ -133,7 +175,7 @@ def generate_subject(cfg: GenerateConfig, device: str) -> Path:
     scheduler= and dtype= apply to controllable-generation adapters only)."""
     from orthodiff.adapter import add_perfusion_concept, load_adapter
 
-    module = load_adapter(adapter_file(cfg.adapter), pretrained=cfg.base, allow_other_base=cfg.allow_other_base)
+    module = load_adapter(adapter_file(as_list(cfg.adapter)[0]), pretrained=cfg.base, allow_other_base=cfg.allow_other_base)
     tokens = [module.hparams.token]
     if cfg.second_concept:
         if module.hparams.embedding != "perfusion":

@@ -36,7 +36,7 @@ from torch import nn
 from torch.autograd.graph import saved_tensors_hooks
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from orthodiff.data.control import CONTROL_CHANNELS
+from orthodiff.data.control import condition_channels
 from orthodiff.models.adapters import adapt_unet
 from orthodiff.models.base import resolve_pretrained
 from orthodiff.models.control_networks import ControlInjector, build_control_network
@@ -190,7 +190,7 @@ def plan(cfg: DictConfig) -> Plan:
         vae = AutoencoderKL.from_config(vae_config)
         text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
         factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        network = build_control_network(cfg.method.control_network, unet, CONTROL_CHANNELS[cfg.control.name], factor)
+        network = build_control_network(cfg.method.control_network, unet, condition_channels(cfg.control.name), factor)
         adapt_unet(unet, instantiate(cfg.adapter) if cfg.get("adapter") else None)
     frozen = count(unet, trainable=False) + count(vae) + count(text_encoder)
     trainable = count(unet, trainable=True) + count(network)
@@ -202,7 +202,7 @@ def plan(cfg: DictConfig) -> Plan:
     timesteps = torch.randint(0, 1000, (batch,), device="meta")
     text = torch.randn(batch, text_config.get("max_position_embeddings", 77), unet.config.cross_attention_dim,
                        device="meta", dtype=dtype)
-    condition = torch.randn(batch, CONTROL_CHANNELS[cfg.control.name], resolution, resolution, device="meta",
+    condition = torch.randn(batch, condition_channels(cfg.control.name), resolution, resolution, device="meta",
                             dtype=dtype)
     injector = ControlInjector(unet, network)
 

@@ -140,12 +140,13 @@ def check_oracle(key: str, value, name: str) -> None:
 
 
 def check_control_evaluator(key: str, value, control: str) -> None:
-    if control not in ORACLE_FOR:  # canny: edges, no network
-        return
-    if value == "shapes":
-        check_oracle(key, value, ORACLE_FOR[control])
-    else:
-        check_model(key, value, f"{'segmentation' if control == 'seg' else 'depth-estimation'} model")
+    for part in control.split("+"):  # a joint control ("canny+seg"): each condition's evaluator
+        if part not in ORACLE_FOR:  # canny: edges, no network
+            continue
+        if value == "shapes":
+            check_oracle(key, value, ORACLE_FOR[part])
+        else:
+            check_model(key, value, f"{'segmentation' if part == 'seg' else 'depth-estimation'} model")
 
 
 def check_writable(key: str, value) -> None:

@@ -16,7 +16,13 @@ One place for the encodings, shared by the shapes world and the real datasets:
                from an eye corner), not only where they are.
 
 Every dataset yields the condition already encoded: `conditioning` (C, H, W) float in
-[0, 1], C = CONTROL_CHANNELS[control].
+[0, 1], C = condition_channels(control).
+
+A joint control ("canny+seg", experiment=canny_seg) feeds one network several conditions
+at once: their encodings stacked in the order named, then one presence channel per
+condition (1 where it is given), zeros for a condition left out. The presence channels
+keep "no seg map" apart from "all background" (seg's class 0 is black), so an adapter
+trained with per-condition dropout also serves each condition alone.
 """
 
 from __future__ import annotations
@@ -33,6 +39,63 @@ def check_control(control: str) -> str:
     if control not in CONTROL_CHANNELS:
         raise ValueError(f"unknown control {control!r}: choose one of {sorted(CONTROL_CHANNELS)}")
     return control
+
+
+def control_parts(control: str) -> list[str]:
+    """The conditions a control takes: "canny" -> ["canny"], the joint "canny+seg" -> ["canny", "seg"]."""
+    parts = [check_control(part) for part in control.split("+")]
+    if len(set(parts)) != len(parts):
+        raise ValueError(f"control {control!r} names a condition twice")
+    return parts
+
+
+def condition_channels(control: str) -> int:
+    """The control network's input channels: the conditions' own, plus a presence channel
+    for each when there are several."""
+    parts = control_parts(control)
+    return sum(CONTROL_CHANNELS[part] for part in parts) + (len(parts) if len(parts) > 1 else 0)
+
+
+def joint_condition(control: str, parts: list[torch.Tensor | None]) -> torch.Tensor | None:
+    """The network input of `control` from its conditions' encodings (each (..., C_i, H, W),
+    None for one left out): a single control's own encoding; for a joint control the
+    encodings stacked, zeros where left out, then the presence channels. None when none is given."""
+    controls = control_parts(control)
+    if len(parts) != len(controls):
+        raise ValueError(f"control {control!r} takes {len(controls)} conditions, got {len(parts)}")
+    given = next((part for part in parts if part is not None), None)
+    if len(controls) == 1 or given is None:
+        return given
+    lead, size = given.shape[:-3], given.shape[-2:]
+    blocks = [part if part is not None else given.new_zeros(*lead, CONTROL_CHANNELS[name], *size)
+              for name, part in zip(controls, parts)]
+    presence = [given.new_full((*lead, 1, *size), float(part is not None)) for part in parts]
+    return torch.cat(blocks + presence, dim=-3)
+
+
+def preview_condition(control: str, condition: torch.Tensor) -> torch.Tensor:
+    """Encoded conditions (N, C, H, W) as RGB images to look at (N, 3, H, k W): a joint control's
+    conditions side by side (presence channels left out), 1-channel ones as grey."""
+    tiles, start = [], 0
+    for name in control_parts(control):
+        width = CONTROL_CHANNELS[name]
+        tiles.append(condition[:, start:start + width].expand(-1, 3, -1, -1))
+        start += width
+    return torch.cat(tiles, dim=-1)
+
+
+def drop_conditions(control: str, condition: torch.Tensor, probability: float,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+    """Per-condition dropout of a batch (N, C, H, W) of joint conditions: each sample's each
+    condition, with its presence channel, is zeroed with `probability`, independently, so
+    the adapter learns every condition alone and every pair. A single control is returned as it is."""
+    controls = control_parts(control)
+    if len(controls) == 1 or probability <= 0:
+        return condition
+    keep = (torch.rand(condition.shape[0], len(controls), generator=generator) >= probability).to(condition)
+    widths = [CONTROL_CHANNELS[name] for name in controls]
+    channel_keep = torch.cat([keep[:, k:k + 1].expand(-1, width) for k, width in enumerate(widths)] + [keep], dim=1)
+    return condition * channel_keep[:, :, None, None]
 
 
 def canny_edges(image: np.ndarray, thresholds=CANNY_THRESHOLDS) -> np.ndarray:

@@ -9,6 +9,8 @@ Every dataset yields dicts
                   seg (R, R) int64 class ids; depth (R, R) float in [0, 1];
                   landmarks (S, K, 2) pixels + landmark_mask (S, K)
 and subclasses only say where records live (`records`) and how to read one (`load`).
+A joint control ("canny+seg") reads each condition through a view of the dataset under that
+condition alone and stacks them (data/control.py's joint_condition); the target holds each one's.
 
 Skip-on-error: an unreadable item (a file that fails to decode, a label out of range: an
 OSError or ValueError from `load`) comes back as a `SkippedItem` naming it (on_error="skip",
@@ -22,6 +24,7 @@ cannot load) are not caught here and stop the run at once.
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections import deque
 from dataclasses import dataclass
@@ -32,7 +35,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
 
-from orthodiff.data.control import CONTROL_CHANNELS, canny_edges, check_control, colorize_segmentation, encode_condition
+from orthodiff.data.control import canny_edges, colorize_segmentation, condition_channels, control_parts, encode_condition, joint_condition
 from orthodiff.data.readers import read_image
 from orthodiff.data.shapes import SEG_CLASSES, read_metadata
 
@@ -89,8 +92,10 @@ class ControlDataset(Dataset):
     ignore_index: int | None = None  # a segmentation id left out of mIoU (ADE20K's 0, "other")
 
     def __init__(self, control: str, resolution: int, on_error: str = "skip"):
-        self.control = check_control(control)
-        self.channels = CONTROL_CHANNELS[control]
+        self.parts = control_parts(control)
+        self.control = control
+        self.channels = condition_channels(control)
+        self._views: list | None = None  # a joint control's per-condition views, made on first use
         self.resolution = int(resolution)
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error={on_error!r}: choose one of {ON_ERROR}")
@@ -109,7 +114,25 @@ class ControlDataset(Dataset):
         values = record.values() if isinstance(record, dict) else record if isinstance(record, tuple) else [record]
         return str(next((value for value in values if isinstance(value, (str, Path))), record))
 
+    def view(self, control: str) -> "ControlDataset":
+        """This dataset (records, files, skip list shared) under one of its conditions alone."""
+        single = copy.copy(self)
+        single.control, single.parts, single.channels = control, [control], condition_channels(control)
+        return single
+
+    def joint_item(self, index: int) -> dict | SkippedItem:
+        if self._views is None:
+            self._views = [self.view(part) for part in self.parts]
+        items = [view[index] for view in self._views]
+        skipped = next((item for item in items if isinstance(item, SkippedItem)), None)
+        if skipped is not None:
+            return skipped
+        return {**items[0], "conditioning": joint_condition(self.control, [item["conditioning"] for item in items]),
+                "target": {key: value for item in items for key, value in item["target"].items()}}
+
     def __getitem__(self, index: int) -> dict | SkippedItem:
+        if len(self.parts) > 1:
+            return self.joint_item(index)
         record = self.records[index]
         try:
             raw = self.load(record)  # its errors name the file

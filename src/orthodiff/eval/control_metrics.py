@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from orthodiff.data.control import canny_edges, check_control
+from orthodiff.data.control import canny_edges, check_control, control_parts
 from orthodiff.eval.metrics import depth_rmse, landmark_scores, segmentation_scores
 
 CONTROL_CONFIGS = Path(__file__).resolve().parents[3] / "conf" / "control"
@@ -150,3 +150,29 @@ class ControlScorer:
             return {"depth_rmse": depth_rmse(pred, target)["rmse"]}
         scores = landmark_scores(pred, np.concatenate(out["mask"]), target, np.concatenate(out["target_mask"]))
         return {"landmark_error": scores["error"], "landmark_detected": scores["detected"]}
+
+
+class JointScorer:
+    """A joint control's ("canny+seg") scores: each condition's own metrics on the same samples."""
+
+    def __init__(self, scorers: list[ControlScorer]):
+        self.scorers = scorers
+
+    def reset(self):
+        for scorer in self.scorers:
+            scorer.reset()
+
+    def update(self, generated: torch.Tensor, batch: dict):
+        for scorer in self.scorers:
+            scorer.update(generated, batch)
+
+    def compute(self) -> dict[str, float]:
+        return {key: value for scorer in self.scorers for key, value in scorer.compute().items()}
+
+
+def control_scorer(control: str, evaluator: str = "shapes", num_classes: int | None = None,
+                   ignore_index: int | None = None, device: str | torch.device = "cpu") -> ControlScorer | JointScorer:
+    """The scorer of a control: ControlScorer, or for a joint control one per condition."""
+    parts = control_parts(control)
+    scorers = [ControlScorer(part, evaluator, num_classes, ignore_index, device) for part in parts]
+    return scorers[0] if len(scorers) == 1 else JointScorer(scorers)

@@ -4,6 +4,9 @@
     adapter.targets              which UNet modules it adapts (orthodiff.oft.matches_target)
     adapter.inject(unet)         wrap or unfreeze the targets in place (the rest stays frozen)
     adapter.after_step(unet)     called after every optimizer step (COFT's projection)
+    type(adapter).compose(unet, [(config, tensors), ...], scales, mode)
+                                 several adapters of one kind as one of that kind (OFT: rotations
+                                 multiplied or averaged, orthodiff.oft.compose; LoRA: updates added)
 
 OFTConfig (orthodiff.oft) is the project's own; LoRAConfig goes through PEFT;
 FullFinetuneConfig unfreezes the target layers. A new method adds one dataclass here
@@ -14,12 +17,12 @@ work on any layer that keeps its frozen module as `base_layer` (OFT and PEFT bot
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
 
-from orthodiff.oft import DEFAULT_TARGETS, OFTConfig, OFTLayer, target_modules
+from orthodiff.oft import COMPOSE_MODES, DEFAULT_TARGETS, OFTConfig, OFTLayer, matches_target, target_modules
 
 
 @dataclass
@@ -49,6 +52,43 @@ class LoRAConfig:
     def after_step(self, unet: nn.Module) -> None:
         pass
 
+    @staticmethod
+    def compose(unet: nn.Module, parts: list, scales=None, mode: str = "product") -> tuple["LoRAConfig", dict]:
+        """LoRA adapters add: W + sum_i s_i B_i A_i ("mean": the scales normalised to sum 1; "product"
+        means the same sum, as updates add in any order), exactly, as one LoRA whose rank is the sum
+        of theirs (A stacked, each B scaled by s_i alpha_i / r_i), on the union of the targets."""
+        if mode not in COMPOSE_MODES:
+            raise ValueError(f"compose mode {mode!r}: choose one of {COMPOSE_MODES}")
+        scales = [1.0] * len(parts) if scales is None else [float(s) for s in scales]
+        if mode == "mean":
+            total = sum(scales)
+            scales = [s / total if total else 0.0 for s in scales]
+        targets = list(dict.fromkeys(t for config, _ in parts for t in config.targets))
+        rank = sum(config.rank for config, _ in parts)
+        tensors, used = {}, [set() for _ in parts]
+        for name in target_modules(unet, targets):
+            keys = (f"{name}.lora_A.default.weight", f"{name}.lora_B.default.weight")
+            adapts = [any(matches_target(name, t) for t in config.targets) for config, _ in parts]
+            for k, (_, lora) in enumerate(parts):
+                if adapts[k] and not all(key in lora for key in keys):
+                    raise ValueError(f"adapter {k + 1} is missing {keys[0]} or {keys[1]}")
+            like_a, like_b = (parts[adapts.index(True)][1][key] for key in keys)  # shapes for those that skip it
+            a_rows, b_cols = [], []
+            for k, ((config, lora), scale) in enumerate(zip(parts, scales)):
+                if not adapts[k]:
+                    a_rows.append(like_a.new_zeros(config.rank, *like_a.shape[1:]))
+                    b_cols.append(like_b.new_zeros(like_b.shape[0], config.rank, *like_b.shape[2:]))
+                    continue
+                a_rows.append(lora[keys[0]])
+                b_cols.append(lora[keys[1]] * (scale * (config.alpha or config.rank) / config.rank))
+                used[k].update(keys)
+            tensors[keys[0]], tensors[keys[1]] = torch.cat(a_rows, 0), torch.cat(b_cols, 1)
+        for k, ((_, lora), seen) in enumerate(zip(parts, used)):
+            if set(lora) - seen:
+                raise ValueError(f"adapter {k + 1} has tensors for no target layer of this model: "
+                                 f"{sorted(set(lora) - seen)[:3]}")
+        return replace(parts[0][0], rank=rank, alpha=float(rank), dropout=0.0, targets=targets), tensors
+
 
 @dataclass
 class FullFinetuneConfig:
@@ -70,6 +110,11 @@ class FullFinetuneConfig:
 
     def after_step(self, unet: nn.Module) -> None:
         pass
+
+    @staticmethod
+    def compose(unet: nn.Module, parts: list, scales=None, mode: str = "product"):
+        raise ValueError("full-finetuning adapters each replace their layers' weights: they do not compose "
+                         "(compose OFT/COFT or LoRA adapters)")
 
 
 ADAPTER_TYPES = {cls.kind: cls for cls in (OFTConfig, LoRAConfig, FullFinetuneConfig)}

@@ -66,7 +66,7 @@ def _repeat_to(tensor: torch.Tensor, batch: int) -> torch.Tensor:
 
 
 class ControlInjector:
-    """Feeds a control network to `unet` through hooks, so diffusers' UNet is used unchanged:
+    """Feeds control networks to `unet` through hooks, so diffusers' UNet is used unchanged:
 
         injector = ControlInjector(unet, control_network)
         with injector.control(condition):        # (N, C, H, W) encoded condition image
@@ -74,51 +74,88 @@ class ControlInjector:
 
     hint: its features are added to conv_in's output. T2I-Adapter: its features go in as
     `down_intrablock_additional_residuals`. ControlNet: it runs on each UNet call's own
-    latents, timestep and text, and its residuals go in as the down/mid residuals."""
+    latents, timestep and text, and its residuals go in as the down/mid residuals.
 
-    def __init__(self, unet: nn.Module, control_network: nn.Module):
-        self.network = control_network
-        self.condition = self.features = None
-        if isinstance(control_network, ControlEncoder):
-            self.handle = unet.conv_in.register_forward_hook(self._add_to_conv_in)
-        else:
-            self.handle = unet.register_forward_pre_hook(self._add_residuals, with_kwargs=True)
+    Several networks (`ControlInjector(unet, [a, b], scales=[1.0, 0.5])`, then
+    `control([condition_a, condition_b])`, None for a network left out) add their scaled
+    outputs, as diffusers' MultiControlNetModel adds its residuals and MultiAdapter its
+    features; networks of different kinds meet the UNet side by side."""
+
+    def __init__(self, unet: nn.Module, control_network: nn.Module | list[nn.Module], scales=None):
+        several = isinstance(control_network, (list, tuple, nn.ModuleList))
+        self.networks = list(control_network) if several else [control_network]
+        self.scales = [1.0] * len(self.networks) if scales is None else [float(s) for s in scales]
+        if len(self.scales) != len(self.networks):
+            raise ValueError(f"{len(self.scales)} scales for {len(self.networks)} control networks")
+        self.conditions = self.features = [None] * len(self.networks)
+        self.handles = []
+        if any(isinstance(network, ControlEncoder) for network in self.networks):
+            self.handles.append(unet.conv_in.register_forward_hook(self._add_to_conv_in))
+        if not all(isinstance(network, ControlEncoder) for network in self.networks):
+            self.handles.append(unet.register_forward_pre_hook(self._add_residuals, with_kwargs=True))
+
+    @property
+    def network(self) -> nn.Module:
+        return self.networks[0]
 
     @contextmanager
-    def control(self, condition: torch.Tensor | None):
-        if condition is not None and not isinstance(self.network, ControlNetModel):
-            self.features = self.network(condition)  # timestep-independent: once per call
-        self.condition = condition
+    def control(self, condition: torch.Tensor | list[torch.Tensor | None] | None):
+        """One condition per network: a tensor for one network, a list for several."""
+        several = isinstance(condition, (list, tuple))
+        conditions = list(condition) if several else [condition] * len(self.networks)
+        if len(conditions) != len(self.networks) or (len(self.networks) > 1 and condition is not None and not several):
+            raise ValueError(f"{len(self.networks)} control networks take a list of as many conditions")
+        # Timestep-independent networks run once per call; ControlNet runs in every UNet call.
+        self.features = [None if c is None or isinstance(n, ControlNetModel) else n(c)
+                         for n, c in zip(self.networks, conditions)]
+        self.conditions = conditions
         try:
             yield
         finally:
-            self.condition = self.features = None
+            self.conditions = self.features = [None] * len(self.networks)
+
+    def _given(self, kind) -> list[tuple[nn.Module, torch.Tensor, torch.Tensor, float]]:
+        """(network, condition, features, scale) of the networks of `kind` given a condition."""
+        return [(n, c, f, s) for n, c, f, s in zip(self.networks, self.conditions, self.features, self.scales)
+                if c is not None and isinstance(n, kind)]
 
     def _add_to_conv_in(self, module, inputs, output):
-        if self.features is None:
-            return output
-        features = _repeat_to(self.features, output.shape[0])
-        if features.shape[1:] != output.shape[1:]:
-            raise ValueError(f"control features {tuple(features.shape[1:])} do not match conv_in output "
-                             f"{tuple(output.shape[1:])}: is the condition at the image resolution?")
-        return output + features.to(output.dtype)
+        for _, _, features, scale in self._given(ControlEncoder):
+            features = _repeat_to(features, output.shape[0])
+            if features.shape[1:] != output.shape[1:]:
+                raise ValueError(f"control features {tuple(features.shape[1:])} do not match conv_in output "
+                                 f"{tuple(output.shape[1:])}: is the condition at the image resolution?")
+            output = output + (features if scale == 1 else scale * features).to(output.dtype)
+        return output
 
     def _add_residuals(self, unet, args, kwargs):
-        if self.condition is None:
+        controlnets, adapters = self._given(ControlNetModel), self._given(T2IAdapter)
+        if not controlnets and not adapters:
             return None
         sample = args[0] if args else kwargs["sample"]
         batch = sample.shape[0]
-        if isinstance(self.network, ControlNetModel):
+        if controlnets:
             timestep = args[1] if len(args) > 1 else kwargs["timestep"]
             text = args[2] if len(args) > 2 else kwargs["encoder_hidden_states"]
-            down, mid = self.network(sample, timestep, encoder_hidden_states=text,
-                                     controlnet_cond=_repeat_to(self.condition, batch).to(sample.dtype),
-                                     return_dict=False)
+            down = mid = None
+            for network, condition, _, scale in controlnets:
+                residuals, middle = network(sample, timestep, encoder_hidden_states=text,
+                                            controlnet_cond=_repeat_to(condition, batch).to(sample.dtype),
+                                            conditioning_scale=scale, return_dict=False)
+                down = residuals if down is None else [a + b for a, b in zip(down, residuals)]
+                mid = middle if mid is None else mid + middle
             kwargs.update(down_block_additional_residuals=down, mid_block_additional_residual=mid)
-        else:  # a fresh list per call: the UNet pops from it
-            kwargs["down_intrablock_additional_residuals"] = [_repeat_to(f, batch).to(sample.dtype)
-                                                              for f in self.features]
+        if adapters:
+            if len({len(features) for _, _, features, _ in adapters}) > 1:
+                raise ValueError("T2I-Adapters with different numbers of feature levels (full and light) do not add")
+            summed = None
+            for _, _, features, scale in adapters:
+                scaled = [f if scale == 1 else scale * f for f in features]
+                summed = scaled if summed is None else [a + b for a, b in zip(summed, scaled)]
+            # A fresh list per call: the UNet pops from it.
+            kwargs["down_intrablock_additional_residuals"] = [_repeat_to(f, batch).to(sample.dtype) for f in summed]
         return args, kwargs
 
     def remove(self):
-        self.handle.remove()
+        for handle in self.handles:
+            handle.remove()

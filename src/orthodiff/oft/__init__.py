@@ -1,6 +1,7 @@
-"""Orthogonal finetuning: layers, injection, merging, COFT projection, state dicts."""
+"""Orthogonal finetuning: layers, injection, merging, COFT projection, state dicts, composition."""
 
 from .cayley import cayley, project_generator, skew_from_triangle
+from .compose import COMPOSE_MODES, compose_rotations, geodesic_mean, rotation_log, rotation_power
 from .energy import count_parameters, hyperspherical_energy, oft_parameter_count
 from .layer import (
     DEFAULT_TARGETS,
@@ -8,6 +9,7 @@ from .layer import (
     OFTConv2d,
     OFTLayer,
     OFTLinear,
+    compose_oft,
     inject_oft,
     load_oft_state_dict,
     matches_target,
@@ -21,6 +23,7 @@ from .layer import (
 )
 
 __all__ = [
+    "COMPOSE_MODES", "compose_oft", "compose_rotations", "geodesic_mean", "rotation_log", "rotation_power",
     "DEFAULT_TARGETS", "OFTConfig", "OFTConv2d", "OFTLayer", "OFTLinear", "cayley", "count_parameters",
     "hyperspherical_energy", "inject_oft", "load_oft_state_dict", "matches_target", "merge_oft", "oft_layers",
     "oft_parameter_count", "oft_state_dict", "project_coft", "project_generator", "set_oft_enabled",

@@ -7,13 +7,14 @@ Effective weight W' = W R with R = diag(R_1, ..., R_r) orthogonal (see cayley.py
 
 import difflib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .cayley import cayley, project_generator, project_generator_norm, skew_from_triangle
+from .compose import COMPOSE_MODES, compose_rotations, inverse_cayley, triangle_from_skew
 
 # Stable Diffusion's attention projections (self and cross) and GEGLU input projection.
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj")
@@ -81,6 +82,10 @@ class OFTConfig:
     def after_step(self, model: nn.Module) -> None:
         if self.coft:
             project_coft(model)  # COFT: back inside the eps-ball after every optimizer step
+
+    @staticmethod
+    def compose(model: nn.Module, parts: list, scales, mode: str = "product") -> tuple["OFTConfig", dict]:
+        return compose_oft(model, parts, scales, mode)
 
 
 def _divisors(n: int) -> list[int]:
@@ -362,6 +367,50 @@ def inject_oft(model: nn.Module, config: OFTConfig) -> list[str]:
         wrapper.to(wrapper.base_layer.weight.device)
         setattr(parent, child, wrapper)
     return matched
+
+
+def compose_oft(model: nn.Module, parts: list[tuple[OFTConfig, dict]], scales=None,
+                mode: str = "product") -> tuple[OFTConfig, dict[str, torch.Tensor]]:
+    """Several OFT adapters of the un-adapted `model`, each (config, its "<layer>.oft_generator"
+    tensors), as one OFT adapter: per layer, the adapters' rotations composed (compose.py:
+    "product" R_1^s_1 R_2^s_2 ..., the first adapter folded into W first, or the geodesic
+    "mean"), stored as the composed rotation's exact Cayley generator. So the result is a
+    plain OFT adapter (inject, cached rotation, merge, export all unchanged) on the union of
+    the targets; a layer that one adapter leaves alone gets the identity from it. Layers
+    that both adapt must share their block layout; errors name the layer and adapter."""
+    if mode not in COMPOSE_MODES:
+        raise ValueError(f"compose mode {mode!r}: choose one of {COMPOSE_MODES}")
+    targets = list(dict.fromkeys(t for config, _ in parts for t in config.targets))
+    composed = replace(parts[0][0], targets=targets, coft=False, block_share=False, cayley="exact", dropout=0.0)
+    tensors, used = {}, [set() for _ in parts]
+    for name in target_modules(model, targets):
+        in_features = model.get_submodule(name).weight[0].numel()  # a filter's size for a conv (groups=1)
+        r, b = block_layout(in_features, composed, name)
+        key, rotations = f"{name}.{ADAPTER_PREFIX}generator", []
+        for k, (config, generators) in enumerate(parts):
+            if not any(matches_target(name, t) for t in config.targets):
+                rotations.append(torch.eye(b, dtype=torch.float64).expand(r, b, b))
+                continue
+            own = block_layout(in_features, config, name)
+            if own != (r, b):
+                raise ValueError(f"layer {name}: {r} blocks of {b} in adapter 1's layout, {own[0]} of {own[1]} in "
+                                 f"adapter {k + 1}'s: block layouts must agree to compose")
+            if key not in generators:
+                raise ValueError(f"adapter {k + 1} is missing {key}")
+            expected = (1 if config.block_share else r, b * (b - 1) // 2)
+            if tuple(generators[key].shape) != expected:
+                raise ValueError(f"adapter {k + 1}: {key} has shape {tuple(generators[key].shape)}, expected {expected}")
+            # The exact rotation, also for a Neumann adapter (whose R is that rotation's approximation,
+            # orthogonal only to O(||Q||^k)): only rotations compose on the group.
+            rotations.append(cayley(skew_from_triangle(generators[key].double(), b)).expand(r, b, b))
+            used[k].add(key)
+        rotation = compose_rotations(torch.stack(rotations), scales, mode)
+        tensors[key] = triangle_from_skew(inverse_cayley(rotation)).float()
+    for k, ((_, generators), seen) in enumerate(zip(parts, used)):
+        if set(generators) - seen:
+            raise ValueError(f"adapter {k + 1} has tensors for no target layer of this model: "
+                             f"{sorted(set(generators) - seen)[:3]}")
+    return composed, tensors
 
 
 def oft_layers(model: nn.Module) -> list[OFTLayer]:

@@ -14,6 +14,16 @@ Perfusion concept trained apart joins with a second load_adapter:
     pipe.load_adapter("runs/circle/adapter.safetensors", token="ohwx")   # Perfusion only
     pipe("a sks square and a ohwx circle on a white background", perfusion_beta=0.7, perfusion_tau=0.15)
 
+Control adapters trained apart compose (orthodiff.adapter.attach_adapters): their UNet
+adapters become one (OFT rotations multiplied in the order given, or their geodesic mean;
+LoRA updates added), their control networks add their outputs, each at its scale, and
+control_image takes one image per condition, in the adapters' order:
+
+    pipe.load_adapters(["runs/canny/adapter.safetensors", "runs/seg/adapter.safetensors"], scales=[1.0, 0.8])
+    pipe("a red circle", control_image=["edges.png", "seg.png"])      # None leaves one out
+
+A jointly trained adapter (experiment=canny_seg) takes its conditions the same way.
+
 The control enters through ControlInjector's hooks, so diffusers' own denoising loop,
 schedulers, callbacks and dtype handling run unchanged. The control image is a ready
 condition map or, with `annotate`, a raw image turned into one (Canny on the fly).
@@ -28,8 +38,8 @@ import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline
 
-from orthodiff.adapter import add_perfusion_concept, attach_adapter, attach_subject_adapter, read_adapter
-from orthodiff.data.control import canny_edges, check_control, encode_condition
+from orthodiff.adapter import add_perfusion_concept, attach_adapters, attach_subject_adapter, read_adapter
+from orthodiff.data.control import canny_edges, check_control, control_parts, encode_condition, joint_condition
 from orthodiff.data.readers import read_image
 from orthodiff.models.adapters import merge_adapter, unmerge_adapter
 from orthodiff.models.control_networks import ControlInjector
@@ -72,12 +82,15 @@ def load_condition(source, control: str, size: tuple[int, int], annotate: str = 
 
 
 class OrthodiffPipeline(StableDiffusionPipeline):
-    """StableDiffusionPipeline + an orthodiff adapter: `load_adapter`, `merge`/`unmerge`,
-    and `__call__(prompt, control_image, ...)` with every StableDiffusionPipeline argument."""
+    """StableDiffusionPipeline + orthodiff adapters: `load_adapter` / `load_adapters`,
+    `merge`/`unmerge`, and `__call__(prompt, control_image, ...)` with every
+    StableDiffusionPipeline argument."""
 
-    adapter_metadata: dict | None = None
-    control_network: torch.nn.Module | None = None
+    adapter_metadata: dict | None = None       # the (first) adapter's
+    adapters_metadata: tuple = ()              # every control adapter's, in the order loaded
+    control_networks: tuple = ()
     last_condition: torch.Tensor | None = None
+    last_conditions: tuple = ()                # each condition as its network saw it (None: left out)
     embedding: torch.nn.Module | None = None   # a subject adapter's token embedding or Perfusion
 
     def load_adapter(self, path: str | Path, token: str | None = None,
@@ -98,18 +111,42 @@ class OrthodiffPipeline(StableDiffusionPipeline):
             if self.embedding is not None:
                 self.embedding.to(self.unet.device)
             return self
-        network, metadata = attach_adapter(self.unet, path, base_name=base_name, allow_other_base=allow_other_base)
-        network.to(self.unet.device)
-        if self.unet.dtype != network.dtype:  # diffusers warns on every dtype cast, needed or not
-            network.to(dtype=self.unet.dtype)
-        self.control_network = network
-        self.injector = ControlInjector(self.unet, self.control_network)
-        self.adapter_metadata = metadata
+        return self.load_adapters([path], allow_other_base=allow_other_base)
+
+    def load_adapters(self, paths: list[str | Path], scales=None, mode: str = "product",
+                      allow_other_base: bool = False) -> "OrthodiffPipeline":
+        """Adapt this pipeline's UNet with several controllable-generation adapters at once,
+        each at its scale (default 1): see orthodiff.adapter.attach_adapters for how they
+        compose (`mode`: "product" or "mean") and what is refused."""
+        if self.adapter_metadata is not None:
+            raise RuntimeError("this pipeline already carries an adapter: load a fresh pipeline for another one")
+        networks, metas = attach_adapters(self.unet, paths, scales, mode, self.name_or_path or "this pipeline's base",
+                                          allow_other_base)
+        for network in networks:
+            network.to(self.unet.device)
+            if self.unet.dtype != network.dtype:  # diffusers warns on every dtype cast, needed or not
+                network.to(dtype=self.unet.dtype)
+        self.control_networks = tuple(networks)
+        self.injector = ControlInjector(self.unet, networks, scales)
+        self.adapters_metadata, self.adapter_metadata = tuple(metas), metas[0]
         return self
 
     @property
+    def control_network(self) -> torch.nn.Module | None:
+        """The control network of a single adapter (None before one is loaded)."""
+        if len(self.control_networks) > 1:
+            raise RuntimeError(f"{len(self.control_networks)} adapters are loaded: use control_networks")
+        return self.control_networks[0] if self.control_networks else None
+
+    @property
     def control(self) -> str | None:
+        """The (first) adapter's control ("canny", or a joint "canny+seg")."""
         return self.adapter_metadata.get("control") if self.adapter_metadata else None
+
+    @property
+    def conditions(self) -> list[str]:
+        """The conditions control_image takes, in order: every control adapter's, as loaded."""
+        return [part for meta in self.adapters_metadata for part in control_parts(meta["control"])]
 
     @property
     def task(self) -> str | None:
@@ -126,10 +163,10 @@ class OrthodiffPipeline(StableDiffusionPipeline):
         pipe = super().to(*args, **kwargs)
         if self.embedding is not None:
             self.embedding.to(self.unet.device)
-        if self.control_network is not None:  # not a registered component: move it too
-            self.control_network.to(self.unet.device)
-            if self.control_network.dtype != self.unet.dtype:
-                self.control_network.to(dtype=self.unet.dtype)
+        for network in self.control_networks:  # not registered components: move them too
+            network.to(self.unet.device)
+            if network.dtype != self.unet.dtype:
+                network.to(dtype=self.unet.dtype)
         return pipe
 
     def __call__(self, prompt=None, control_image=None, annotate: str = "auto", height: int | None = None,
@@ -145,22 +182,42 @@ class OrthodiffPipeline(StableDiffusionPipeline):
                                       num_images_per_prompt=num_images_per_prompt, **kwargs)
         if "perfusion_beta" in kwargs or "perfusion_tau" in kwargs:
             raise ValueError("perfusion_beta/perfusion_tau are Perfusion's gate: this is a control adapter")
-        if control_image is None:
-            raise ValueError(f"this adapter is controlled by {self.control} maps: pass control_image=")
+        conditions = self.conditions
+        given = [control_image] if len(conditions) == 1 else control_image
+        if len(conditions) > 1 and (not isinstance(given, (list, tuple)) or len(given) != len(conditions)):
+            raise ValueError(f"the adapters take {len(conditions)} conditions ({', '.join(conditions)}): pass "
+                             "control_image=[...] with one image each, in that order (None leaves one out)")
+        if all(image is None for image in given):
+            raise ValueError(f"this adapter is controlled by {' and '.join(conditions)} maps: pass control_image=")
         native = self.unet.config.sample_size * self.vae_scale_factor
         height, width = height or native, width or native
-        images = control_image if isinstance(control_image, (list, tuple)) else [control_image]
-        condition = torch.cat([load_condition(image, self.control, (height, width), annotate) for image in images])
         prompts = [prompt] if isinstance(prompt, str) else list(prompt or [])
-        if len(condition) not in (1, len(prompts)):
-            raise ValueError(f"{len(condition)} control images for {len(prompts)} prompts: give one, or one per prompt")
+        encoded = [None if image is None else self._condition(image, control, (height, width), annotate, len(prompts))
+                   for image, control in zip(given, conditions)]
+        batch = max(len(c) for c in encoded if c is not None)  # one image for every prompt is repeated to match
         # diffusers repeats each prompt num_images_per_prompt times in a row; match that order.
-        condition = condition.repeat_interleave(num_images_per_prompt, 0)
-        self.last_condition = condition  # what the network saw (generate.py shows it)
-        with self.injector.control(condition.to(self.unet.device, self.unet.dtype)):
+        encoded = [None if c is None else c.expand(batch, -1, -1, -1).repeat_interleave(num_images_per_prompt, 0)
+                   for c in encoded]
+        self.last_conditions = tuple(encoded)  # what the networks saw (generate.py shows them)
+        self.last_condition = next(c for c in encoded if c is not None)
+        inputs, start = [], 0
+        for meta in self.adapters_metadata:  # each network its conditions, a joint one stacked
+            count = len(control_parts(meta["control"]))
+            inputs.append(joint_condition(meta["control"], encoded[start:start + count]))
+            start += count
+        inputs = [None if c is None else c.to(self.unet.device, self.unet.dtype) for c in inputs]
+        with self.injector.control(inputs if len(inputs) > 1 else inputs[0]):
             return super().__call__(prompt=prompt, height=height, width=width,
                                     num_images_per_prompt=num_images_per_prompt, **kwargs)
 
+    @staticmethod
+    def _condition(image, control: str, size: tuple[int, int], annotate: str, prompts: int) -> torch.Tensor:
+        """One condition's images (one, or one per prompt) encoded as a batch."""
+        images = image if isinstance(image, (list, tuple)) else [image]
+        condition = torch.cat([load_condition(item, control, size, annotate) for item in images])
+        if len(condition) not in (1, prompts):
+            raise ValueError(f"{len(condition)} control images for {prompts} prompts: give one, or one per prompt")
+        return condition
 
     def _subject_call(self, prompt, perfusion_beta: float | None = None, perfusion_tau: float | None = None,
                       num_images_per_prompt: int = 1, **kwargs):

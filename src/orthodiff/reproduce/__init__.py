@@ -10,7 +10,7 @@ settings, so `table=all` trains each cell once.
     report.py        the report writer: .csv, stamped .md, settings lines
     paper.py         the OFT paper's published figures the tables compare with
     params.py  lr_search.py  controllable.py  convergence.py  energy.py  ablation.py  radius.py
-    frontier.py  length.py  subject.py  edit.py
+    frontier.py  length.py  subject.py  edit.py  multi.py
                      one module per table, each a `table(cfg) -> Path` (the .md written)
     stats.py         how two groups of seeds are compared: Welch CI, Holm, equivalence
     claims.py        the verdict per claim of the paper, from the cells the tables above trained
@@ -34,6 +34,7 @@ from orthodiff.reproduce import (
     frontier,
     length,
     lr_search,
+    multi,
     params,
     radius,
     subject,
@@ -46,7 +47,7 @@ log = logging.getLogger(__name__)
 TABLES = {"params": params.table, "lr_search": lr_search.table, "controllable": controllable.table,
           "convergence": convergence.table, "energy": energy.table, "ablation": ablation.table,
           "radius": radius.table, "frontier": frontier.table, "length": length.table,
-          "subject": subject.table, "edit": edit.table, "claims": claims.table}
+          "subject": subject.table, "edit": edit.table, "multi": multi.table, "claims": claims.table}
 
 
 def reproduce(cfg: DictConfig) -> list[Path]:
