@@ -36,6 +36,12 @@ def cell_config(run_dir: str | Path) -> DictConfig:
     return OmegaConf.load(Path(run_dir) / ".hydra" / "config.yaml")
 
 
+def method_setting(method: str, key: str):
+    """A value conf/method/<method>.yaml sets itself under adapter (None: it inherits it): a row of
+    a table at that value is the method's plain cell."""
+    return OmegaConf.load(ROOT / "conf" / "method" / f"{method}.yaml").get("adapter", {}).get(key)
+
+
 def run_overrides(cfg: DictConfig, method: str, control: str, seed: int, extra=(), steps: int | None = None,
                   curve: bool | None = None, step0: bool | None = None, val_every: int | None = None) -> list[str]:
     """train.py's overrides for one cell. Defaults: the first control runs schedule.steps,

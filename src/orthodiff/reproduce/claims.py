@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 from orthodiff.eval.control_metrics import headline_metric
 from orthodiff.eval.param_counts import PAPER_TOTALS_M, parameter_table
 from orthodiff.reproduce import ablation, controllable, convergence, energy, frontier, length, paper
-from orthodiff.reproduce.cells import run_cell
+from orthodiff.reproduce.cells import method_setting, run_cell
 from orthodiff.reproduce.report import coft_note, control_settings, final_figure, higher_is_better, mean_std, write_report
 from orthodiff.reproduce.stats import (
     CANNOT,
@@ -150,7 +150,7 @@ def factor_arms(cfg: DictConfig, cells: Cells, ours: str, baseline: str) -> dict
         arms["radius"] = (cfg.radius.matched, matched, baseline, base_runs)
     if baseline == "lora" and ours in ("oft", cfg.radius.method):
         # COFT has OFT's parameters at the same r: its pair is OFT-as-configured's, with COFT's own runs.
-        own = f"oft_r{frontier.own_setting('oft', 'num_blocks')}"
+        own = f"oft_r{method_setting('oft', 'num_blocks')}"
         wanted = [row for row in frontier.arms(cfg)
                   if row.startswith("lora_r") or row == own or (ours == "oft" and row.startswith("oft_r"))]
         counts = {row: frontier.parameters(runs[0])[0] for row in wanted if (runs := frontier_row(row))}

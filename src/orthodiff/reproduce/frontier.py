@@ -13,11 +13,11 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from orthodiff.eval.control_metrics import headline_metric
 from orthodiff.reproduce import controllable, stats
-from orthodiff.reproduce.cells import ROOT, run_all
+from orthodiff.reproduce.cells import method_setting, run_all
 from orthodiff.reproduce.report import (
     coft_note,
     control_settings,
@@ -30,18 +30,13 @@ from orthodiff.reproduce.report import (
 )
 
 
-def own_setting(method: str, key: str):
-    """A value conf/method/<method>.yaml sets itself under adapter (OFT's num_blocks, LoRA's rank)."""
-    return OmegaConf.load(ROOT / "conf" / "method" / f"{method}.yaml").adapter.get(key)
-
-
 def arms(cfg: DictConfig) -> dict[str, tuple[str, list[str], str]]:
     """{row: (method, extra overrides, tag)}; the methods' own r and rank are their plain cells."""
     f = cfg.frontier
     rows = {}
     for method, key, values, label in (("oft", "num_blocks", f.oft_blocks, "oft_r{}"),
                                        ("lora", "rank", f.lora_ranks, "lora_r{}")):
-        own = own_setting(method, key)
+        own = method_setting(method, key)
         for v in values:
             rows[label.format(v)] = (method, [] if v == own else [f"adapter.{key}={v}"],
                                      "" if v == own else f"-{key}{v}")
@@ -117,7 +112,7 @@ def table(cfg: DictConfig) -> Path:
     plot(points, key, out_dir(cfg) / "frontier.png")
     adapters = {row: p["adapter"] for row, p in points.items() if p["adapter"] > 0}
     paper_pair, equal_pair = nearest_pair(adapters, cfg.frontier.paper_ratio), nearest_pair(adapters, 1.0)
-    anchor = f"oft_r{own_setting('oft', 'num_blocks')}"  # OFT as configured, against each of frontier.against
+    anchor = f"oft_r{method_setting('oft', 'num_blocks')}"  # OFT as configured, against each of frontier.against
     pairs = list(dict.fromkeys([paper_pair, equal_pair, *((anchor, b) for b in cfg.frontier.against if b in spec)]))
     comparisons = stats.comparison_rows([(a, figures[a], b, figures[b]) for a, b in pairs], higher, margin)
     write_csv(cfg, "frontier_comparisons", comparisons)

@@ -13,14 +13,14 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from orthodiff.adapter import load_adapter
 from orthodiff.eval.control_metrics import headline_metric
 from orthodiff.oft import oft_layers
 from orthodiff.oft.scale import plane_angle_budget, rotation_stats
 from orthodiff.reproduce import controllable, stats
-from orthodiff.reproduce.cells import ROOT, cell_config, run_all
+from orthodiff.reproduce.cells import cell_config, method_setting, run_all
 from orthodiff.reproduce.report import (
     coft_note,
     control_settings,
@@ -37,17 +37,10 @@ def arms(cfg: DictConfig) -> dict[str, tuple[str, list[str], str]]:
     """{row: (method, extra overrides, tag)}: the eps ladder (the method's own eps is its plain
     cell, shared with table=controllable), the scale-matched method, the references."""
     r = cfg.radius
-    own = cell_config_eps(cfg)
+    own = method_setting(r.method, "eps")
     ladder = {f"{r.method} eps {eps:g}": (r.method, [] if eps == own else [f"adapter.eps={eps}"],
                                           "" if eps == own else f"-eps{eps:g}") for eps in r.eps}
     return {**ladder, r.matched: (r.matched, [], ""), **{m: (m, [], "") for m in r.references}}
-
-
-def cell_config_eps(cfg: DictConfig) -> float | None:
-    """The eps conf/method/<radius.method>.yaml sets itself (None: it inherits one): the ladder's
-    row at that eps is the method's plain cell."""
-    eps = OmegaConf.load(ROOT / "conf" / "method" / f"{cfg.radius.method}.yaml").get("adapter", {}).get("eps")
-    return None if eps is None else float(eps)
 
 
 def cells(cfg: DictConfig) -> list[tuple]:
