@@ -13,12 +13,12 @@ install:
 test: install
 	$(PY) -m ruff check src tests scripts
 	$(PY) -m mkdocs build --strict --quiet
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist worksteal
 
 # Skip tests marked slow.
 test-fast:
 	$(PY) -m ruff check src tests scripts
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n 2 --dist worksteal -m "not slow"
 
 # The docs site into site/ (git-ignored); `python -m mkdocs serve` previews it.
 docs:

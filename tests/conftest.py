@@ -1,3 +1,4 @@
+import os
 import shutil
 from pathlib import Path
 
@@ -5,6 +6,15 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs two workers: one core each, not two threads on both
+    torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(items):
+    """Slow tests first (stable otherwise), so the workers start on the longest ones rather than
+    one of them finishing the run alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(scope="session")

@@ -384,46 +384,6 @@ def test_retention_gain_kept_and_condition_maps_round_trip(shapes_root):
         assert torch.equal(load_condition(condition_array(encoded), control, (64, 64), "never")[0], encoded), control
 
 
-@pytest.mark.slow
-def test_table_multi_on_a_two_step_fixture(shapes_root, tmp_path):
-    """reproduce.py table=multi on 2-step cells (coft and controlnet, canny + seg, two seeds), 2 scenes."""
-    import csv
-
-    from orthodiff.reproduce.stats import VERDICTS
-
-    fixture = f"'data.train.root={shapes_root}','model.val_steps=2','data.val_batch_size=4'"
-    result = subprocess.run(
-        [sys.executable, "reproduce.py", "table=multi", f"out_dir={tmp_path / 'reports'}", f"runs_dir={tmp_path / 'runs'}",
-         "jobs=1", "threads=1", "methods=[coft,controlnet]", "controls=[canny,seg]", "seeds=[0,1]", "schedule.steps=2",
-         "schedule.val_every=2", "schedule.other_steps=2", "schedule.val_items=4", "schedule.batch_size=4",
-         f"train_overrides=[{fixture}]", "multi.methods=[coft,controlnet]", "multi.pairs=[[canny,seg]]",
-         "multi.mean_methods=[coft]", "multi.scenes=2", "multi.steps=2", "multi.batch_size=2",
-         "multi.conflict_scales=[[1.0,0.0],[1.0,1.0]]"],
-        cwd=ROOT, capture_output=True, text=True, timeout=1500, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    reports = tmp_path / "reports"
-    with open(reports / "multi.csv") as f:
-        rows = {row["arm"]: row for row in csv.DictReader(f)}
-    assert {"base model", "coft canny alone", "coft seg alone", "coft composed", "coft composed (mean)", "coft joint",
-            "coft joint canny alone", "controlnet composed", "controlnet joint"} <= set(rows)
-    assert "±" in rows["coft composed"]["canny_iou"] and "±" in rows["coft composed"]["seg retention"]
-    assert rows["coft canny alone"]["canny retention"] == ""  # only the arms given both conditions
-    report = (reports / "multi.md").read_text()
-    verdicts = [line.split(" | ")[-1].rstrip(" |") for line in report.splitlines() if line.startswith("| composed vs")
-                or line.startswith("| vs Multi-ControlNet")]
-    # composed vs alone, vs joint, vs base: coft's two compositions and controlnet's one, on two metrics (18);
-    # vs Multi-ControlNet: coft's two (4)
-    assert len(verdicts) == 3 * 3 * 2 + 2 * 2 and set(verdicts) <= set(VERDICTS)
-    conflicts = [line for line in report.splitlines()
-                 if line.startswith("| canny + seg | ") and line.split(" | ")[2] in ("composed", "joint")]
-    assert len(conflicts) == 2 * (2 + 1) and all(line.split(" | ")[-1].rstrip(" |") in ("canny", "seg", "n/a")
-                                                 for line in conflicts)
-    assert (reports / "multi_samples_canny_seg.png").is_file() and (reports / "multi_conflicts_canny_seg.png").is_file()
-    runs = sorted(p.name for p in (tmp_path / "runs").iterdir())  # single cells named as table=controllable's
-    assert runs == sorted(f"{c}-{m}-s{s}" for c in ("canny", "seg", "canny_seg") for m in ("coft", "controlnet")
-                          for s in (0, 1))
-
-
 def test_the_demo_composes_a_second_adapter_with_its_condition(trained, scene):
     from orthodiff.demo import Demo
 

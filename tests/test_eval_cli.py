@@ -41,12 +41,12 @@ def test_eval_writes_control_fid_and_alignment_figures(adapter_dir, shapes_root,
     assert report["method"] == "coft" and report["control"] == "canny" and report["data"]["n"] == 8
     assert report["data"]["split"] == "test"
     control = report["control_metrics"]
-    assert 0 <= control["canny_iou"] <= control["canny_f1"] <= 1
+    assert 0 < control["canny_iou"] < control["canny_f1"] < 1  # a figure measured, neither end of the scale
     quality = report["image_quality"]
     assert quality["fid_extractor"] == "shapes" and quality["fid"] > 0 and quality["n_generated"] == 8
     assert "kid_note" in quality  # 8 images < the KID subset size: clamped, and said
     recognition = report["prompt_alignment"]["shapes_classifier"]
-    assert 0 <= recognition["prompted_colors_recognized"] <= 1
+    assert (recognition["prompted_colors_recognized"] * 8).is_integer()  # a share of the 8 images
     assert (tmp_path / "grid.png").is_file()
 
 

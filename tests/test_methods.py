@@ -82,7 +82,7 @@ def test_method_trains_only_its_tensors_and_round_trips(name, batch, tmp_path):
     torch.testing.assert_close(unet_output(reloaded, batch), unet_output(module, batch))
 
     images = reloaded.generate(batch["text"][:2], batch["conditioning"][:2], steps=2, progress=False)
-    assert images.shape == (2, 3, 64, 64) and 0 <= images.min() and images.max() <= 1
+    assert images.shape == (2, 3, 64, 64) and images.std() > 0.01  # a picture, not a blank the clamp hid
 
 
 def test_lora_and_oft_share_targets_and_counts_are_as_designed():

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from orthodiff.data.control import CONTROL_CHANNELS
 from orthodiff.eval.control_metrics import CONTROL_CONFIGS, headline_metric
 from orthodiff.reproduce.stats import VERDICTS
 
@@ -64,6 +65,26 @@ def test_params_table_is_stamped_and_matches_the_references(tmp_path):
     assert "python reproduce.py table=params" in report and "git revision" in report
 
 
+def assert_multi_table(reports):
+    """table=multi on the two-step cells: coft and controlnet, canny + seg, two seeds, 2 scenes."""
+    rows = {row["arm"]: row for row in read_csv(reports / "multi.csv")}
+    assert {"base model", "coft canny alone", "coft seg alone", "coft composed", "coft composed (mean)", "coft joint",
+            "coft joint canny alone", "controlnet composed", "controlnet joint"} <= set(rows)
+    assert "±" in rows["coft composed"]["canny_iou"] and "±" in rows["coft composed"]["seg retention"]
+    assert rows["coft canny alone"]["canny retention"] == ""  # only the arms given both conditions
+    report = (reports / "multi.md").read_text()
+    verdicts = [line.split(" | ")[-1].rstrip(" |") for line in report.splitlines() if line.startswith("| composed vs")
+                or line.startswith("| vs Multi-ControlNet")]
+    # composed vs alone, vs joint, vs base: coft's two compositions and controlnet's one, on two metrics (18);
+    # vs Multi-ControlNet: coft's two (4)
+    assert len(verdicts) == 3 * 3 * 2 + 2 * 2 and set(verdicts) <= set(VERDICTS)
+    conflicts = [line for line in report.splitlines()
+                 if line.startswith("| canny + seg | ") and line.split(" | ")[2] in ("composed", "joint")]
+    assert len(conflicts) == 2 * (2 + 1) and all(line.split(" | ")[-1].rstrip(" |") in ("canny", "seg", "n/a")
+                                                 for line in conflicts)
+    assert (reports / "multi_samples_canny_seg.png").is_file() and (reports / "multi_conflicts_canny_seg.png").is_file()
+
+
 @pytest.mark.slow
 def test_all_tables_on_a_two_step_schedule(shapes_root, tmp_path):
     fixture = [f"data.train.root={shapes_root}", "model.val_steps=2", "data.val_batch_size=4"]
@@ -85,11 +106,12 @@ def test_all_tables_on_a_two_step_schedule(shapes_root, tmp_path):
         "edit.steps=3", "edit.seeds=2", "edit.learn_seeds=1", "edit.real_images=1", "edit.iterations=1",
         "edit.null_iterations=1", "edit.cap=1", "edit.pair_seeds=1", "edit.pairs=[]",
         "multi.methods=[coft,controlnet]", "multi.pairs=[[canny,seg]]", "multi.mean_methods=[coft]", "multi.scenes=2",
-        "multi.steps=2", "multi.batch_size=2", "multi.conflict_scales=[[1.0,1.0]]")
+        "multi.steps=2", "multi.batch_size=2", "multi.conflict_scales=[[1.0,0.0],[1.0,1.0]]")
     assert result.returncode == 0, result.stderr[-3000:]
     reports, runs = tmp_path / "reports", tmp_path / "runs"
     assert (reports / "edit.md").is_file() and (reports / "edit.csv").is_file()
-    assert (reports / "multi.csv").is_file() and (runs / "canny_seg-coft-s1").is_dir()  # table=multi (tests/test_compose.py)
+    assert_multi_table(reports)
+    assert (runs / "canny_seg-coft-s1").is_dir()  # the joint cells, named as table=controllable's
     assert "reproduce all: " in result.stdout + result.stderr  # table=all's wall time is logged
 
     controllable = {row["method"]: row for row in read_csv(reports / "controllable.csv")}
@@ -582,7 +604,14 @@ def test_the_hint_encoder_trains_at_its_own_lr(method):
     assert group["lr"] == pytest.approx(2e-4) and {id(p) for p in group["params"]} == adapter | control
 
 
-@pytest.mark.parametrize("control", sorted(p.stem for p in CONTROL_CONFIGS.glob("*.yaml")))
+def test_a_joint_controls_metric_is_its_first_conditions_headline():
+    for path in CONTROL_CONFIGS.glob("*.yaml"):
+        parts = OmegaConf.load(path).name.split("+")
+        if len(parts) > 1:  # scored per condition; the sweeper optimizes the first's figure
+            assert OmegaConf.load(path).metric == f"val/{headline_metric(parts[0])}", path
+
+
+@pytest.mark.parametrize("control", sorted(CONTROL_CHANNELS))
 def test_each_controls_headline_metric_is_a_figure_its_scorer_computes(shapes_root, control):
     from orthodiff.data.datasets import ShapesDataset, collate
     from orthodiff.eval.control_metrics import ControlScorer
