@@ -7,8 +7,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs two workers: one core each, not two threads on both
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two workers on CI's two cores: one thread each, and for what they start
+    # (a notebook kernel took 10x longer with two OpenMP threads contending with the other worker).
     torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def pytest_collection_modifyitems(items):

@@ -247,15 +247,21 @@ class _OFTLinearFunction(torch.autograd.Function):
     Forward rotates whichever is smaller: the input rows (input-centric, M <= out) or
     the weight (out x in, cheaper when there are more rows than output features, as
     in a UNet's self-attention). Backward does not form the frozen weight's gradient
-    (autograd through W R would, a full extra GEMM): with h = g W,
-    dx = h R and dR_i = h_i^T x_i, both blockwise.
+    (autograd through W R would, a full extra GEMM). With h = g W:
+    - input rotated: dx = h R and dR_i = h_i^T x_i, both blockwise;
+    - weight rotated, R orthogonal (exact Cayley): dx = g (W R), the frozen layer's own
+      GEMM on the rotated weight, and since h_i = dx_i R_i^T, dR_i = R_i (dx_i^T x_i): one
+      blockwise product fewer than the first way. A Cayley-Neumann R is orthogonal only
+      to O(||Q||^k), so it keeps the first way.
     """
 
     @staticmethod
-    def forward(ctx, x, rotation, weight, bias):
+    def forward(ctx, x, rotation, weight, bias, orthogonal):
         rows = x.reshape(-1, x.shape[-1])
         ctx.save_for_backward(rows, rotation, weight)
-        if rows.shape[0] > weight.shape[0]:
+        ctx.weight_rotated = rows.shape[0] > weight.shape[0]
+        ctx.orthogonal = orthogonal
+        if ctx.weight_rotated:
             y = F.linear(rows, blockwise_matmul(weight, rotation).to(rows.dtype), bias)
         else:
             y = F.linear(blockwise_matmul(rows, rotation.mT), weight, bias)
@@ -266,19 +272,30 @@ class _OFTLinearFunction(torch.autograd.Function):
     def backward(ctx, grad):
         rows, rotation, weight = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1])
-        h = g @ weight.to(g.dtype)  # the frozen layer's own input gradient, W^T g
         r, b, _ = rotation.shape
         grad_x = grad_rotation = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_x = blockwise_matmul(h, rotation).view(*grad.shape[:-1], r * b)
-        if ctx.needs_input_grad[1]:
-            h_blocks = h.view(-1, r, b).permute(1, 2, 0)  # (r, b, M)
-            grad_rotation = torch.bmm(h_blocks, rows.view(-1, r, b).to(h.dtype).transpose(0, 1)).to(rotation.dtype)
+        wants_x, wants_rotation = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if ctx.weight_rotated and ctx.orthogonal:
+            # W R again rather than kept from forward: out x in x b FLOPs, fewer than the M x in x b saved.
+            dx = g @ blockwise_matmul(weight, rotation).to(g.dtype)
+            if wants_rotation:
+                dx_blocks = dx.view(-1, r, b).permute(1, 2, 0)  # (r, b, M)
+                products = torch.bmm(dx_blocks, rows.view(-1, r, b).to(dx.dtype).transpose(0, 1)).to(rotation.dtype)
+                grad_rotation = rotation @ products
+            if wants_x:
+                grad_x = dx.view(*grad.shape[:-1], r * b)
+        elif wants_x or wants_rotation:
+            h = g @ weight.to(g.dtype)  # the frozen layer's own input gradient, W^T g
+            if wants_x:
+                grad_x = blockwise_matmul(h, rotation).view(*grad.shape[:-1], r * b)
+            if wants_rotation:
+                h_blocks = h.view(-1, r, b).permute(1, 2, 0)  # (r, b, M)
+                grad_rotation = torch.bmm(h_blocks, rows.view(-1, r, b).to(h.dtype).transpose(0, 1)).to(rotation.dtype)
         if ctx.needs_input_grad[2]:
             grad_weight = (g.T @ blockwise_matmul(rows, rotation.mT).to(g.dtype)).to(weight.dtype)
         if ctx.needs_input_grad[3]:
             grad_bias = g.sum(0)
-        return grad_x, grad_rotation, grad_weight, grad_bias
+        return grad_x, grad_rotation, grad_weight, grad_bias, None
 
 
 class OFTLinear(OFTLayer):
@@ -288,7 +305,8 @@ class OFTLinear(OFTLayer):
     def adapted_forward(self, x, rotation):
         if not self.builds_graph() and not (self.training and self.dropout > 0):
             return F.linear(x, self.rotated_weight().to(x.dtype), self.base_layer.bias)
-        return _OFTLinearFunction.apply(x, rotation, self.base_layer.weight, self.base_layer.bias)
+        return _OFTLinearFunction.apply(x, rotation, self.base_layer.weight, self.base_layer.bias,
+                                        self.neumann_terms is None)
 
 
 class OFTConv2d(OFTLayer):
