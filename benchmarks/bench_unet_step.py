@@ -72,7 +72,9 @@ def variants(unet) -> dict:
             for layer in oft_layers(model):
                 layer.oft_generator.normal_(0, 1e-3)
         built[name] = model
-    built["PEFT OFT"] = get_peft_model(sharing_copy(unet), PeftOFTConfig(r=RANK, oft_block_size=0, target_modules=targets))
+    # PEFT's default is Cayley-Neumann; the exact transform is the like-for-like comparison.
+    built["PEFT OFT"] = get_peft_model(sharing_copy(unet), PeftOFTConfig(r=RANK, oft_block_size=0, use_cayley_neumann=False,
+                                                                         target_modules=targets))
     built["PEFT LoRA"] = get_peft_model(sharing_copy(unet), LoraConfig(r=RANK, lora_alpha=RANK, target_modules=targets))
     return built
 
