@@ -5,6 +5,8 @@ functions included: a cycle hidden behind a lazy import is still a cycle."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "orthodiff"
@@ -91,3 +93,13 @@ def test_the_checker_sees_a_cycle_and_lazy_or_relative_imports(tmp_path):
     module.parent.mkdir(parents=True)
     module.write_text("from ..oft import cayley\n\ndef f():\n    from orthodiff.tasks import ControlTask\n")
     assert imported_parts(module, tmp_path / "orthodiff") == {"oft", "tasks"}
+
+
+def test_inference_imports_neither_training_tasks_nor_lightning():
+    """pipelines/, generate.py and export read and attach adapters without the training side:
+    importing them leaves orthodiff.tasks and Lightning unloaded (a fresh interpreter)."""
+    probe = ("import sys, orthodiff.pipelines, orthodiff.generate, orthodiff.export; "
+             "print(sorted(m for m in ('orthodiff.tasks', 'pytorch_lightning', 'lightning_fabric') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout

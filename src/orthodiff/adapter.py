@@ -29,7 +29,6 @@ from orthodiff.models.control_networks import control_network_from_config
 from orthodiff.models.embeddings import TokenEmbedding
 from orthodiff.models.perfusion import Perfusion, PerfusionConfig
 from orthodiff.oft import DEFAULT_TARGETS
-from orthodiff.tasks import TASKS
 
 FORMAT = "orthodiff-adapter"
 FORMAT_VERSION = 2
@@ -132,6 +131,8 @@ def load_adapter(path: str | Path, pretrained: str | None = None, allow_other_ba
     target layers differ from the adapter's raises an error naming both (check_base). For inference
     in diffusers, see orthodiff.pipelines.OrthodiffPipeline."""
     tensors, meta = read_adapter(path)
+    from orthodiff.tasks import TASKS  # here only: reading and attaching an adapter needs no Lightning
+
     if meta["task"] not in TASKS:
         raise ValueError(f"{path} is an adapter for task {meta['task']!r}; this orthodiff knows {sorted(TASKS)}")
     module = TASKS[meta["task"]].from_metadata(meta, pretrained=pretrained or meta["base_model"],
