@@ -111,7 +111,6 @@ def step_flops(model, args) -> float:
 
 
 def orthogonality_error(model) -> float:
-    eye = None
     worst = 0.0
     for layer in oft_layers(model):
         with torch.no_grad():

@@ -241,6 +241,11 @@ class OFTLayer(nn.Module):
             self._fold_into_weight(self.rotation().mT, merged=False)
 
 
+def block_products(a: torch.Tensor, rows: torch.Tensor, r: int, b: int) -> torch.Tensor:
+    """(r, b, b): a_i^T x_i for each block i of the (M, r*b) rows of a and x, summed over rows."""
+    return torch.bmm(a.view(-1, r, b).permute(1, 2, 0), rows.view(-1, r, b).to(a.dtype).transpose(0, 1))
+
+
 class _OFTLinearFunction(torch.autograd.Function):
     """y = W R x + bias with a hand-written backward.
 
@@ -279,9 +284,7 @@ class _OFTLinearFunction(torch.autograd.Function):
             # W R again rather than kept from forward: out x in x b FLOPs, fewer than the M x in x b saved.
             dx = g @ blockwise_matmul(weight, rotation).to(g.dtype)
             if wants_rotation:
-                dx_blocks = dx.view(-1, r, b).permute(1, 2, 0)  # (r, b, M)
-                products = torch.bmm(dx_blocks, rows.view(-1, r, b).to(dx.dtype).transpose(0, 1)).to(rotation.dtype)
-                grad_rotation = rotation @ products
+                grad_rotation = rotation @ block_products(dx, rows, r, b).to(rotation.dtype)
             if wants_x:
                 grad_x = dx.view(*grad.shape[:-1], r * b)
         elif wants_x or wants_rotation:
@@ -289,8 +292,7 @@ class _OFTLinearFunction(torch.autograd.Function):
             if wants_x:
                 grad_x = blockwise_matmul(h, rotation).view(*grad.shape[:-1], r * b)
             if wants_rotation:
-                h_blocks = h.view(-1, r, b).permute(1, 2, 0)  # (r, b, M)
-                grad_rotation = torch.bmm(h_blocks, rows.view(-1, r, b).to(h.dtype).transpose(0, 1)).to(rotation.dtype)
+                grad_rotation = block_products(h, rows, r, b).to(rotation.dtype)
         if ctx.needs_input_grad[2]:
             grad_weight = (g.T @ blockwise_matmul(rows, rotation.mT).to(g.dtype)).to(weight.dtype)
         if ctx.needs_input_grad[3]:
