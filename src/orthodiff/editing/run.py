@@ -15,8 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from orthodiff.data.readers import read_image
 from orthodiff.editing.editor import Edit, load_edit_model
 from orthodiff.editing.objectives import build_objective
 from orthodiff.editing.schedule import (
@@ -27,6 +28,7 @@ from orthodiff.editing.schedule import (
     save_schedule,
     switch_schedule,
 )
+from orthodiff.eval.control_metrics import to_uint8
 from orthodiff.files import atomic_path
 
 log = logging.getLogger(__name__)
@@ -78,23 +80,18 @@ def parse_switches(text: str, steps: int) -> list[int]:
     return switches
 
 
-def read_image(path: str, size: int) -> torch.Tensor:
-    """(1, 3, size, size) in [0, 1]; resized (bicubic) when the file has another size."""
+def read_reference(path: str, size: int) -> torch.Tensor:
+    """image= as (1, 3, size, size) in [0, 1], decoded as the datasets decode theirs (read_image);
+    resized (bicubic) when the file has another size."""
     try:
-        with Image.open(Path(path).expanduser()) as opened:
-            image = opened.convert("RGB")
+        image = read_image(path, what="image")
     except FileNotFoundError:
         raise FileNotFoundError(f"image={path}: no such file") from None
-    except (UnidentifiedImageError, OSError) as error:
-        raise ValueError(f"image={path} is not a readable image ({error})") from None
-    if image.size != (size, size):
-        log.warning("image %s is %dx%d; the model draws %dx%d: resized", path, *image.size, size, size)
-        image = image.resize((size, size), Image.BICUBIC)
-    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None].float() / 255
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    return (images.detach().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    if image.shape[:2] != (size, size):
+        log.warning("image %s is %dx%d; the model draws %dx%d: resized", path, image.shape[1], image.shape[0],
+                    size, size)
+        image = np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC))
+    return torch.from_numpy(image.copy()).permute(2, 0, 1)[None].float() / 255
 
 
 def save_png(path: Path, image: np.ndarray) -> None:
@@ -154,7 +151,7 @@ def edit(cfg: EditConfig) -> Path:
     runner = Edit(model, cfg.prompt, cfg.attribute, steps, guidance, cfg.checkpoint)
     inverted, uncond = cfg.image is not None, None
     if inverted:
-        reference = read_image(cfg.image, model.resolution).to(device)
+        reference = read_reference(cfg.image, model.resolution).to(device)
         noise, uncond = runner.invert(reference, cfg.refine, cfg.null_iterations)
     else:
         noise = model.noise(cfg.seed)

@@ -35,6 +35,7 @@ from orthodiff.editing import (
     paper_schedule,
     switch_schedule,
 )
+from orthodiff.eval.control_metrics import to_uint8
 from orthodiff.eval.image_metrics import parse_caption
 from orthodiff.eval.oracles import images_to_tensor
 from orthodiff.reproduce.report import labelled_grid, markdown_table, out_dir, write_csv, write_report
@@ -60,10 +61,6 @@ def score(objective: ShapesObjective, images: torch.Tensor, reference: torch.Ten
     objective.prepare(reference)
     scores = objective.scores(images)
     return {k: scores[k] for k in SCORES}
-
-
-def _tiles(images: torch.Tensor) -> list[np.ndarray]:
-    return list((images.clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8))
 
 
 def best_switch(results: dict, method: str, seeds: slice | list) -> tuple[str, float, float] | None:
@@ -218,12 +215,12 @@ def table(cfg: DictConfig) -> Path:
         # Sample grid: the first learn seed and the first real image of this edit.
         columns = ["neutral (lambda = 1)", "attribute alone", working_switch(results)[0], "paper init (untrained)",
                    PAPER, LEARNED, TRANSFERRED]
-        grid_rows.append([_tiles(generated[c][:1])[0] for c in columns])
+        grid_rows.append([to_uint8(generated[c][:1])[0] for c in columns])
         grid_labels.append(f"{name}, seed {seeds[0]}")
         if inversion is not None:
             real_columns = [None, "attribute alone", working_switch(real_results)[0], "paper init (untrained)",
                             "reconstruction (lambda = 1)", "", TRANSFERRED]
-            grid_rows.append([_tiles(reals[:1])[0] if c is None else blank if not c else _tiles(real[c][:1])[0]
+            grid_rows.append([to_uint8(reals[:1])[0] if c is None else blank if not c else to_uint8(real[c][:1])[0]
                               for c in real_columns])
             grid_labels.append(f"{name}, real image 0")
 
