@@ -103,3 +103,43 @@ def test_inference_imports_neither_training_tasks_nor_lightning():
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout
+
+
+def private_imports(path: Path, root: Path = PACKAGE) -> list[str]:
+    """Underscored names a file takes from other orthodiff modules: `from orthodiff.x import _y`
+    (relative imports too) and `m._y` on a name bound by an orthodiff import."""
+    package = path.relative_to(root.parent).with_suffix("").parts[:-1]
+    tree = ast.parse(path.read_text())
+    found, bound = [], set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            base = list(package[: len(package) - node.level + 1]) if node.level else []
+            module = ".".join(base + ([node.module] if node.module else []))
+            if module.split(".")[0] == "orthodiff":
+                found += [f"from {module} import {a.name}" for a in node.names
+                          if a.name.startswith("_") and not a.name.startswith("__")]
+                bound |= {a.asname or a.name for a in node.names}
+        elif isinstance(node, ast.Import):
+            bound |= {a.asname or a.name.split(".")[0] for a in node.names if a.name.split(".")[0] == "orthodiff"}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+            chain = node.value
+            while isinstance(chain, ast.Attribute):
+                chain = chain.value
+            if isinstance(chain, ast.Name) and chain.id in bound:
+                found.append(f"{ast.unparse(node)} (line {node.lineno})")
+    return found
+
+
+def test_no_private_name_is_imported_across_files(tmp_path):
+    """A name shared between files is public (no leading underscore); a private one stays in
+    its file. The checker sees both ways of reaching one, then finds none in src/."""
+    module = tmp_path / "orthodiff" / "eval" / "x.py"
+    module.parent.mkdir(parents=True)
+    module.write_text("from ..data import _a, b\nimport orthodiff.models.y as y\n\n"
+                      "def f(self):\n    return y._c, b._d, self._e, _a\n")
+    assert private_imports(module, tmp_path / "orthodiff") == [
+        "from orthodiff.data import _a", "y._c (line 5)", "b._d (line 5)"]
+    found = {str(path.relative_to(PACKAGE)): names for path in sorted(PACKAGE.rglob("*.py"))
+             if (names := private_imports(path))}
+    assert not found, f"private names used across files: {found}"

@@ -50,7 +50,7 @@ INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.
 PYTORCH_FID_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
 
 
-def _unit_images(images) -> torch.Tensor:
+def unit_images(images) -> torch.Tensor:
     """float (N, 3, H, W) in [0, 1]; uint8 (N, H, W, 3) arrays are converted."""
     if not torch.is_tensor(images):
         images = images_to_tensor(images)
@@ -175,7 +175,7 @@ class ImageQuality:
 
     def update(self, images, real: bool) -> None:
         with torch.no_grad():
-            features = self.features(_unit_images(images).to(self.device))
+            features = self.features(unit_images(images).to(self.device))
         self.fid.update(features, real=real)
         self.kid.update(features, real=real)
 
@@ -231,14 +231,16 @@ class _ClipEmbeddings(nn.Module):
         self.model, self.config = model, model.config
 
     def get_image_features(self, pixel_values):
-        return _embedding(self.model.get_image_features(pixel_values=pixel_values))
+        return pooled_embedding(self.model.get_image_features(pixel_values=pixel_values))
 
     def get_text_features(self, input_ids, attention_mask=None):
-        return _embedding(self.model.get_text_features(input_ids=input_ids,
-                                                       attention_mask=attention_mask))
+        return pooled_embedding(self.model.get_text_features(input_ids=input_ids,
+                                                             attention_mask=attention_mask))
 
 
-def _embedding(output):
+def pooled_embedding(output):
+    """A CLIP model's image or text embedding: transformers 4 returns the tensor, 5 an output
+    object holding it as pooler_output (also used by subject_metrics' CLIP evaluator)."""
     return output if torch.is_tensor(output) else output.pooler_output
 
 
@@ -268,7 +270,7 @@ def clip_score_metric(model_name_or_path) -> CLIPScore:
 def clip_update(metric: CLIPScore, images, captions) -> None:
     """Add a batch: images as everywhere here; CLIP processors rescale by 1/255
     themselves, so they get uint8 pixel values."""
-    images = (_unit_images(images) * 255).round().to(torch.uint8)
+    images = (unit_images(images) * 255).round().to(torch.uint8)
     metric.update(list(images), list(captions))
 
 
@@ -336,7 +338,7 @@ def prompt_alignment(images, captions, classifier=None, batch_size: int = 250) -
     if len(images) != len(captions):
         raise ValueError(f"got {len(images)} images and {len(captions)} captions")
     classifier = load_oracle("classifier") if classifier is None else classifier
-    outputs = [classifier.predict(_unit_images(images[i:i + batch_size]))
+    outputs = [classifier.predict(unit_images(images[i:i + batch_size]))
                for i in range(0, len(images), batch_size)]
     pred = {head: np.concatenate([o[head] for o in outputs]) for head in outputs[0]}
     return prompt_recognition(pred, caption_labels(captions))

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from orthodiff.data.shapes import BACKGROUNDS, COLORS, SPLIT_SEEDS, make_scene
-from orthodiff.eval.image_metrics import _embedding, _unit_images, clip_score, prompt_alignment
+from orthodiff.eval.image_metrics import clip_score, pooled_embedding, prompt_alignment, unit_images
 from orthodiff.eval.oracles import PAIRS, images_to_tensor, load_oracle
 
 EVALUATORS = ("shapes", "dino", "clip")
@@ -56,7 +56,7 @@ class SubjectScorer:
             self.features = _hf_image_features(dino_model, "dino")
         else:
             self.features = _hf_image_features(clip_model, "clip")
-        self.subject = F.normalize(self.features(_unit_images(_as_tensor(subject_images))), dim=1)
+        self.subject = F.normalize(self.features(unit_images(_as_tensor(subject_images))), dim=1)
         self.reset()
 
     def reset(self):
@@ -67,7 +67,7 @@ class SubjectScorer:
         its EVAL_PROMPTS entry; {} for a prompt without them), None for a no-token prompt."""
         if not len(images) == len(prompts) == len(specs):
             raise ValueError(f"got {len(images)} images, {len(prompts)} prompts and {len(specs)} specs")
-        self.images.append(_unit_images(images).cpu())
+        self.images.append(unit_images(images).cpu())
         self.prompts += list(prompts)
         self.specs += list(specs)
 
@@ -135,7 +135,7 @@ def _hf_image_features(model_name_or_path: str, kind: str):
         pixels = (images * 255).round().to(torch.uint8)
         inputs = processor(images=list(pixels), return_tensors="pt")
         if kind == "clip":
-            return _embedding(model.get_image_features(pixel_values=inputs["pixel_values"]))
+            return pooled_embedding(model.get_image_features(pixel_values=inputs["pixel_values"]))
         return model(pixel_values=inputs["pixel_values"]).last_hidden_state[:, 0]
 
     return features

@@ -19,7 +19,7 @@ SUBJECT_SIZE_RANGE = (15.0, 20.0)
 _S = math.sqrt(0.5)  # half the side of the unit square (circumradius 1)
 
 
-def _stripes(count: int = 1) -> tuple:
+def stripes(count: int = 1) -> tuple:
     """`count` stripes across the unit square, as wide as the bands between them."""
     band = 2 * _S / (2 * count + 1)
     return tuple(np.array([(x, -_S), (x + band, -_S), (x + band, _S), (x, _S)])
@@ -46,7 +46,7 @@ class Subject:
 SUBJECTS = {s.name: s for s in (
     # One stripe a third of the side wide: thinner stripes (two, 4-5 px each) come back
     # from the tiny VAE (f=4) as a muddy blend, so no model could reproduce them.
-    Subject("striped_square", "square", ("green", "red"), "white", _stripes(1), True,
+    Subject("striped_square", "square", ("green", "red"), "white", stripes(1), True,
             "a green square with a red stripe down its middle, parallel to two sides"),
     Subject("badge_circle", "circle", ("red", "yellow"), "dark gray",
             (0.65 * UNIT_OUTLINES["cross"],), False,

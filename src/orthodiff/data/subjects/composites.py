@@ -33,13 +33,13 @@ from orthodiff.data.subjects.catalogue import (
     SUBJECT_SIZE_RANGE,
     SUBJECTS,
     Subject,
-    _stripes,
     instance_prompt,
+    stripes,
 )
-from orthodiff.data.subjects.render import _draw_subject, check_image_size
+from orthodiff.data.subjects.render import check_image_size, draw_subject
 
 PATTERNS = {
-    "stripe": _stripes(1),
+    "stripe": stripes(1),
     "cross": (0.65 * UNIT_OUTLINES["cross"],),
     "inlay": (-0.4 * UNIT_OUTLINES["triangle"],),
     "dot": (0.4 * UNIT_OUTLINES["circle"],),
@@ -92,8 +92,8 @@ def composite_image(subject: Subject, background: str, rng: np.random.Generator,
     size = check_image_size(size)
     image = np.empty((size, size, 3), np.uint8)
     image[:] = BACKGROUNDS[background]
-    _draw_subject(image, subject, subject.colors, scale=size / REFERENCE_SIZE,
-                  **sample_placement(rng, SUBJECT_SIZE_RANGE))
+    draw_subject(image, subject, subject.colors, scale=size / REFERENCE_SIZE,
+                 **sample_placement(rng, SUBJECT_SIZE_RANGE))
     return image
 
 

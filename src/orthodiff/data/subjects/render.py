@@ -90,7 +90,7 @@ def _check_legal(name: str, background: str, colors: tuple, extras) -> None:
         used.add(color)
 
 
-def _draw_subject(image, subject: Subject, colors, center, size, rotation, scale) -> None:
+def draw_subject(image, subject: Subject, colors, center, size, rotation, scale) -> None:
     body = _mask(subject.outline(), center, size, rotation, scale, len(image))
     image[body] = COLORS[colors[0]]
     for detail in subject.details:
@@ -124,7 +124,7 @@ def render_subject(name: str, *, background: str, center, size: float, rotation:
     image[:] = BACKGROUNDS[background]
     for shape in extra_shapes:
         _draw_shape(image, shape, scale)
-    _draw_subject(image, subject, colors, center, size, rotation, scale)
+    draw_subject(image, subject, colors, center, size, rotation, scale)
     return image
 
 
@@ -187,7 +187,7 @@ def reference_images(name: str, spec: dict, n: int = 4, seed: int = 0,
         image = render_subject(name, background=background, extra_shapes=extras, image_size=size,
                                color=spec.get("color"), **placements[0])
         for placement in placements[1:]:
-            _draw_subject(image, subject, subject_colors(name, spec.get("color")),
-                          scale=size / REFERENCE_SIZE, **placement)
+            draw_subject(image, subject, subject_colors(name, spec.get("color")),
+                         scale=size / REFERENCE_SIZE, **placement)
         images.append(image)
     return images
