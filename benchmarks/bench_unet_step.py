@@ -2,6 +2,7 @@
 
     python benchmarks/bench_unet_step.py            # SD 1.5's UNet architecture, random init
     python benchmarks/bench_unet_step.py --quick    # the shipped tiny SD's UNet, 3 rounds
+    python benchmarks/bench_unet_step.py --device cuda --dtype bfloat16 --size 64 4   # a GPU (benchmarks/gpu.sh)
 
 Times forward + backward of one UNet call (noisy latents that require grad, as inside a
 model whose earlier layers are adapted, so the frozen UNet's backward computes the input
@@ -23,6 +24,7 @@ import argparse
 import copy
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -40,17 +42,18 @@ SD15_SIZES = (("32x32 latents, batch 2", 32, 2), ("16x16 latents, batch 1", 16, 
 TINY_SIZES = (("16x16 latents, batch 8", 16, 8),)
 
 
-def frozen_unet(quick: bool) -> UNet2DConditionModel:
+def frozen_unet(quick: bool, device: str, dtype: torch.dtype) -> UNet2DConditionModel:
     if quick:
-        return UNet2DConditionModel.from_pretrained(ROOT / "assets" / "tiny-sd" / "unet").requires_grad_(False)
+        unet = UNet2DConditionModel.from_pretrained(ROOT / "assets" / "tiny-sd" / "unet")
+        return unet.to(device, dtype).requires_grad_(False)
     config = json.loads((ROOT / "conf" / "model" / "sd15_unet.json").read_text())
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(config)
-    unet = unet.to_empty(device="cpu")  # random values: only the shapes matter for time
+    unet = unet.to_empty(device=device)  # random values: only the shapes matter for time
     with torch.no_grad():
         for tensor in unet.state_dict().values():
             tensor.normal_(0, 0.02)
-    return unet.requires_grad_(False)
+    return unet.to(dtype).requires_grad_(False)
 
 
 def sharing_copy(unet):
@@ -68,6 +71,7 @@ def variants(unet) -> dict:
                          ("orthodiff OFT neumann", OFTConfig(num_blocks=RANK, cayley="neumann", targets=targets))):
         model = sharing_copy(unet)
         inject_oft(model, config)
+        model.to(unet.device)  # the generators (float32, made on the CPU) beside the weights
         with torch.no_grad():  # away from the identity, as after training (speed does not depend on it)
             for layer in oft_layers(model):
                 layer.oft_generator.normal_(0, 1e-3)
@@ -81,9 +85,10 @@ def variants(unet) -> dict:
 
 def inputs(unet, side: int, batch: int) -> tuple:
     torch.manual_seed(0)
-    latents = torch.randn(batch, unet.config.in_channels, side, side, requires_grad=True)
-    context = torch.randn(batch, 77, unet.config.cross_attention_dim)
-    return latents, torch.full((batch,), 500), context
+    like = dict(device=unet.device, dtype=unet.dtype)
+    latents = torch.randn(batch, unet.config.in_channels, side, side, **like).requires_grad_()
+    context = torch.randn(batch, 77, unet.config.cross_attention_dim, **like)
+    return latents, torch.full((batch,), 500, device=unet.device), context
 
 
 def step(model, latents, timesteps, context) -> None:
@@ -91,9 +96,16 @@ def step(model, latents, timesteps, context) -> None:
     out.backward(torch.ones_like(out))
 
 
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def timed_step(model, *args) -> float:
+    synchronize(args[0].device)
     start = time.perf_counter()
     step(model, *args)
+    synchronize(args[0].device)
     return time.perf_counter() - start
 
 
@@ -115,7 +127,7 @@ def orthogonality_error(model) -> float:
     for layer in oft_layers(model):
         with torch.no_grad():
             rotation = layer.rotation()
-        eye = torch.eye(rotation.shape[-1])
+        eye = torch.eye(rotation.shape[-1], device=rotation.device)
         worst = max(worst, (rotation.mT @ rotation - eye).abs().max().item())
     return worst
 
@@ -142,17 +154,25 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="the tiny SD UNet, 3 rounds")
     parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--size", type=int, nargs=2, metavar=("LATENT_SIDE", "BATCH"), default=None,
+                        help="one size instead of the default ones")
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "bench_unet_step.json")
     args = parser.parse_args()
     rounds = args.rounds or (3 if args.quick else 7)
-    unet = frozen_unet(args.quick)
+    unet = frozen_unet(args.quick, args.device, getattr(torch, args.dtype))
+    sizes = TINY_SIZES if args.quick else SD15_SIZES
+    if args.size:
+        side, batch = args.size
+        sizes = ((f"{side}x{side} latents, batch {batch}", side, batch),)
     built = variants(unet)
     neumann_error = orthogonality_error(built["orthodiff OFT neumann"])
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {rounds} rounds, "
+    print(f"torch {torch.__version__}, {args.device} {args.dtype}, {torch.get_num_threads()} threads, {rounds} rounds, "
           f"{'tiny SD' if args.quick else 'SD 1.5 architecture'} UNet, r = {RANK}; "
           f"Cayley-Neumann's largest |R^T R - I| entry: {neumann_error:.1e}")
     results = []
-    for label, side, batch in TINY_SIZES if args.quick else SD15_SIZES:
+    for label, side, batch in sizes:
         result = bench_size(built, label, side, batch, rounds)
         results.append(result)
         print(f"\n{label}: frozen step {result['frozen_seconds']:.3f} s")
@@ -161,8 +181,9 @@ def main():
             print(f"  {name:<22} {ratio:>8.3f} {result['arithmetic_limit'][name]:>6.3f}")
         print(f"  orthodiff OFT / PEFT LoRA {result['oft_vs_lora']:.3f}; / its own limit {result['oft_vs_its_limit']:.3f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"command": "python benchmarks/bench_unet_step.py" + (" --quick" if args.quick else ""),
+    args.out.write_text(json.dumps({"command": " ".join(["python benchmarks/bench_unet_step.py", *sys.argv[1:]]),
                                     "unet": "tiny SD" if args.quick else "SD 1.5 architecture (random init)",
+                                    "device": str(unet.device), "dtype": args.dtype,
                                     "torch": torch.__version__, "threads": torch.get_num_threads(),
                                     "neumann_orthogonality_error": neumann_error, "sizes": results}, indent=2))
     print(f"\nwrote {args.out}")

@@ -14,7 +14,7 @@ from torch.autograd.graph import saved_tensors_hooks
 from orthodiff.data.control import CONTROL_CHANNELS
 from orthodiff.models.adapters import adapt_unet
 from orthodiff.models.control_networks import ControlInjector, build_control_network
-from orthodiff.plan import architecture, plan
+from orthodiff.plan import architecture, measured_peak, plan
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,6 +58,7 @@ def test_the_plan_of_the_tiny_run_matches_a_real_forward(checkpointing):
     planned = plan(cfg)
     measured = measured_activations(cfg)
     assert planned.rows["activations"] * 2**30 == pytest.approx(measured, rel=0.15)
+    assert planned.peak_gb * 2**30 == pytest.approx(measured_peak(cfg), rel=0.15)
     assert planned.parameters["UNet adapter parameters"] > 0 and planned.parameters["control network parameters"] > 0
     assert planned.rows["trainable weights"] == planned.rows["gradients"] == planned.rows["optimizer state"] / 2
     assert all(planned.fits(card) for card in (24, 40, 80))
@@ -70,6 +71,10 @@ def test_the_plan_of_sd15s_architecture_matches_a_real_forward_at_a_small_size()
     assert planned.rows["activations"] * 2**30 == pytest.approx(measured_activations(cfg), rel=0.15)
     assert planned.parameters["UNet adapter parameters"] == 13_144_928  # OFT r=4 on SD 1.5 (reports/params.md)
     assert planned.parameters["frozen parameters"] == pytest.approx(1_066.2e6, rel=1e-4)  # UNet + VAE + CLIP text
+    # the whole step's peak, on SD 1.5's UNet and VAE at random init (model=sd15_random: a 2-layer text encoder)
+    random = config("experiment=canny_sd15", "model=sd15_random", "trainer.precision=32-true", "data.batch_size=1",
+                    "model.resolution=128")
+    assert plan(random).peak_gb * 2**30 == pytest.approx(measured_peak(random), rel=0.15)
 
 
 def test_plan_py_says_whether_the_papers_setting_fits_each_card():

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -345,3 +346,59 @@ def test_sd15_unet_oft_and_encoder_training_step_at_256px():
     assert worst <= 1e-3 * (1 + 1e-6)  # COFT's eps-ball after the projection
     # fp32 weights are 3.4 GB; one 256 px step measured ~5 GB peak and ~13 s on one core.
     assert peak_gb < 10 and stepped - built < 180
+
+
+def write_coco_fixture(root: Path, splits=(("train2017", 4), ("val2017", 2))) -> Path:
+    """COCO 2017's layout (annotations/captions_<split>.json + <split>/<id>.jpg), flat shapes with edges."""
+    for split, n in splits:
+        images = [{"id": i + 1, "file_name": f"{i + 1:012d}.jpg", "height": 80, "width": 96} for i in range(n)]
+        captions = [{"id": 100 + i, "image_id": image["id"], "caption": f"a grey square, picture {i}"}
+                    for i, image in enumerate(images)]
+        (root / "annotations").mkdir(parents=True, exist_ok=True)
+        (root / "annotations" / f"captions_{split}.json").write_text(json.dumps({"images": images, "annotations": captions}))
+        (root / split).mkdir(exist_ok=True)
+        for i, image in enumerate(images):
+            pixels = np.full((80, 96, 3), 40 * i, np.uint8)
+            pixels[20:60, 24 + 4 * i:72] = 255
+            Image.fromarray(pixels).save(root / split / image["file_name"])
+    return root
+
+
+@pytest.mark.slow
+def test_sd15s_architecture_runs_train_and_generate_end_to_end_at_random_init(tmp_path):
+    """model=sd15_random: SD 1.5's UNet and VAE (random init, built once under ~/.cache) through
+    train.py's whole path on a COCO fixture, COFT in the paper convention on SD 1.5's 80-320-wide
+    blocks, then generate.py with the adapter it saved."""
+    coco, run = write_coco_fixture(tmp_path / "coco"), tmp_path / "run"
+    eps = 1e-8  # paper convention; small enough that two steps at lr 1e-5 reach every block's radius
+    # 128 px: SD 1.5's mid block sees 2x2 latents (at 64 px, 1x1: one token, whose self-attention
+    # gives q and k no gradient at all)
+    succeeded(train("experiment=canny_sd15", "model=sd15_random", "trainer=cpu", "model.resolution=128",
+                    f"data.train.root={coco}", "data.batch_size=1", "data.val_batch_size=1", "data.num_workers=0",
+                    "data.val.max_items=1", "model.val_steps=2", "trainer.max_steps=2", "trainer.val_check_interval=2",
+                    "validate_at_start=false", f"adapter.eps={eps}", "logger=csv", f"hydra.run.dir={run}", timeout=900))
+
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert [entry["step"] for entry in metrics["history"]] == [2] and CANNY_KEYS <= set(metrics["final"])
+    assert load_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 2
+    tensors, meta = read_adapter(run / "adapter.safetensors")
+    assert meta["base_model"].endswith("sd15-random") and meta["adapter_config"].coft_norm == "paper"
+    generators = {k: v for k, v in tensors.items() if k.endswith("oft_generator")}
+    assert len(generators) == 144
+    widths = set()
+    for triangle in generators.values():  # (r, b(b-1)/2): every block on its radius eps * b^2 / sqrt(r)
+        r, pairs = triangle.shape
+        b = round((1 + (1 + 8 * pairs) ** 0.5) / 2)
+        widths.add(b)
+        norms = triangle.double().norm(dim=1) * 2**0.5  # ||Q_i||_F of the full skew matrix
+        torch.testing.assert_close(norms, torch.full_like(norms, eps * b**2 / r**0.5), rtol=1e-4, atol=0)
+    assert widths == {80, 160, 192, 320}  # 320/640/1280-wide layers and the 768-wide text projections, r=4
+
+    condition = tmp_path / "edges.png"
+    Image.fromarray(np.uint8(np.pad(np.ones((24, 24)), 20) * 255)).save(condition)
+    result = subprocess.run([sys.executable, "generate.py", f"adapter={run / 'adapter.safetensors'}",
+                             f"condition={condition}", "prompt=a grey square", "num_images=1", "steps=2",
+                             "height=128", "width=128", f"out={tmp_path / 'out'}"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert Image.open(tmp_path / "out" / "grid.png").size == (2 * 128, 128)  # condition | sample

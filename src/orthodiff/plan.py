@@ -17,7 +17,8 @@ run's precision (trainer.precision):
 peak = weights + trainable + max(activations, VAE encode); a card fits the run when
 1.1 x peak + 1 GB (CUDA context, allocator fragmentation) is at most its memory. Approximate:
 the meta forward cannot see tensors that share storage (it counts them twice) nor the
-allocator's rounding; tests/test_plan.py checks it against measured CPU figures.
+allocator's rounding; `measured_peak` measures a real step to check it against (tests/test_plan.py
+on CPU, benchmarks/bench_plan.py on a GPU).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
 from torch.autograd.graph import saved_tensors_hooks
+from torch.profiler import ProfilerActivity, profile
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from orthodiff.data.control import condition_channels
@@ -231,3 +233,51 @@ def plan(cfg: DictConfig) -> Plan:
     parameters = {"frozen parameters": frozen, "UNet adapter parameters": count(unet, trainable=True),
                   "control network parameters": count(network)}
     return Plan(rows, parameters)
+
+
+def measured_peak(cfg: DictConfig, device: str = "cpu") -> int:
+    """The peak bytes of live tensors in one steady-state training step of the real task (the
+    second step: AdamW's state exists and cached latents are cached, as in a long run): the
+    task's training_step under the run's precision, backward, the AdamW step and after_step.
+    On CUDA, torch.cuda.max_memory_allocated; on CPU, which keeps no such count, the storages
+    alive when the step starts (weights, optimizer state, caches) plus the peak of torch's
+    allocation records over the step (the profiler's memory events, summed in time order)."""
+    precision = str(cfg.trainer.get("precision", "32-true"))
+    half = {"bf16": torch.bfloat16, "16-": torch.float16}
+    dtype = next((d for prefix, d in half.items() if precision.startswith(prefix)), None)
+    module = instantiate(cfg.module).to(device)
+    if precision.endswith("-true") and dtype is not None:
+        module.to(dtype)
+    optimizer = module.configure_optimizers()
+    size, batch_size = cfg.model.resolution, cfg.data.batch_size
+    batch = {"pixel_values": torch.rand(batch_size, 3, size, size, device=device) * 2 - 1,
+             "conditioning": torch.rand(batch_size, condition_channels(cfg.control.name), size, size, device=device),
+             "text": ["a red circle"] * batch_size, "index": torch.arange(batch_size)}
+
+    def step():
+        with torch.autocast(torch.device(device).type, dtype=dtype or torch.float32,
+                            enabled=precision.endswith("-mixed")):
+            loss = module.training_step(batch, 0)
+        loss.backward()
+        optimizer.step()
+        module.after_step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+    state = [*module.parameters(), *module.buffers(),
+             *(t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor))]
+    live = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in state}
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        step()
+    allocated = peak = 0
+    records = [event for event in profiler.profiler.kineto_results.events() if event.name() == "[memory]"]
+    for event in sorted(records, key=lambda event: event.start_ns()):
+        allocated += event.nbytes()
+        peak = max(peak, allocated)
+    return sum(live.values()) + peak

@@ -9,6 +9,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from orthodiff.models.random_sd import build_random_sd15, is_random_sd15
 from orthodiff.models.tiny_sd import TINY_SD_PATH, is_ladder_rung, missing_model_message
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
@@ -29,12 +30,15 @@ class BaseModel:
 
 def resolve_pretrained(pretrained: str) -> str:
     """A local path as given, or relative to the repository (so `assets/tiny-sd` works from
-    any working directory), else the string unchanged (a hub id)."""
+    any working directory), else the string unchanged (a hub id). model=sd15_random's folder
+    is built on first use."""
     path = Path(pretrained).expanduser()
     if path.exists():
         return str(path)
     if is_ladder_rung(path):  # a width-ladder model not built yet: say how to build it
         raise FileNotFoundError(missing_model_message(path))
+    if is_random_sd15(path):  # model=sd15_random: nothing to download, built here once
+        return str(build_random_sd15(path))
     in_repo = TINY_SD_PATH.parents[1] / pretrained
     return str(in_repo) if in_repo.exists() else pretrained
 
