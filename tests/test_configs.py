@@ -73,12 +73,13 @@ def test_each_experiment_with_each_method_composes_the_methods_own_adapter(exper
             assert not {"coft", "eps", "num_blocks"} & set(cfg.adapter), "LoRA composes no OFT keys"
         if expected is OFTConfig:
             assert adapter.coft == method.startswith("coft")
-            if method == "coft_rotation" or (method == "coft" and cfg.task_name == "subject"):
-                # subject COFT takes the model's bound: rotation on the tiny SD, paper on SD 1.5/2.1
-                expected_norm = cfg.model.subject_coft.coft_norm if method == "coft" else "rotation"
-                assert adapter.coft_norm == expected_norm, (experiment, method)
-            elif method == "coft":
-                assert (adapter.coft_norm, adapter.eps) == ("paper", 1e-3), (experiment, method)
+            # one meaning per name: method=coft is the paper convention in every task, coft_rotation the other
+            if adapter.coft:
+                assert adapter.coft_norm == ("rotation" if method == "coft_rotation" else "paper"), (experiment, method)
+            if method == "coft" and cfg.task_name == "control":
+                assert adapter.eps == 1e-3, experiment
+            if method == "coft" and cfg.task_name == "subject":  # the paper's 6e-5 on SD 1.5, scale-matched on tiny
+                assert adapter.eps == (2.5e-3 if cfg.model.pretrained == "assets/tiny-sd" else 6e-5), experiment
         if cfg.task_name == "control":
             assert cfg.method.control_network is not None
             no_unet_adapter = method in ("hint", "controlnet", "t2i_adapter", "t2i_adapter_light")
@@ -98,7 +99,7 @@ def test_default_targets_live_once():
 
 
 def test_an_experiment_composed_last_overrides_a_methods_task_settings(tmp_path):
-    # task_method/subject_coft.yaml sets lr 1e-3 and eps 0.2; an experiment that says
+    # task_method/subject_coft.yaml sets lr 1e-3 and eps 2.5e-3; an experiment that says
     # otherwise must win (it used to be composed before task_method).
     conf = tmp_path / "conf"
     shutil.copytree(CONF, conf)
@@ -117,8 +118,31 @@ def test_the_papers_coft_settings_are_in_the_paper_convention():
     cfg = compose_train(["experiment=dreambooth_sd15", "data.root=/photos", "data.subject=dog"])
     assert (cfg.adapter.coft_norm, cfg.adapter.eps, cfg.module.optimizer.lr) == ("paper", 6e-5, 6e-5)
     assert cfg.module.num_class_images == 200 and cfg.adapter.num_blocks == 4
-    cfg = compose_train(["experiment=dreambooth"])  # the tiny SD's measured subject bound
-    assert (cfg.adapter.coft_norm, cfg.adapter.eps) == ("rotation", 0.2)
+    cfg = compose_train(["experiment=dreambooth"])  # the paper convention, scale-matched on the tiny SD
+    assert (cfg.adapter.coft_norm, cfg.adapter.eps) == ("paper", 2.5e-3)
+    cfg = compose_train(["experiment=dreambooth", "method=coft_rotation"])  # the tiny SD's measured rotation bound
+    assert (cfg.adapter.coft_norm, cfg.adapter.eps, cfg.module.optimizer.lr) == ("rotation", 0.2, 1e-3)
+
+
+def test_the_tiny_subject_coft_eps_is_scale_matched_to_the_papers_dreambooth_eps():
+    import torch
+
+    from orthodiff.models.tiny_sd import build_unet
+    from orthodiff.oft.scale import layer_widths, scale_matched_eps
+    from orthodiff.reproduce.params import sd15_unet
+
+    with torch.device("meta"):
+        reference, widths = (layer_widths(unet, DEFAULT_TARGETS) for unet in (sd15_unet(), build_unet(latent_channels=8)))
+    paper = OmegaConf.load(CONF / "model_task_method" / "sd15_subject_coft.yaml").adapter.eps
+    tiny = OmegaConf.load(CONF / "task_method" / "subject_coft.yaml").adapter.eps
+    assert paper == 6e-5 and tiny == pytest.approx(scale_matched_eps(widths, reference, reference_eps=paper), rel=0.02)
+
+
+def test_model_configs_carry_no_method_settings():
+    methods = {p.stem for p in (CONF / "method").glob("*.yaml")} | {"adapter", "module", "method"}
+    for path in (CONF / "model").glob("*.yaml"):
+        keys = set(OmegaConf.load(path)) | {k.split("_")[-1] for k in OmegaConf.load(path)}
+        assert not keys & methods and not any(k.startswith("subject_") for k in OmegaConf.load(path)), path
 
 
 def test_the_methods_learning_rate_reaches_the_module():

@@ -228,7 +228,7 @@ def test_all_tables_on_a_two_step_schedule(shapes_root, tmp_path):
     assert ideal > float(subject["base model (step 0 of coft)"]["subject_fidelity"]) + 0.2
     assert int(float(subject["textual_inversion"]["trainable params"])) == 64  # the tiny text width
     assert (reports / "subject_samples_badge_circle.png").is_file()
-    assert "coft: eps 0.2 in the rotation convention" in (reports / "subject.md").read_text()  # model.subject_coft
+    assert "coft: eps 0.0025 in the paper convention" in (reports / "subject.md").read_text()  # task_method/subject_coft
 
     # A later table with the same settings reuses the finished cells: no train.py launch rewrites them.
     cells = [runs / f"canny-{method}-s0" / "metrics.json" for method in methods]
