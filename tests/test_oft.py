@@ -428,10 +428,10 @@ def test_the_angle_budget_matches_the_briefs_scale_table():
 def test_the_scale_matched_eps_gives_the_tiny_model_sd15s_median_budget():
     from omegaconf import OmegaConf
 
-    from orthodiff.eval.param_counts import sd15_unet
     from orthodiff.models.tiny_sd import build_unet
     from orthodiff.oft import DEFAULT_TARGETS
     from orthodiff.oft.scale import layer_widths, median_angle_budget, scale_matched_eps
+    from orthodiff.reproduce.params import sd15_unet
 
     with torch.device("meta"):
         sd15, tiny = sd15_unet(), build_unet(latent_channels=8)  # tiny SD v3's architecture

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from orthodiff.eval.param_counts import PAPER_TOTALS_M, oft_count, parameter_table
+from orthodiff.reproduce.params import PAPER_TOTALS_M, oft_count, parameter_table
 
 # Independent references (BRIEF), in millions as printed: two decimals, so the test asks
 # for agreement at that precision (3.24 M is itself only known to +-0.15%).

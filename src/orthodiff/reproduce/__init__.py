@@ -12,6 +12,7 @@ settings, so `table=all` trains each cell once.
     params.py  lr_search.py  controllable.py  convergence.py  energy.py  ablation.py  radius.py
     frontier.py  length.py  subject.py  edit.py  multi.py
                      one module per table, each a `table(cfg) -> Path` (the .md written)
+                     (params.py also holds the SD 1.5 parameter counts ablation and claims read)
     stats.py         how two groups of seeds are compared: Welch CI, Holm, equivalence
     claims.py        the verdict per claim of the paper, from the cells the tables above trained
 """

@@ -20,10 +20,10 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from orthodiff.eval.control_metrics import headline_metric
-from orthodiff.eval.param_counts import PAPER_TOTALS_M, oft_count
 from orthodiff.oft import DEFAULT_TARGETS
 from orthodiff.reproduce import paper
 from orthodiff.reproduce.cells import cell_config, run_all
+from orthodiff.reproduce.params import PAPER_TOTALS_M, oft_count
 from orthodiff.reproduce.report import control_settings, final_figure, finite_mean, higher_is_better, mean_std, write_report
 
 

@@ -21,9 +21,9 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from orthodiff.eval.control_metrics import headline_metric
-from orthodiff.eval.param_counts import PAPER_TOTALS_M, parameter_table
 from orthodiff.reproduce import ablation, controllable, convergence, energy, frontier, length, paper
 from orthodiff.reproduce.cells import method_setting, run_cell
+from orthodiff.reproduce.params import PAPER_TOTALS_M, parameter_table
 from orthodiff.reproduce.report import coft_note, control_settings, final_figure, higher_is_better, mean_std, write_report
 from orthodiff.reproduce.stats import (
     CANNOT,
