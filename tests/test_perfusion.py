@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from orthodiff.adapter import add_perfusion_concept, load_adapter, read_adapter, save_adapter
+from orthodiff.adapter import add_concept, load_adapter, read_adapter, save_adapter
 from orthodiff.data.shapes import scene_caption
 from orthodiff.data.subjects import subject_images
 from orthodiff.eval.oracles import images_to_tensor
@@ -187,6 +187,9 @@ def test_the_adapter_round_trips_through_its_file_and_the_pipeline(trained):
     pipe.set_progress_bar_config(disable=True)
     pipe.load_adapter(path)
     assert pipe.merge() == 0  # nothing to fold: the edit depends on the prompt
+    # generate.py's sampler: the training module's, to the bit.
+    assert torch.equal(pipe.generate(prompts, steps=3, guidance=4.0, progress=False),
+                       again.generate(prompts, steps=3, guidance=4.0, progress=False))
 
     def sample(**kwargs):
         return pipe(prompts, num_inference_steps=3, guidance_scale=4.0, generator=torch.Generator().manual_seed(0),
@@ -197,7 +200,7 @@ def test_the_adapter_round_trips_through_its_file_and_the_pipeline(trained):
     closed = sample(perfusion_beta=1.5)
     assert (closed[0] - reference[0]).abs().max() > 1e-2
     torch.testing.assert_close(closed[1], reference[1], atol=1e-5, rtol=0)
-    with module.perfusion_gate(beta=1.5, tau=0.3):
+    with module.embedding.gate(beta=1.5, tau=0.3):
         torch.testing.assert_close(sample(perfusion_beta=1.5, perfusion_tau=0.3),
                                    module.generate(prompts, steps=3, guidance=4.0, progress=False), atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="no control image"):
@@ -211,7 +214,8 @@ def test_two_concepts_trained_apart_combine_at_inference(trained, tmp_path):
                    text="a sks circle on a white background")
     second = save_adapter(tmp_path / "circle.safetensors", other)
     with pytest.raises(ValueError, match="both concepts use the token 'sks'"):
-        add_perfusion_concept(load_adapter(path).embedding, module.tokenizer, second)
+        again = load_adapter(path)
+        add_concept(again.embedding, again.unet, again.tokenizer, second)
     pipe = OrthodiffPipeline.from_pretrained(TINY, safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     pipe.load_adapter(path).load_adapter(second, token="ohwx")

@@ -25,7 +25,7 @@ from orthodiff.data.subjects.composites import (
     random_subject,
 )
 from orthodiff.models.base import load_base_model
-from orthodiff.models.subject_encoder import ImageFeatures, SubjectEncoder
+from orthodiff.models.subject_encoder import ImageFeatures, SubjectEncoder, SubjectEncoderConfig
 from orthodiff.pipelines import OrthodiffPipeline
 from orthodiff.tasks import SubjectEncoderTask, SubjectTask
 
@@ -66,10 +66,10 @@ def test_composites_are_never_an_evaluation_subject_and_are_drawable():
 
 
 def test_a_new_subject_gets_its_word_in_one_forward_pass(encoder_folder):
-    module = SubjectTask(embedding="encoder", encoder=str(encoder_folder), method="encoder")
+    module = SubjectTask(embedding=SubjectEncoderConfig(str(encoder_folder)), method="encoder")
     class_word = module.embedding.vectors.detach().clone()
     calls = []
-    module.subject_encoder.register_forward_hook(lambda *args: calls.append(1))
+    module.embedding.subject_encoder.register_forward_hook(lambda *args: calls.append(1))
     rng = np.random.default_rng(5)
     fresh = random_subject(10**9 + 5)  # a composite of the held-out seed range
     images = [composite_image(fresh, composite_backgrounds(fresh.colors)[0], rng) for _ in range(3)]
@@ -82,8 +82,8 @@ def test_a_new_subject_gets_its_word_in_one_forward_pass(encoder_folder):
     assert torch.equal(module.embedding.encode(module.token_ids(prompt))[0, 2],  # the token reads the word
                        module.embedding.encode(module.token_ids(prompt))[0, 2])
     # Zero-initialised, as training starts: the class word exactly.
-    untrained = SubjectEncoder(**{**module.subject_encoder.config})
-    features = module.image_features(torch.rand(2, 3, 64, 64))
+    untrained = SubjectEncoder(**{**module.embedding.subject_encoder.config})
+    features = module.embedding.image_features(torch.rand(2, 3, 64, 64))
     assert torch.equal(untrained(features, class_word[0]), class_word.expand(2, -1))
 
 
@@ -95,9 +95,9 @@ def test_the_encoder_refuses_a_base_model_it_was_not_trained_for(encoder_folder,
     (tmp_path / "other" / "diffusion_pytorch_model.safetensors").write_bytes(
         (encoder_folder / "diffusion_pytorch_model.safetensors").read_bytes())
     with pytest.raises(ValueError, match=r"trained for base model 'some/other-model'.*experiment=subject_encoder"):
-        SubjectTask(embedding="encoder", encoder=str(tmp_path / "other"))
+        SubjectTask(embedding=SubjectEncoderConfig(str(tmp_path / "other")))
     with pytest.raises(FileNotFoundError, match="no trained subject encoder there"):
-        SubjectTask(embedding="encoder", encoder=str(tmp_path / "nowhere"))
+        SubjectTask(embedding=SubjectEncoderConfig(str(tmp_path / "nowhere")))
 
 
 def test_a_clip_image_encoder_gives_the_features_and_a_missing_one_is_one_line(tiny_clip):
@@ -134,7 +134,7 @@ def test_the_encoder_task_trains_only_the_encoder_and_each_row_reads_its_word():
 
 
 def test_an_encoder_adapter_is_a_textual_inversion_adapter_for_the_pipeline(encoder_folder, tmp_path):
-    module = SubjectTask(embedding="encoder", encoder=str(encoder_folder), method="encoder", val_steps=2)
+    module = SubjectTask(embedding=SubjectEncoderConfig(str(encoder_folder)), method="encoder", val_steps=2)
     module.encode_subject(subject_images("striped_square", 4))
     path = save_adapter(tmp_path / "adapter.safetensors", module)
     _, meta = read_adapter(path)
@@ -157,7 +157,7 @@ def test_the_demo_takes_both_subject_adapters_without_a_condition(encoder_folder
     pytest.importorskip("gradio")
     from orthodiff.demo import Demo
 
-    encoded = SubjectTask(embedding="encoder", encoder=str(encoder_folder), method="encoder", val_steps=2)
+    encoded = SubjectTask(embedding=SubjectEncoderConfig(str(encoder_folder)), method="encoder", val_steps=2)
     encoded.encode_subject(subject_images("badge_circle", 2))
     perfusion = SubjectTask(embedding="perfusion", method="perfusion", val_steps=2)
     perfusion.embedding.encode(perfusion.token_ids(["a sks square"]))  # eval mode: no update
@@ -182,7 +182,7 @@ def test_the_shipped_encoder_fits_the_shipped_tiny_sd():
 @pytest.mark.slow
 def test_train_cli_encodes_a_subject_without_training_steps(encoder_folder, tmp_path):
     result = subprocess.run(
-        [sys.executable, "train.py", "experiment=dreambooth", "method=encoder", f"method.encoder={encoder_folder}",
+        [sys.executable, "train.py", "experiment=dreambooth", "method=encoder", f"embedding.encoder={encoder_folder}",
          f"data.root={tmp_path / 'subjects'}", "data.subject=badge_circle", "data.samples_per_prompt=1",
          "data.no_token_prompts=4", "model.val_steps=2", "logger=csv", "validate_at_start=false",
          f"hydra.run.dir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True, text=True, timeout=600)

@@ -6,15 +6,20 @@ adapter config, the control network and its config, the control type, and the sa
 The task (orthodiff.tasks) adds its own metadata: a control task its control type, network
 and network config; a subject task (no control network) the token, the class word and the
 learned embedding kind, with its learned token vectors stored under "embedding.…"
-(Perfusion: also i*, C^-1 i*, i*_super and o*_V, its gate settings and C's digest).
+(the embedding's config writes its own metadata, models/embeddings.py; Perfusion: also i*,
+C^-1 i*, i*_super and o*_V, its gate settings and C's digest).
 
 Format versions: 1 (OFT + hint encoder only: "oft_config", "control_encoder.…" keys) is
 read and converted; 2 is written.
+
+Inference reads a file once into an `AdapterFile` (tensors, decoded metadata, the embedding
+config) that generate.py, the pipeline, export and the demo pass along.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,8 +31,7 @@ from orthodiff.data.subjects import check_token
 from orthodiff.files import atomic_path
 from orthodiff.models.adapters import adapt_unet, adapter_from_dict, adapter_to_dict, same_signature, target_fingerprint, target_signature
 from orthodiff.models.control_networks import control_network_from_config
-from orthodiff.models.embeddings import TokenEmbedding
-from orthodiff.models.perfusion import Perfusion, PerfusionConfig
+from orthodiff.models.embeddings import Embedding, EmbeddingConfig, build_embedding, embedding_from_metadata
 from orthodiff.oft import DEFAULT_TARGETS
 
 FORMAT = "orthodiff-adapter"
@@ -55,10 +59,34 @@ def save_adapter(path: str | Path, module) -> Path:
     return path
 
 
+@dataclass
+class AdapterFile:
+    """An adapter file read once: its tensors, its decoded metadata (format 2's keys, whatever
+    the file's version; "adapter_config" an OFTConfig / LoRAConfig / FullFinetuneConfig or
+    None) and the embedding config it names (None: a control adapter, or a subject adapter
+    that trained the UNet)."""
+
+    path: Path
+    tensors: dict[str, torch.Tensor]
+    meta: dict
+    embedding: EmbeddingConfig | None
+
+    @classmethod
+    def read(cls, path: str | Path) -> AdapterFile:
+        tensors, meta = read_adapter(path)
+        return cls(Path(path), tensors, meta, embedding_from_metadata(meta))
+
+    @classmethod
+    def of(cls, source: str | Path | AdapterFile) -> AdapterFile:
+        """`source` itself if it was read already, else the file it names, read."""
+        return source if isinstance(source, AdapterFile) else cls.read(source)
+
+
 def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """Tensors and decoded metadata (format 2's keys, whatever the file's version; the
     "adapter_config" becomes an OFTConfig / LoRAConfig / FullFinetuneConfig or None).
-    Errors say when a file is not an orthodiff adapter or needs a newer orthodiff."""
+    Errors say when a file is not an orthodiff adapter or needs a newer orthodiff.
+    AdapterFile.read adds the embedding config."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"adapter file {path} does not exist")
@@ -124,13 +152,16 @@ def check_tensors(path, tensors: dict[str, torch.Tensor], expected: dict[str, to
                              f"({expected[key].dtype})")
 
 
-def load_adapter(path: str | Path, pretrained: str | None = None, allow_other_base: bool = False, **module_kwargs):
+def load_adapter(path: str | Path | AdapterFile, pretrained: str | None = None, allow_other_base: bool = False,
+                 **module_kwargs):
     """The task (orthodiff.tasks: a ControlTask with its control network, or a SubjectTask)
-    rebuilt from an adapter file, frozen base + trained tensors, for training or evaluation.
-    `pretrained` replaces the base model named in the metadata; a base model whose
-    target layers differ from the adapter's raises an error naming both (check_base). For inference
-    in diffusers, see orthodiff.pipelines.OrthodiffPipeline."""
-    tensors, meta = read_adapter(path)
+    rebuilt from an adapter file, frozen base + trained tensors, for training, evaluation or
+    editing. `pretrained` replaces the base model named in the metadata; a base model whose
+    target layers differ from the adapter's raises an error naming both (check_base). For
+    inference (generate.py, export, the demo), see orthodiff.pipelines.OrthodiffPipeline:
+    nothing there builds a task."""
+    file = AdapterFile.of(path)
+    path, tensors, meta = file.path, file.tensors, file.meta
     from orthodiff.tasks import TASKS  # here only: reading and attaching an adapter needs no Lightning
 
     if meta["task"] not in TASKS:
@@ -145,7 +176,7 @@ def load_adapter(path: str | Path, pretrained: str | None = None, allow_other_ba
     return module.eval()
 
 
-def attach_adapter(unet: nn.Module, path: str | Path, base_name: str = "this base model",
+def attach_adapter(unet: nn.Module, path: str | Path | AdapterFile, base_name: str = "this base model",
                    allow_other_base: bool = False) -> tuple[nn.Module, dict]:
     """Adapt a plain diffusers `unet` in place with an adapter file; returns the control
     network (with its trained weights) and the adapter's metadata. The inference path:
@@ -154,7 +185,7 @@ def attach_adapter(unet: nn.Module, path: str | Path, base_name: str = "this bas
     return networks[0], metas[0]
 
 
-def attach_adapters(unet: nn.Module, paths: list[str | Path], scales=None, mode: str = "product",
+def attach_adapters(unet: nn.Module, paths: list[str | Path | AdapterFile], scales=None, mode: str = "product",
                     base_name: str = "this base model", allow_other_base: bool = False) -> tuple[list[nn.Module], list[dict]]:
     """Adapt a plain diffusers `unet` in place with one or several controllable-generation
     adapters trained apart; returns their control networks (ControlInjector feeds them
@@ -163,19 +194,19 @@ def attach_adapters(unet: nn.Module, paths: list[str | Path], scales=None, mode:
     R_1^s_1 R_2^s_2, or their geodesic mean with mode="mean"; LoRA updates added), each adapter
     at its scale. Adapters for another base, UNet adapters of different kinds, or layers
     adapted in incompatible ways are refused in one line naming the files."""
-    paths = [Path(p) for p in paths]
+    adapter_files = [AdapterFile.of(p) for p in paths]
+    paths = [file.path for file in adapter_files]
     scales = [1.0] * len(paths) if scales is None else [float(s) for s in scales]
     if len(scales) != len(paths):
         raise ValueError(f"{len(scales)} scales for {len(paths)} adapters: give one per adapter")
     files = " and ".join(map(str, paths))
     refuse = (lambda error: ValueError(f"cannot compose {files}: {error}")) if len(paths) > 1 else (lambda error: error)
     adapters = []
-    for path in paths:
-        tensors, meta = read_adapter(path)
+    for path, tensors, meta in ((file.path, file.tensors, file.meta) for file in adapter_files):
         if meta["task"] != "control":
             raise ValueError(f"{path} is a {meta['task']}-driven adapter (token {meta.get('token')!r}), not a "
-                             "controllable-generation one: load it with orthodiff.adapter.load_adapter(path) and "
-                             "sample with module.generate(prompts)")
+                             "controllable-generation one: load it with OrthodiffPipeline.load_adapter(path) and "
+                             "sample with pipe(prompt) or pipe.generate(prompts)")
         targets = getattr(meta["adapter_config"], "targets", DEFAULT_TARGETS)
         try:  # before adapting: names change
             check_base(path, meta, target_fingerprint(unet, targets), target_signature(unet, targets), base_name,
@@ -217,60 +248,44 @@ def attach_adapters(unet: nn.Module, paths: list[str | Path], scales=None, mode:
     return networks, [meta for _, _, meta in adapters]
 
 
-def attach_subject_adapter(unet: nn.Module, text_encoder: nn.Module, tokenizer, path: str | Path,
-                           base_name: str = "this base model",
-                           token: str | None = None, allow_other_base: bool = False) -> tuple[nn.Module | None, dict]:
+def attach_subject_adapter(unet: nn.Module, text_encoder: nn.Module, tokenizer, path: str | Path | AdapterFile,
+                           base_name: str = "this base model", token: str | None = None,
+                           allow_other_base: bool = False) -> tuple[Embedding, dict]:
     """Adapt a plain diffusers `unet` and `text_encoder` in place with a subject adapter: its
-    UNet adapter (OFT/LoRA/full), its token embedding (Textual Inversion, method=encoder) or
-    Perfusion's embedding and K/V edit. `token` replaces the adapter's token (two concepts
-    trained with the same one). Returns the embedding module (None: a UNet adapter) and the
-    metadata; P+ is refused (diffusers' pipeline gives every layer one text encoding)."""
-    tensors, meta = read_adapter(path)
+    UNet adapter (OFT/LoRA/full) or its embedding (models/embeddings.py: Textual Inversion,
+    method=encoder, P+, Perfusion's embedding and K/V edit). `token` replaces the adapter's
+    token (two concepts trained with the same one). Returns the embedding (the no-op base
+    for a UNet adapter) and the metadata."""
+    file = AdapterFile.of(path)
+    path, tensors, meta = file.path, file.tensors, file.meta
     if meta["task"] != "subject":
         raise ValueError(f"{path} is a {meta['task']} adapter, not a subject-driven one")
-    kind = meta["embedding"]
-    if kind == "pplus":
-        raise ValueError(f"{path} is a P+ adapter (one text encoding per cross-attention layer), which diffusers' "
-                         "pipeline cannot feed: sample it with generate.py or orthodiff.adapter.load_adapter(path)")
     targets = getattr(meta["adapter_config"], "targets", DEFAULT_TARGETS)
     # before adapting: names change
     check_base(path, meta, target_fingerprint(unet, targets), target_signature(unet, targets), base_name, allow_other_base)
     token_id = check_token(tokenizer, token or meta["token"])
     class_id = tokenizer(meta["class_word"], add_special_tokens=False).input_ids[-1]
     adapt_unet(unet, meta["adapter_config"])
-    parts = nn.ModuleDict({"unet": unet})
-    if kind == "textual_inversion":
-        parts["embedding"] = TokenEmbedding(text_encoder, token_id, class_id)
-    elif kind == "perfusion":
-        parts["embedding"] = Perfusion(text_encoder, unet, token_id, class_id,
-                                       PerfusionConfig(**json.loads(meta["perfusion"])))
-        parts["embedding"].covariance_digest = meta.get("covariance_digest", "")
+    parts = nn.ModuleDict({"unet": unet, "embedding": build_embedding(file.embedding, text_encoder, unet, token_id,
+                                                                      class_id)})
     trainable = {name for name, p in parts.named_parameters() if p.requires_grad}
     check_tensors(path, tensors, {k: v for k, v in parts.state_dict().items()
                                   if k in trainable or k.startswith("embedding.")})
     parts.load_state_dict(tensors, strict=False)
     parts.requires_grad_(False)
-    embedding = parts["embedding"] if "embedding" in parts else None
-    return (embedding.eval() if embedding is not None else None), meta
+    if file.embedding is not None:
+        file.embedding.restore(parts["embedding"], meta)
+    return parts["embedding"].eval(), meta
 
 
-def add_perfusion_concept(perfusion: Perfusion, tokenizer, path: str | Path, token: str | None = None) -> dict:
-    """A second Perfusion concept, trained apart on the same base model, joins `perfusion`
-    (the paper's multi-concept inference); `token` replaces its adapter's token when both
-    were trained with the same one. Returns its metadata."""
-    tensors, meta = read_adapter(path)
-    if meta.get("embedding") != "perfusion":
-        raise ValueError(f"{path} is not a Perfusion adapter (method={meta['method'] or 'none'}): only Perfusion "
-                         "concepts combine at inference")
-    unet = perfusion.unet[0]
-    check_base(path, meta, target_fingerprint(unet, DEFAULT_TARGETS), target_signature(unet, DEFAULT_TARGETS),
-               "the first concept's base")
-    token_id = check_token(tokenizer, token or meta["token"])
-    if token_id in perfusion.token_ids:
-        raise ValueError(f"both concepts use the token {token or meta['token']!r}: give the second another "
-                         "one-piece token (token=..., e.g. 'ohwx')")
-    expected = {f"embedding.{k}": v for k, v in perfusion.state_dict().items()}
-    check_tensors(path, tensors, expected)
-    perfusion.add_concept(token_id, {k.removeprefix("embedding."): v for k, v in tensors.items()},
-                          meta.get("covariance_digest", ""))
-    return meta
+def add_concept(embedding: Embedding, unet: nn.Module, tokenizer, path: str | Path | AdapterFile,
+                token: str | None = None) -> dict:
+    """A second concept, trained apart on the same base model, joins `embedding` (Perfusion's
+    multi-concept inference; other embeddings refuse); `token` replaces its adapter's token
+    when both were trained with the same one. Returns its metadata."""
+    file = AdapterFile.of(path)
+    check_base(file.path, file.meta, target_fingerprint(unet, DEFAULT_TARGETS),
+               target_signature(unet, DEFAULT_TARGETS), "the first concept's base")
+    token = token or file.meta["token"]
+    embedding.add_concept(file, check_token(tokenizer, token), token)
+    return file.meta

@@ -263,14 +263,14 @@ class Demo:
 
     def _generate_subject(self, pipe, meta, adapter, prompt, steps, guidance, seed, num_images, beta, tau, step_end,
                           start, loaded, native):
-        perfusion = meta.get("embedding") == "perfusion"
-        gate = {"perfusion_beta": float(beta), "perfusion_tau": float(tau)} if perfusion else {}
+        gated = bool(pipe.embedding.gate_settings())  # the sliders set a gate where the adapter has one (Perfusion)
+        gate = {"perfusion_beta": float(beta), "perfusion_tau": float(tau)} if gated else {}
         with self.lock:
             result = pipe(prompt or "", num_images_per_prompt=num_images, num_inference_steps=steps,
                           guidance_scale=float(guidance), generator=torch.Generator().manual_seed(seed),
                           callback_on_step_end=step_end, **gate)
         took = time.perf_counter() - start
-        gate_info = f", gate beta {float(beta):g} tau {float(tau):g}" if perfusion else ""
+        gate_info = f", gate beta {float(beta):g} tau {float(tau):g}" if gated else ""
         info = (f"{meta['method'] or 'no'} subject adapter (token {meta['token']!r}{gate_info}), {Path(adapter).name} "
                 f"in {Path(adapter).parent.name}/: {num_images} image(s) of {native}x{native}, {steps} steps, guidance "
                 f"{float(guidance):g}, seed {seed}, {took:.1f} s"

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from diffusers import StableDiffusionPipeline
 
-from orthodiff.adapter import read_adapter
+from orthodiff.adapter import AdapterFile
 from orthodiff.generate import DTYPES, adapter_file, as_list, build_pipeline
 from orthodiff.models.adapters import fold_adapter
 
@@ -57,7 +57,7 @@ def export(cfg: ExportConfig) -> Path:
     out = Path(cfg.out).expanduser()
     if out.exists() and any(out.iterdir()) and not cfg.overwrite:
         raise FileExistsError(f"out={out} already holds files: pass overwrite=true or another folder")
-    adapters = [adapter_file(a) for a in as_list(cfg.adapter)]
+    adapters = [AdapterFile.read(adapter_file(a)) for a in as_list(cfg.adapter)]  # once each
     for adapter in adapters:
         check_exportable(adapter)
     pipe, meta = build_pipeline(adapters if len(adapters) > 1 else adapters[0], cfg.base, "cpu", torch.float32,
@@ -93,14 +93,13 @@ def export(cfg: ExportConfig) -> Path:
     return out
 
 
-def check_exportable(path: Path) -> None:
+def check_exportable(adapter: AdapterFile) -> None:
     """Export folds a controllable-generation adapter into fixed weights; say why a subject
     adapter is refused."""
-    _, meta = read_adapter(path)
-    if meta.get("embedding") == "perfusion":
-        raise ValueError(f"{path} is a Perfusion adapter: its gated rank-one edit depends on the prompt (the gate "
-                         "reads each text token's similarity to the concept), so it cannot be folded into fixed "
-                         "weights; sample it with generate.py or OrthodiffPipeline.load_adapter")
+    path, meta = adapter.path, adapter.meta
+    if adapter.embedding is not None and adapter.embedding.unfoldable:
+        raise ValueError(f"{path} is {adapter.embedding.unfoldable}; sample it with generate.py or "
+                         "OrthodiffPipeline.load_adapter")
     if meta["task"] != "control":
         raise ValueError(f"{path} is a {meta['task']}-driven adapter (token {meta.get('token')!r}): export writes "
                          "controllable-generation adapters; sample it with generate.py or OrthodiffPipeline")

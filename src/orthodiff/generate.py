@@ -8,7 +8,10 @@ Control adapters trained apart compose (OrthodiffPipeline.load_adapters), one co
         [compose=product|mean] prompt="a red circle"
 
 and a jointly trained adapter (experiment=canny_seg) takes condition=[edges.png,seg.png]
-(null leaves a condition out)."""
+(null leaves a condition out).
+
+Each adapter file is read once (orthodiff.adapter.AdapterFile) and sampled through
+OrthodiffPipeline; nothing here builds a training task or loads Lightning."""
 
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from orthodiff.adapter import read_adapter
+from orthodiff.adapter import AdapterFile
 from orthodiff.models.base import resolve_pretrained
 from orthodiff.pipelines import OrthodiffPipeline
 from orthodiff.preflight import check_base_model
@@ -84,11 +87,12 @@ def as_list(value) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
-def build_pipeline(adapter: Path | list[Path], base: str | None, device: str, dtype: torch.dtype,
+def build_pipeline(adapter: Path | AdapterFile | list, base: str | None, device: str, dtype: torch.dtype,
                    allow_other_base: bool = False, scales=None, compose: str = "product"):
-    """The pipeline with the adapter (or the adapters, composed) loaded; the first adapter's metadata."""
-    adapters = as_list(adapter)
-    _, meta = read_adapter(adapters[0])  # fails early, before loading a base model, on a foreign file
+    """The pipeline with the adapter (or the adapters, composed) loaded; the first adapter's metadata.
+    Paths are read here, once (a foreign file fails before a base model loads)."""
+    adapters = [AdapterFile.of(a) for a in as_list(adapter)]
+    meta = adapters[0].meta
     check_base_model(base_key(base), base or meta["base_model"])
     source = resolve_pretrained(base or meta["base_model"])
     if not Path(source).exists() and "/" not in source:
@@ -116,15 +120,15 @@ def generate(cfg: GenerateConfig) -> Path:
     dtype_name = ("float16" if device.startswith("cuda") else "float32") if cfg.dtype == "auto" else cfg.dtype
     if dtype_name not in DTYPES:
         raise ValueError(f"dtype={cfg.dtype!r}: choose auto or one of {', '.join(DTYPES)}")
-    adapters = [adapter_file(a) for a in as_list(cfg.adapter)]
-    meta = read_adapter(adapters[0])[1]
+    adapters = [AdapterFile.read(adapter_file(a)) for a in as_list(cfg.adapter)]
+    meta = adapters[0].meta
     # The base model (with its tokenizer) is checked before any model loads.
     check_base_model(base_key(cfg.base), cfg.base or meta["base_model"])
     if meta["task"] == "subject":
         if len(adapters) > 1 or cfg.scales is not None:
             raise ValueError("adapter=[...] and scales= compose controllable-generation adapters; for a second "
                              "Perfusion concept use second_concept=")
-        return generate_subject(cfg, device)
+        return generate_subject(cfg, adapters[0], device)
     if cfg.beta is not None or cfg.tau is not None or cfg.second_concept:
         raise ValueError("beta=, tau= and second_concept= are for Perfusion adapters; this one is for controllable "
                          "generation")
@@ -170,31 +174,25 @@ def condition_image(condition: torch.Tensor | None, size: tuple[int, int]) -> np
     return np.uint8(condition.numpy() * 255)
 
 
-def generate_subject(cfg: GenerateConfig, device: str) -> Path:
-    """A subject adapter's samples, from the training module's own DDIM sampler (float32;
-    scheduler= and dtype= apply to controllable-generation adapters only)."""
-    from orthodiff.adapter import add_perfusion_concept, load_adapter
-
-    module = load_adapter(adapter_file(as_list(cfg.adapter)[0]), pretrained=cfg.base, allow_other_base=cfg.allow_other_base)
-    tokens = [module.hparams.token]
+def generate_subject(cfg: GenerateConfig, adapter: AdapterFile, device: str) -> Path:
+    """A subject adapter's samples, from the training module's own DDIM sampler
+    (OrthodiffPipeline.generate, float32: the images its validation drew; scheduler=, dtype=
+    and merge= apply to controllable-generation adapters only)."""
+    pipe, meta = build_pipeline(adapter, cfg.base, device, torch.float32, cfg.allow_other_base)
+    tokens = [meta["token"]]
     if cfg.second_concept:
-        if module.hparams.embedding != "perfusion":
-            raise ValueError("second_concept= combines Perfusion concepts; this adapter is "
-                             f"method={module.hparams.method}")
-        second = add_perfusion_concept(module.embedding, module.tokenizer, adapter_file(cfg.second_concept),
-                                       cfg.second_token)
-        tokens.append(cfg.second_token or second["token"])
-    module.to(device)
-    sampling = {"steps": module.hparams.val_steps, "guidance": module.hparams.val_guidance}
-    steps, guidance = cfg.steps or sampling["steps"], cfg.guidance if cfg.guidance is not None else sampling["guidance"]
-    size = cfg.height or cfg.width or module.hparams.resolution
-    with module.perfusion_gate(cfg.beta, cfg.tau):
-        images = module.generate([cfg.prompt] * cfg.num_images, seed=cfg.seed, steps=steps, guidance=guidance,
-                                 size=size)
-        perfusion = module.hparams.embedding == "perfusion"
-        gate = {"beta": module.embedding.beta, "tau": module.embedding.tau} if perfusion else {}
+        second = AdapterFile.read(adapter_file(cfg.second_concept))
+        pipe.load_adapter(second, token=cfg.second_token)
+        tokens.append(cfg.second_token or second.meta["token"])
+    # Subject adapters keep the training module's sampling defaults (25 steps, guidance 4, 64 px),
+    # whatever their file records (control adapters read theirs): what generate.py always gave.
+    steps, guidance = cfg.steps or 25, 4.0 if cfg.guidance is None else cfg.guidance
+    with pipe.embedding.gate(cfg.beta, cfg.tau):
+        images = pipe.generate([cfg.prompt] * cfg.num_images, seed=cfg.seed, steps=steps, guidance=guidance,
+                               size=cfg.height or cfg.width or 64)
+        gate = pipe.embedding.gate_settings()
     record = {**asdict(cfg), "steps": steps, "guidance": guidance, "device": device,
-              "base_model": module.hparams.pretrained, "method": module.hparams.method, "token": module.hparams.token,
+              "base_model": cfg.base or meta["base_model"], "method": meta["method"] or None, "token": meta["token"],
               "tokens": tokens, **gate}
     return write_outputs(cfg.out, [np.uint8(image.permute(1, 2, 0).cpu().numpy() * 255) for image in images], record)
 

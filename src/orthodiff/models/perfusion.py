@@ -28,28 +28,33 @@ At inference nothing needs C: the adapter keeps C^-1 i* beside i*. A second conc
 trained apart joins with `add_concept` (the paper's multi-concept case): e's component in
 the span of both i* (C^-1 metric, Appendix B's projection written with their 2x2 Gram
 matrix) is replaced by the two gated outputs.
+
+PerfusionConfig is method=perfusion's embedding config (models/embeddings.py): it builds the
+module, writes its settings and C's digest into the adapter file and reads them back.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from orthodiff.models.embeddings import TokenEmbedding, cross_attention_layers
+from orthodiff.models.embeddings import Embedding, EmbeddingConfig, TokenEmbedding, cross_attention_layers
 
 MAX_CONCEPTS = 2
 
 
 @dataclass
-class PerfusionConfig:
+class PerfusionConfig(EmbeddingConfig):
     """The gate (beta, tau) in training and at inference (the paper's 0.75 / 0.1 and
     0.7 / 0.15; inference's can be changed per call), the EMA decay of i*, and where C
-    comes from: None for the task's default captions (the shapes world's on the tiny SD),
+    comes from: None for the task's typical captions (the shapes world's on the tiny SD),
     a .txt file of captions (one a line) or a .pt/.safetensors file holding C."""
 
     beta: float = 0.75
@@ -61,6 +66,9 @@ class PerfusionConfig:
     covariance_captions: int = 1000   # default captions used for C
 
     kind = "perfusion"
+    every_prompt_variant = True
+    unfoldable = ("a Perfusion adapter: its gated rank-one edit depends on the prompt (the gate reads each text "
+                  "token's similarity to the concept), so it cannot be folded into fixed weights")
 
     def __post_init__(self):
         for name in ("tau", "inference_tau"):
@@ -69,9 +77,42 @@ class PerfusionConfig:
         if not 0 <= self.decay < 1:
             raise ValueError(f"PerfusionConfig.decay={self.decay}: must be in [0, 1)")
 
+    def build(self, text_encoder, unet, token_id, init_id, task=None) -> "Perfusion":
+        # C is needed for training only, at the first batch: from the task's tokenizer and captions.
+        covariance = None if task is None else (
+            lambda: self.covariance_matrix(text_encoder, task.tokenizer, task.typical_captions))
+        return Perfusion(text_encoder, unet, token_id, init_id, self, covariance=covariance)
 
-# Lightning's resume loads hparams with torch.load(weights_only=True).
-torch.serialization.add_safe_globals([PerfusionConfig])
+    def metadata(self, embedding: "Perfusion") -> dict[str, str]:
+        return {"embedding": self.kind, "perfusion": json.dumps(asdict(self)),
+                "covariance_digest": embedding.covariance_digest}
+
+    @classmethod
+    def from_metadata(cls, meta: dict) -> "PerfusionConfig":
+        return cls(**json.loads(meta["perfusion"]))
+
+    def restore(self, embedding: "Perfusion", meta: dict) -> None:
+        embedding.covariance_digest = meta.get("covariance_digest", "")  # which C the concept was trained with
+
+    def covariance_matrix(self, text_encoder, tokenizer, typical_captions) -> torch.Tensor:
+        """C: from `covariance` (C itself in .pt/.safetensors, or a .txt of captions, one a
+        line), else from `typical_captions(covariance_captions)` (the task's)."""
+        if self.covariance is None:
+            captions = typical_captions(self.covariance_captions)
+        else:
+            path = Path(self.covariance).expanduser()
+            if not path.is_file():
+                raise FileNotFoundError(f"covariance={self.covariance}: no such file (a .txt of captions, or C in "
+                                        ".pt/.safetensors)")
+            if path.suffix == ".txt":
+                captions = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+            elif path.suffix == ".safetensors":
+                from safetensors.torch import load_file
+
+                return load_file(str(path))["covariance"]
+            else:
+                return torch.load(path, map_location="cpu", weights_only=True)
+        return text_covariance(text_encoder, tokenizer, captions)
 
 
 @torch.no_grad()
@@ -108,7 +149,7 @@ def covariance_digest(covariance: torch.Tensor) -> str:
     return hashlib.sha256(covariance.double().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
-class Perfusion(nn.Module):
+class Perfusion(Embedding):
     """The trained concept (its token embedding, i*, C^-1 i*, i*_super and one o*_V per
     cross-attention layer) and the forward hooks that edit attn2.to_k / attn2.to_v.
 
@@ -118,9 +159,9 @@ class Perfusion(nn.Module):
 
     def __init__(self, text_encoder: nn.Module, unet: nn.Module, token_id: int, class_id: int,
                  config: PerfusionConfig | None = None, covariance=None):
-        super().__init__()
+        super().__init__(text_encoder)
         self.config = config or PerfusionConfig()
-        self.text_encoder, self.unet = [text_encoder], [unet]  # lists: not submodules (stay out of state_dict)
+        self.unet = [unet]  # a list: not a submodule (stays out of state_dict)
         self.token_id, self.class_id = token_id, class_id
         self.token = TokenEmbedding(text_encoder, token_id, class_id)
         self.layers = cross_attention_layers(unet)
@@ -256,6 +297,13 @@ class Perfusion(nn.Module):
         finally:
             self.mask = None
 
+    def prompt_context(self, input_ids: torch.Tensor | None):
+        """diffusers' pipeline: its UNet calls edit the prompts that name a concept."""
+        if input_ids is None:
+            raise ValueError("a Perfusion adapter needs prompt= (which prompts name the concept is read from "
+                             "their tokens), not prompt_embeds")
+        return self.route([None, self.concept_mask(input_ids).to(self.concept_input.device)])
+
     @contextmanager
     def gate(self, beta: float | None = None, tau: float | None = None):
         """Inference's gate for the calls inside (None: keep the current value)."""
@@ -269,15 +317,29 @@ class Perfusion(nn.Module):
         finally:
             self.beta, self.tau = saved
 
+    def gate_settings(self) -> dict[str, float]:
+        return {"beta": self.beta, "tau": self.tau}
+
     # --- more concepts, clean-up -------------------------------------------------------------
 
-    def add_concept(self, token_id: int, state: dict[str, torch.Tensor], digest: str = "") -> None:
-        """A second concept trained apart (its adapter's `embedding.*` tensors, keys as in
-        this module's state_dict), for inference. Both must come from the same C."""
+    def add_concept(self, concept, token_id: int, token: str) -> None:
+        """A second concept trained apart (`concept`: its adapter file, whose `embedding.*`
+        tensors are keyed as this module's state_dict), for inference. Both must come from
+        the same C."""
+        if not isinstance(concept.embedding, PerfusionConfig):
+            raise ValueError(f"{concept.path} is not a Perfusion adapter (method={concept.meta['method'] or 'none'}): "
+                             "only Perfusion concepts combine at inference")
         if len(self.token_ids) >= MAX_CONCEPTS:
             raise ValueError(f"Perfusion combines at most {MAX_CONCEPTS} concepts")
         if token_id in self.token_ids:
-            raise ValueError(f"both concepts use the token id {token_id}: give the second its own token")
+            raise ValueError(f"both concepts use the token {token!r}: give the second another one-piece token "
+                             "(token=..., e.g. 'ohwx')")
+        state = {k.removeprefix("embedding."): v for k, v in concept.tensors.items()}
+        expected = self.state_dict()
+        if set(state) != set(expected) or any(state[k].shape != v.shape for k, v in expected.items()):
+            raise ValueError(f"adapter {concept.path} does not fit this Perfusion concept's layers: expected "
+                             f"{sorted(expected)[:3]}..., got {sorted(state)[:3]}...")
+        digest = concept.meta.get("covariance_digest", "")
         if digest and self.covariance_digest and digest != self.covariance_digest:
             raise ValueError(f"the concepts were trained with different covariances C ({self.covariance_digest} "
                              f"vs {digest}); their edits cannot be combined")

@@ -24,3 +24,27 @@ def sample(unet, scheduler_config, latents: torch.Tensor, text: torch.Tensor, un
         pred_uncond, pred_text = unet(model_input, t, encoder_hidden_states=context).sample.chunk(2)
         latents = scheduler.step(pred_uncond + guidance * (pred_text - pred_uncond), t, latents).prev_sample
     return latents
+
+
+@torch.no_grad()
+def generate(unet, vae, scheduler_config, vae_scale_factor: int, encode, context, captions: list[str], seed: int,
+             size: tuple[int, int], steps: int, guidance: float, progress: bool = True) -> torch.Tensor:
+    """(N, 3, H, W) images in [0, 1] for `captions`: `sample` from noise seeded with `seed`,
+    decoded by `vae`. The training tasks' sampler (validation) and the pipeline's
+    `generate`, so that both give the same images.
+
+    `encode(captions)` is what the UNet reads: an encoding (N, L, D), or a list whose first
+    entry is the UNet's own argument (P+'s per-layer encodings, Perfusion's [encoding,
+    mask]); `context(stacked)` the context its calls run in, given such a list stacked as
+    the UNet's batch [uncond; text] (None for an encoding)."""
+    height, width = size
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn((len(captions), unet.config.in_channels, height // vae_scale_factor,
+                         width // vae_scale_factor), generator=generator).to(unet.device, unet.dtype)
+    text, uncond = encode(list(captions)), encode([""] * len(captions))
+    stacked = [torch.cat([u, t]) for u, t in zip(uncond, text)] if isinstance(text, list) else None
+    with context(stacked):
+        first = (lambda states: states[0]) if isinstance(text, list) else (lambda states: states)
+        latents = sample(unet, scheduler_config, noise, first(text), first(uncond), steps, guidance, progress)
+    images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+    return ((images.float() + 1) / 2).clamp(0, 1)

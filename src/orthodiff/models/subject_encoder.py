@@ -14,15 +14,26 @@ and one MLP maps them all to an offset from the class word's embedding (zero-ini
 an untrained encoder gives the class word). The encoder is trained once, on many subjects
 (tasks/subject_encoder.py), for one base model: its word lives in that model's embedding
 space, so it records the base model's digest and refuses any other.
+
+method=encoder's embedding (SubjectEncoderConfig, models/embeddings.py) is a Textual
+Inversion embedding whose word the encoder writes from the subject's images when fitting
+starts (`from_images`); its adapter file records it as Textual Inversion, plus the encoder.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from torch import nn
+
+from orthodiff.models.base import resolve_pretrained
+from orthodiff.models.embeddings import EmbeddingConfig, TokenEmbedding
 
 CLIP_LAYERS = 4  # hidden layers of a CLIP vision model read, evenly spaced, the last included
 
@@ -114,3 +125,76 @@ class SubjectEncoder(ModelMixin, ConfigMixin):
                              f"{self.config.base_digest}); {base_name!r} has digest {digest}: its words would mean "
                              "nothing there. Train one for it: python train.py experiment=subject_encoder "
                              f"model.pretrained={base_name}")
+
+
+@dataclass
+class SubjectEncoderConfig(EmbeddingConfig):
+    """The encoder method: a trained subject encoder (a save_pretrained folder,
+    experiment=subject_encoder writes <run>/subject_encoder) and the image features it reads
+    (None: the ones it was trained on; a CLIP vision model for real photographs)."""
+
+    encoder: str | None = "assets/subject-encoder"
+    image_encoder: str | None = None
+
+    kind = "encoder"
+
+    def build(self, text_encoder, unet, token_id, init_id, task=None) -> "EncodedTokenEmbedding":
+        if task is None:
+            raise ValueError("the encoder method writes its word when training starts; its adapter file is read "
+                             "as a Textual Inversion one")
+        encoder = load_subject_encoder(self.encoder, task.model_digest(), task.hparams.pretrained)
+        trained_on = encoder.config.image_encoder
+        if (self.image_encoder or trained_on) != trained_on:
+            raise ValueError(f"the subject encoder {self.encoder} reads {trained_on or 'the base VAE'}'s features, not "
+                             f"image_encoder={self.image_encoder}'s: train one on them (python train.py "
+                             f"experiment=subject_encoder image_encoder={self.image_encoder})")
+        features = ImageFeatures(task.vae, self.image_encoder or trained_on)
+        return EncodedTokenEmbedding(text_encoder, token_id, init_id, encoder, features)
+
+    def metadata(self, embedding) -> dict[str, str]:
+        # Its output is a Textual Inversion embedding: its adapter is read as one.
+        return {"embedding": "textual_inversion", "encoder": str(self.encoder)}
+
+
+class EncodedTokenEmbedding(TokenEmbedding):
+    """Textual Inversion's embedding, its word written by a subject encoder from images."""
+
+    def __init__(self, text_encoder: nn.Module, token_id: int, class_id: int, encoder: SubjectEncoder,
+                 features: ImageFeatures):
+        super().__init__(text_encoder, token_id, class_id)
+        self.class_id = class_id
+        self.parts = [encoder, features]  # a list: not submodules (stay out of state_dict and the adapter)
+
+    @property
+    def subject_encoder(self) -> SubjectEncoder:
+        return self.parts[0]
+
+    @property
+    def image_features(self) -> ImageFeatures:
+        return self.parts[1]
+
+    @torch.no_grad()
+    def from_images(self, images: list[np.ndarray]) -> torch.Tensor:
+        """The token's word: the mean of the encoder's words for uint8 `images` (H, W, 3)."""
+        device = self.vectors.device
+        encoder, features = (part.to(device) for part in self.parts)
+        pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div(255).to(device)
+        class_embedding = self.text_encoder[0].get_input_embeddings().weight[self.class_id].float()
+        words = encoder(features(pixels), class_embedding)
+        self.vectors.copy_(words.mean(0, keepdim=True))
+        return self.vectors[0].detach().clone()
+
+
+def load_subject_encoder(path: str | None, digest: str, base_name: str) -> SubjectEncoder:
+    """A trained subject encoder (a save_pretrained folder), checked against the base model."""
+    if not path:
+        raise ValueError("the encoder method needs embedding.encoder=<a trained subject encoder folder>: train one "
+                         "with python train.py experiment=subject_encoder (it writes <run>/subject_encoder)")
+    folder = resolve_pretrained(str(path))
+    if not (Path(folder) / "config.json").is_file():
+        raise FileNotFoundError(f"encoder={path}: no trained subject encoder there (config.json); train one with "
+                                "python train.py experiment=subject_encoder and pass "
+                                "embedding.encoder=<run>/subject_encoder")
+    encoder = SubjectEncoder.from_pretrained(folder).eval().requires_grad_(False)
+    encoder.check_base(digest, base_name)
+    return encoder

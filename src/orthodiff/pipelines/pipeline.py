@@ -7,12 +7,16 @@ orthodiff adapter (OFT/COFT, LoRA or full finetuning) and its control network.
     image = pipe("a red circle on a gray background", control_image="edges.png").images[0]
 
 A subject adapter (experiment=dreambooth: OFT/LoRA/full, Textual Inversion, method=encoder,
-Perfusion; not P+) takes no control image; Perfusion's gate is set per call, and a second
+Perfusion; P+ through `generate` only) takes no control image; its embedding's hooks
+(models/embeddings.py) act in the calls: Perfusion's gate is set per call, and a second
 Perfusion concept trained apart joins with a second load_adapter:
 
     pipe.load_adapter("runs/square/adapter.safetensors")
     pipe.load_adapter("runs/circle/adapter.safetensors", token="ohwx")   # Perfusion only
     pipe("a sks square and a ohwx circle on a white background", perfusion_beta=0.7, perfusion_tau=0.15)
+    images = pipe.generate(["a sks square"], seed=0)   # the training module's sampler, as generate.py samples
+
+An adapter is read once (orthodiff.adapter.AdapterFile); load_adapter takes a path or one already read.
 
 Control adapters trained apart compose (orthodiff.adapter.attach_adapters): their UNet
 adapters become one (OFT rotations multiplied in the order given, or their geodesic mean;
@@ -38,12 +42,13 @@ import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline
 
-from orthodiff.adapter import add_perfusion_concept, attach_adapters, attach_subject_adapter, read_adapter
+from orthodiff.adapter import AdapterFile, add_concept, attach_adapters, attach_subject_adapter
 from orthodiff.data.control import canny_edges, check_control, control_parts, encode_condition, joint_condition
 from orthodiff.data.readers import read_image
 from orthodiff.models.adapters import merge_adapter, unmerge_adapter
 from orthodiff.models.control_networks import ControlInjector
-from orthodiff.models.perfusion import Perfusion
+from orthodiff.models.embeddings import Embedding
+from orthodiff.models.sampling import generate
 
 ANNOTATE = ("auto", "always", "never")
 
@@ -91,29 +96,29 @@ class OrthodiffPipeline(StableDiffusionPipeline):
     control_networks: tuple = ()
     last_condition: torch.Tensor | None = None
     last_conditions: tuple = ()                # each condition as its network saw it (None: left out)
-    embedding: torch.nn.Module | None = None   # a subject adapter's token embedding or Perfusion
+    embedding: Embedding | None = None         # a subject adapter's (models/embeddings.py); None: a control adapter
 
-    def load_adapter(self, path: str | Path, token: str | None = None,
+    def load_adapter(self, path: str | Path | AdapterFile, token: str | None = None,
                      allow_other_base: bool = False) -> "OrthodiffPipeline":
-        """Adapt this pipeline's UNet with an adapter file (once per pipeline; a second
-        Perfusion concept may join a first). `token` replaces a subject adapter's token;
-        `allow_other_base` applies an adapter to a base with its layer shapes but other
-        weights (orthodiff.adapter.check_base)."""
-        base_name = self.name_or_path or "this pipeline's base"
-        if isinstance(self.embedding, Perfusion):
-            add_perfusion_concept(self.embedding, self.tokenizer, path, token)
+        """Adapt this pipeline's UNet with an adapter file, or one already read (once per
+        pipeline; a second Perfusion concept may join a first). `token` replaces a subject
+        adapter's token; `allow_other_base` applies an adapter to a base with its layer
+        shapes but other weights (orthodiff.adapter.check_base)."""
+        file = AdapterFile.of(path)
+        if self.embedding is not None:  # a second concept: the first's embedding takes it or refuses
+            add_concept(self.embedding, self.unet, self.tokenizer, file, token)
             return self
         if self.adapter_metadata is not None:
             raise RuntimeError("this pipeline already carries an adapter: load a fresh pipeline for another one")
-        if read_adapter(path)[1]["task"] == "subject":
-            self.embedding, self.adapter_metadata = attach_subject_adapter(self.unet, self.text_encoder, self.tokenizer,
-                                                                           path, base_name, token, allow_other_base)
-            if self.embedding is not None:
-                self.embedding.to(self.unet.device)
+        if file.meta["task"] == "subject":
+            self.embedding, self.adapter_metadata = attach_subject_adapter(
+                self.unet, self.text_encoder, self.tokenizer, file, self.name_or_path or "this pipeline's base", token,
+                allow_other_base)
+            self.embedding.to(self.unet.device)
             return self
-        return self.load_adapters([path], allow_other_base=allow_other_base)
+        return self.load_adapters([file], allow_other_base=allow_other_base)
 
-    def load_adapters(self, paths: list[str | Path], scales=None, mode: str = "product",
+    def load_adapters(self, paths: list[str | Path | AdapterFile], scales=None, mode: str = "product",
                       allow_other_base: bool = False) -> "OrthodiffPipeline":
         """Adapt this pipeline's UNet with several controllable-generation adapters at once,
         each at its scale (default 1): see orthodiff.adapter.attach_adapters for how they
@@ -221,29 +226,34 @@ class OrthodiffPipeline(StableDiffusionPipeline):
 
     def _subject_call(self, prompt, perfusion_beta: float | None = None, perfusion_tau: float | None = None,
                       num_images_per_prompt: int = 1, **kwargs):
-        """A subject adapter's samples: a token embedding acts through the text encoder's hook,
-        Perfusion's edit through its K/V hooks with the mask of the prompts that name a
-        concept, stacked as diffusers stacks the UNet's batch ([negative; prompt] with
-        guidance)."""
-        if not isinstance(self.embedding, Perfusion):
-            if perfusion_beta is not None or perfusion_tau is not None:
-                raise ValueError(f"perfusion_beta/perfusion_tau are Perfusion's gate; this adapter is "
-                                 f"method={self.adapter_metadata['method'] or 'none'}")
+        """A subject adapter's samples: its embedding's hooks see the prompts of the UNet's
+        batch, stacked as diffusers stacks it ([negative; prompt] with guidance), and its
+        gate (Perfusion's) is set for the call."""
+        gate = self.embedding.gate(perfusion_beta, perfusion_tau)  # refused first where there is none
+        ids = None
+        if prompt is not None:
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            ids = self._token_ids(prompts).repeat_interleave(num_images_per_prompt, 0)
+            if kwargs.get("guidance_scale", 7.5) > 1 and self.unet.config.time_cond_proj_dim is None:
+                negative = kwargs.get("negative_prompt") or ""
+                negative = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
+                ids = torch.cat([self._token_ids(negative).repeat_interleave(num_images_per_prompt, 0), ids])
+        with self.embedding.prompt_context(ids), gate:
             return super().__call__(prompt=prompt, num_images_per_prompt=num_images_per_prompt, **kwargs)
-        if prompt is None:
-            raise ValueError("a Perfusion adapter needs prompt= (which prompts name the concept is read from "
-                             "their tokens), not prompt_embeds")
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        negative = kwargs.get("negative_prompt") or ""
-        negative = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
-        mask = self.embedding.concept_mask(self._token_ids(prompts)).repeat_interleave(num_images_per_prompt, 0)
-        guided = kwargs.get("guidance_scale", 7.5) > 1 and self.unet.config.time_cond_proj_dim is None
-        if guided:
-            negative_mask = self.embedding.concept_mask(self._token_ids(negative))
-            mask = torch.cat([negative_mask.repeat_interleave(num_images_per_prompt, 0), mask])
-        gate = self.embedding.gate(perfusion_beta, perfusion_tau)
-        with self.embedding.route([None, mask.to(self.unet.device)]), gate:
-            return super().__call__(prompt=prompt, num_images_per_prompt=num_images_per_prompt, **kwargs)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], seed: int = 0, steps: int = 25, guidance: float = 4.0,
+                 size: int | None = None, progress: bool = True) -> torch.Tensor:
+        """(N, 3, H, W) images in [0, 1] of a subject adapter from the training module's own
+        sampler (models.sampling.generate: DDIM from the scheduler's config, seeded noise):
+        the samples its validation drew, P+ included; generate.py's subject path."""
+        if self.embedding is None:
+            raise RuntimeError("generate samples a subject adapter: load one with pipe.load_adapter(path) first")
+        side = size or self.unet.config.sample_size * self.vae_scale_factor
+        device = self.unet.device
+        return generate(self.unet, self.vae, self.scheduler.config, self.vae_scale_factor,
+                        lambda captions: self.embedding.encode(self._token_ids(captions).to(device)),
+                        self.embedding.route, prompts, seed, (side, side), steps, guidance, progress)
 
     def _token_ids(self, prompts: list[str]) -> torch.Tensor:
         return self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,

@@ -15,7 +15,7 @@ import torch
 from omegaconf import DictConfig
 from PIL import Image
 
-from orthodiff.adapter import load_adapter
+from orthodiff.adapter import AdapterFile, load_adapter
 from orthodiff.data.shapes import SPLIT_SEEDS, make_scene
 from orthodiff.data.subjects import EVAL_PROMPTS, expected_labels, get_subject, reference_images, subject_images
 from orthodiff.eval.oracles import images_to_tensor
@@ -76,12 +76,12 @@ def seconds_per_subject(cost: dict) -> float:
 
 
 @torch.no_grad()
-def every_prompt_forgetting(run_dir: Path, subject: str) -> dict:
-    """Perfusion's no-token recognition with its edit applied to every prompt (the paper's
-    code; the adapter as trained edits only prompts that name the concept): the run's
-    validation captions without the token, in its batches and with its seeds."""
+def every_prompt_forgetting(run_dir: Path, adapter: AdapterFile, subject: str) -> dict:
+    """No-token recognition with the embedding's edit applied to every prompt (Perfusion as
+    the paper's code does; the adapter as trained edits only prompts that name the concept):
+    the run's validation captions without the token, in its batches and with its seeds."""
     data = cell_config(run_dir).data
-    module = load_adapter(Path(run_dir) / "adapter.safetensors")
+    module = load_adapter(adapter)
     module.embedding.every_prompt = True
     token_prompts = len(data.prompts or EVAL_PROMPTS) * data.samples_per_prompt
     texts = [None] * token_prompts + [make_scene(SPLIT_SEEDS["test"] + k).caption for k in range(data.no_token_prompts)]
@@ -124,9 +124,10 @@ def table(cfg: DictConfig) -> Path:
             run = runs[(method, subject)]
             kind = base.get("no_token_kind", math.nan)
             extra = {}
-            if method == "perfusion" and embedded:
+            adapter = AdapterFile.read(Path(run["run_dir"]) / "adapter.safetensors")
+            if embedded and adapter.embedding is not None and adapter.embedding.every_prompt_variant:
                 extra["no_token_kind change, every prompt edited"] = (
-                    every_prompt_forgetting(run["run_dir"], subject)["no_token_kind"] - kind)
+                    every_prompt_forgetting(run["run_dir"], adapter, subject)["no_token_kind"] - kind)
             detail.append({"method": method, "subject": subject, **run["final"],
                            "no_token_kind change": run["final"].get("no_token_kind", math.nan) - kind, **extra,
                            "trainable params": run["cost"]["trainable_parameters"],

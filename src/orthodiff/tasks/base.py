@@ -38,7 +38,7 @@ from PIL import Image
 
 from orthodiff.models.adapters import adapt_unet, target_fingerprint, target_signature
 from orthodiff.models.base import load_base_model
-from orthodiff.models.sampling import sample
+from orthodiff.models.sampling import generate
 from orthodiff.oft import DEFAULT_TARGETS, target_modules
 
 
@@ -151,12 +151,6 @@ class DiffusionTask(pl.LightningModule):
             latents = self.vae.encode(pixel_values.to(self.vae.dtype)).latent_dist.sample()
         return latents * self.vae.config.scaling_factor
 
-    @torch.no_grad()
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) images in [0, 1]."""
-        images = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
-        return ((images.float() + 1) / 2).clamp(0, 1)
-
     # --- the UNet under the task's conditioning ----------------------------------------
 
     def forward(self, noisy_latents, timesteps, text, condition=None):
@@ -262,21 +256,12 @@ class DiffusionTask(pl.LightningModule):
         """(N, 3, H, W) images in [0, 1] for `captions`, under `condition` (the encoded
         condition images (N, C, H, W) of a control task; None for a subject task), DDIM
         from seeded noise with classifier-free guidance."""
-        height, width = self.sample_size(condition, size)
-        generator = torch.Generator().manual_seed(seed)
-        noise = torch.randn((len(captions), self.unet.config.in_channels, height // self.vae_scale_factor,
-                             width // self.vae_scale_factor), generator=generator).to(self.device, self.unet.dtype)
-        text, uncond = self.prompt_states(list(captions)), self.prompt_states([""] * len(captions))
         if condition is not None:
             condition = condition.to(self.device, self.unet.dtype)
-        # sample() stacks [uncond; text] for the UNet: P+'s per-layer encodings are stacked alike.
-        stacked = [torch.cat([u, t]) for u, t in zip(uncond, text)] if isinstance(text, list) else None
-        with self.unet_context(stacked, condition):
-            first = (lambda states: states[0]) if isinstance(text, list) else (lambda states: states)
-            latents = sample(self.unet, self.noise_scheduler.config, noise, first(text), first(uncond),
-                             steps or self.hparams.val_steps,
-                             self.hparams.val_guidance if guidance is None else guidance, progress)
-        return self.decode_latents(latents)
+        return generate(self.unet, self.vae, self.noise_scheduler.config, self.vae_scale_factor, self.prompt_states,
+                        lambda stacked: self.unet_context(stacked, condition), captions, seed,
+                        self.sample_size(condition, size), steps or self.hparams.val_steps,
+                        self.hparams.val_guidance if guidance is None else guidance, progress)
 
     def on_validation_epoch_start(self):
         if self.scorer is None:

@@ -1,15 +1,16 @@
 """Subject-driven generation (DreamBooth's objective): teach a frozen Stable Diffusion model
 a rare token for one subject from 3-5 images.
 
-Methods share this one loop and differ in what trains (models/adapters.py, embeddings.py):
+Methods share this one loop and differ in what trains: a UNet adapter (models/adapters.py)
+or an embedding (models/embeddings.py, one interface; the task never asks which kind):
 - OFT / COFT / LoRA on the UNet's attention layers, or full finetuning (DreamBooth),
   optionally with the prior-preservation loss on class images the base model generated;
-- Textual Inversion (embedding="textual_inversion"): one input embedding for the token;
-- P+ (embedding="pplus"): one embedding per UNet cross-attention layer;
-- Perfusion (embedding="perfusion", models/perfusion.py): gated rank-one edits of the
+- Textual Inversion (TextualInversionConfig): one input embedding for the token;
+- P+ (PPlusConfig): one embedding per UNet cross-attention layer;
+- Perfusion (PerfusionConfig, models/perfusion.py): gated rank-one edits of the
   cross-attention K/V projections, keys locked to the class word's, plus the token's
   embedding;
-- the encoder method (embedding="encoder", models/subject_encoder.py): a subject encoder,
+- the encoder method (SubjectEncoderConfig, models/subject_encoder.py): a subject encoder,
   trained once on many subjects (tasks/subject_encoder.py), writes the token's embedding
   from the subject's images when fitting starts (one forward pass); the training steps
   that follow, if any (E4T's few tuning steps), are Textual Inversion's.
@@ -21,12 +22,8 @@ no-token accuracy).
 
 from __future__ import annotations
 
-import contextlib
-import json
 import time
 import warnings
-from dataclasses import asdict
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -36,61 +33,56 @@ from orthodiff.data.shapes import SPLIT_SEEDS, scene_caption
 from orthodiff.data.subjects import check_token
 from orthodiff.eval.control_metrics import to_uint8
 from orthodiff.eval.subject_metrics import SubjectScorer
-from orthodiff.models.base import resolve_pretrained
-from orthodiff.models.embeddings import PerLayerEmbedding, TokenEmbedding
-from orthodiff.models.perfusion import Perfusion, PerfusionConfig, text_covariance
-from orthodiff.models.subject_encoder import ImageFeatures, SubjectEncoder
+from orthodiff.models.embeddings import (
+    EmbeddingConfig,
+    build_embedding,
+    embedding_config,
+    embedding_from_metadata,
+    embedding_metadata,
+)
 from orthodiff.tasks.base import DiffusionTask
-
-EMBEDDINGS = ("none", "textual_inversion", "pplus", "perfusion", "encoder")
 
 
 class SubjectTask(DiffusionTask):
     task_name = "subject"
 
-    def __init__(self, pretrained: str = "assets/tiny-sd", adapter=None, embedding: str = "none",
+    def __init__(self, pretrained: str = "assets/tiny-sd", adapter=None, embedding: EmbeddingConfig | str | None = None,
                  token: str = "sks", class_word: str = "square", method: str | None = None, optimizer=None,
                  prior_loss_weight: float = 0.0, num_class_images: int = 64, class_prompt: str | None = None,
                  prior_cache_dir: str = "~/.cache/orthodiff/class_images", resolution: int = 64,
                  cache_latents: bool = True, cache_text: bool = True, val_steps: int = 25,
                  val_guidance: float = 4.0, val_seed: int = 0, evaluator: str = "shapes",
                  dino_model: str | None = None, clip_model: str | None = None, original_config: str | None = None,
-                 perfusion: PerfusionConfig | None = None, encoder: str | None = None,
-                 image_encoder: str | None = None, gradient_checkpointing: bool = False):
+                 gradient_checkpointing: bool = False):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"])
-        if embedding not in EMBEDDINGS:
-            raise ValueError(f"embedding={embedding!r}: choose from {EMBEDDINGS}")
-        if embedding != "none" and adapter is not None:
-            raise ValueError(f"embedding={embedding!r} trains token embeddings only; use adapter=none with it")
-        if embedding != "none" and prior_loss_weight > 0:
+        # None: the method trains a UNet adapter and the text encoder reads as it is.
+        self.embedding_config = config = embedding_config(embedding)
+        if config is not None and adapter is not None:
+            raise ValueError(f"embedding={config.kind!r} trains token embeddings only; use adapter=none with it")
+        if config is not None and prior_loss_weight > 0:
             raise ValueError("prior preservation keeps a finetuned UNet's class prior; with embedding="
-                             f"{embedding!r} nothing but the token changes: set prior_loss_weight=0")
+                             f"{config.kind!r} nothing but the token changes: set prior_loss_weight=0")
         self.load_base(pretrained, original_config)
-        self.token_id = self._check_token(token, strict=embedding != "none")
+        self.token_id = self._check_token(token, strict=config is not None)
         # The prior's class images come from the base model: its digest names their cache.
         self.base_digest = base_model_digest(self) if prior_loss_weight > 0 else None
         self.adapt(adapter, optimizer)
         init_id = self.tokenizer(class_word, add_special_tokens=False).input_ids[-1]
-        self.embedding = None
-        if embedding == "textual_inversion":
-            self.embedding = TokenEmbedding(self.text_encoder, self.token_id, init_id)
-        elif embedding == "pplus":
-            self.embedding = PerLayerEmbedding(self.text_encoder, self.unet, self.token_id, init_id)
-        elif embedding == "perfusion":
-            self.embedding = Perfusion(self.text_encoder, self.unet, self.token_id, init_id,
-                                       perfusion or PerfusionConfig(), covariance=self.text_covariance)
-        elif embedding == "encoder":
-            self.embedding = TokenEmbedding(self.text_encoder, self.token_id, init_id)
-            self.subject_encoder = load_subject_encoder(encoder, base_model_digest(self), pretrained)
-            trained_on = self.subject_encoder.config.image_encoder
-            self.image_features = ImageFeatures(self.vae, image_encoder or trained_on)
-            if (image_encoder or trained_on) != trained_on:
-                raise ValueError(f"the subject encoder {encoder} reads {trained_on or 'the base VAE'}'s features, not "
-                                 f"image_encoder={image_encoder}'s: train one on them (python train.py "
-                                 f"experiment=subject_encoder image_encoder={image_encoder})")
-            self.class_id, self.encoded, self.extra_cost = init_id, False, {}
+        self.embedding = build_embedding(config, self.text_encoder, self.unet, self.token_id, init_id, task=self)
+        self.encoded, self.extra_cost = False, {}  # embeddings written from images (the encoder method)
         self.class_moments, self.prior_prompt = None, None  # the prior's class images and prompt (setup)
+
+    # What an embedding's build may ask of the task that trains it (models/embeddings.py).
+
+    def typical_captions(self, n: int) -> list[str]:
+        """Captions like the prompts this task sees: the shapes world's training captions
+        (Perfusion's covariance C, when its config names no file)."""
+        return [scene_caption(SPLIT_SEEDS["train"] + k) for k in range(n)]
+
+    def model_digest(self) -> str:
+        """The base model's content digest (a subject encoder's check that it was trained for it)."""
+        return base_model_digest(self)
 
     def _check_token(self, token: str, strict: bool) -> int | None:
         """The token's id. Embedding methods need it to be one piece; finetuning works
@@ -143,15 +135,15 @@ class SubjectTask(DiffusionTask):
     # --- hooks ------------------------------------------------------------------------------
 
     def prompt_states(self, captions):
-        """Text encodings, through the learned embeddings when there are some: for P+ a list
+        """Text encodings, through the learned embedding when there is one: for P+ a list
         of one encoding per cross-attention layer, for Perfusion [encoding, concept mask]."""
-        if self.embedding is None:
+        if self.embedding_config is None:  # the frozen text encoder's: cached
             return self.encode_text(captions)
         return self.embedding.encode(self.token_ids(captions))
 
     def unet_context(self, text, condition):
         # P+: each cross-attention layer reads its own encoding; Perfusion: which prompts name the concept.
-        return self.embedding.route(text) if isinstance(text, list) else contextlib.nullcontext()
+        return self.embedding.route(text)
 
     def add_losses(self, loss, batch_size):
         self.log("train/instance_loss", loss, batch_size=batch_size)
@@ -177,108 +169,49 @@ class SubjectTask(DiffusionTask):
         return sample_grid(torch.cat(entries), self._trainer.datamodule.val_set.samples)
 
     def task_metadata(self):
-        # The encoder's output is a Textual Inversion embedding: its adapter is read as one.
-        embedding = "textual_inversion" if self.hparams.embedding == "encoder" else self.hparams.embedding
-        meta = {"token": self.hparams.token, "class_word": self.hparams.class_word, "embedding": embedding}
-        if self.hparams.embedding == "encoder":
-            meta["encoder"] = str(self.hparams.encoder)
-        if isinstance(self.embedding, Perfusion):
-            meta["perfusion"] = json.dumps(asdict(self.embedding.config))
-            meta["covariance_digest"] = self.embedding.covariance_digest
-        return meta
+        return {"token": self.hparams.token, "class_word": self.hparams.class_word,
+                **embedding_metadata(self.embedding_config, self.embedding)}
 
     @classmethod
     def arguments_from_metadata(cls, meta):
-        arguments = {"token": meta["token"], "class_word": meta["class_word"], "embedding": meta["embedding"]}
-        if "perfusion" in meta:
-            arguments["perfusion"] = PerfusionConfig(**json.loads(meta["perfusion"]))
-        return arguments
+        return {"token": meta["token"], "class_word": meta["class_word"], "embedding": embedding_from_metadata(meta)}
 
     @classmethod
     def from_metadata(cls, meta, **kwargs):
         module = super().from_metadata(meta, **kwargs)
-        if isinstance(module.embedding, Perfusion):  # which C the concept was trained with
-            module.embedding.covariance_digest = meta.get("covariance_digest", "")
+        if module.embedding_config is not None:
+            module.embedding_config.restore(module.embedding, meta)
         return module
 
-    # --- the encoder method ---------------------------------------------------------------
+    # --- embeddings written from images (the encoder method) ------------------------------
 
     def on_fit_start(self):
-        """embedding="encoder": the token's word from the subject's images, before any step
-        (not on a resume: the checkpoint holds the word)."""
-        if self.hparams.embedding != "encoder" or self.encoded or self.trainer.ckpt_path:
+        """The token's word from the subject's images, before any step, for an embedding that
+        starts from images (not on a resume: the checkpoint holds the word)."""
+        if self.encoded or self.trainer.ckpt_path:
             return
         self.encode_subject(self.trainer.datamodule.train_set.images)
 
-    @torch.no_grad()
-    def encode_subject(self, images: list[np.ndarray]) -> torch.Tensor:
-        """The token's word: the mean of the encoder's words for uint8 `images` (H, W, 3)."""
+    def encode_subject(self, images: list[np.ndarray]) -> torch.Tensor | None:
+        """The embedding's word from uint8 `images` (H, W, 3); None: it does not start from images."""
         started = time.perf_counter()
-        pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div(255).to(self.device)
-        class_embedding = self.text_encoder.get_input_embeddings().weight[self.class_id].float()
-        words = self.subject_encoder.to(self.device)(self.image_features(pixels), class_embedding)
-        self.embedding.vectors.copy_(words.mean(0, keepdim=True))
+        word = self.embedding.from_images(images)
+        if word is None:
+            return None
         self.extra_cost = {"encode_seconds": round(time.perf_counter() - started, 4), "encoded_images": len(images)}
         self.encoded = True
         self.validated_at = -1  # the word changed since any validation
-        return self.embedding.vectors[0].detach().clone()
+        return word
 
-    # --- Perfusion ----------------------------------------------------------------------
+    # --- the adapter's tensors -------------------------------------------------------------
 
     def trainable_state_dict(self):
-        """The trainable tensors and the learned embeddings' buffers (Perfusion's i*, C^-1 i*,
+        """The trainable tensors and the learned embedding's buffers (Perfusion's i*, C^-1 i*,
         i*_super: learned, though not by the optimizer)."""
         state = super().trainable_state_dict()
-        if self.embedding is not None:
-            parameters = {name for name, _ in self.embedding.named_parameters()}
-            state.update({f"embedding.{k}": v for k, v in self.embedding.state_dict().items() if k not in parameters})
+        parameters = {name for name, _ in self.embedding.named_parameters()}
+        state.update({f"embedding.{k}": v for k, v in self.embedding.state_dict().items() if k not in parameters})
         return state
-
-    def text_covariance(self) -> torch.Tensor:
-        """Perfusion's C: from the config's file (C itself, .pt/.safetensors) or caption list
-        (.txt, one a line), else from the shapes world's training captions."""
-        config = self.embedding.config
-        source = config.covariance
-        if source is None:
-            captions = [scene_caption(SPLIT_SEEDS["train"] + k) for k in range(config.covariance_captions)]
-        else:
-            path = Path(source).expanduser()
-            if not path.is_file():
-                raise FileNotFoundError(f"covariance={source}: no such file (a .txt of captions, or C in "
-                                        ".pt/.safetensors)")
-            if path.suffix == ".txt":
-                captions = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-            elif path.suffix == ".safetensors":
-                from safetensors.torch import load_file
-
-                return load_file(str(path))["covariance"]
-            else:
-                return torch.load(path, map_location="cpu", weights_only=True)
-        return text_covariance(self.text_encoder, self.tokenizer, captions)
-
-    def perfusion_gate(self, beta: float | None = None, tau: float | None = None):
-        """Perfusion's inference gate (beta, tau) for the calls inside; setting it on
-        another method's adapter is an error."""
-        if beta is None and tau is None:
-            return contextlib.nullcontext()
-        if not isinstance(self.embedding, Perfusion):
-            raise ValueError(f"beta/tau set Perfusion's gate; this adapter is method={self.hparams.method}")
-        return self.embedding.gate(beta, tau)
-
-
-def load_subject_encoder(path: str | None, digest: str, base_name: str) -> SubjectEncoder:
-    """A trained subject encoder (a save_pretrained folder), checked against the base model."""
-    if not path:
-        raise ValueError("embedding='encoder' needs encoder=<a trained subject encoder folder>: train one with "
-                         "python train.py experiment=subject_encoder (it writes <run>/subject_encoder)")
-    folder = resolve_pretrained(str(path))
-    if not (Path(folder) / "config.json").is_file():
-        raise FileNotFoundError(f"encoder={path}: no trained subject encoder there (config.json); train one with "
-                                "python train.py experiment=subject_encoder and pass "
-                                "method.encoder=<run>/subject_encoder")
-    encoder = SubjectEncoder.from_pretrained(folder).eval().requires_grad_(False)
-    encoder.check_base(digest, base_name)
-    return encoder
 
 
 def sample_grid(images: torch.Tensor, per_row: int) -> np.ndarray:
