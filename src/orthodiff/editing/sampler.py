@@ -1,11 +1,11 @@
 """The sampling chain an edit runs through, differentiable in the text it reads.
 
-`denoise` is orthodiff.models.sampling.sample (DDIM, eta 0, classifier-free guidance,
-the same scheduler calls in the same order) with one text encoding per step, and with
-gradients: each step is recomputed in the backward pass (torch.utils.checkpoint), so
-memory holds one UNet step's activations plus one latent per step, whatever the number
-of steps. `invert` runs the chain backwards from a real image's latents, and
-`null_text` makes the guided chain retrace the inversion (Mokady et al., CVPR 2023).
+`denoise` is orthodiff.models.sampling.sample (DDIM, eta 0, classifier-free guidance:
+the same `guided_step`) with one text encoding per step, and with gradients: each step
+is recomputed in the backward pass (torch.utils.checkpoint), so memory holds one UNet
+step's activations plus one latent per step, whatever the number of steps. `invert`
+runs the chain backwards from a real image's latents, and `null_text` makes the guided
+chain retrace the inversion (Mokady et al., CVPR 2023).
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import torch
 from diffusers import DDIMScheduler
 from torch.utils.checkpoint import checkpoint as recompute
 from tqdm.auto import tqdm
+
+from orthodiff.models.sampling import guided_output, guided_step
 
 
 def ddim(scheduler_config, steps: int) -> DDIMScheduler:
@@ -34,12 +36,6 @@ def mix(lambdas: torch.Tensor, neutral: torch.Tensor, attribute: torch.Tensor) -
     return list(weights * neutral + (1 - weights) * attribute)
 
 
-def _guided_step(unet, scheduler: DDIMScheduler, latents, text, uncond, t, guidance):
-    model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-    pred_uncond, pred_text = unet(model_input, t, encoder_hidden_states=torch.cat([uncond, text])).sample.chunk(2)
-    return scheduler.step(pred_uncond + guidance * (pred_text - pred_uncond), t, latents).prev_sample
-
-
 def denoise(unet, scheduler_config, noise: torch.Tensor, states: list[torch.Tensor],
             uncond: torch.Tensor | list[torch.Tensor], guidance: float, checkpoint: bool = True,
             progress: bool = False) -> torch.Tensor:
@@ -54,9 +50,9 @@ def denoise(unet, scheduler_config, noise: torch.Tensor, states: list[torch.Tens
     steps = list(zip(scheduler.timesteps, states, unconds))
     for t, text, empty in tqdm(steps, desc="sampling", leave=False, disable=not progress):
         if checkpoint and torch.is_grad_enabled():
-            latents = recompute(_guided_step, unet, scheduler, latents, text, empty, t, guidance, use_reentrant=False)
+            latents = recompute(guided_step, unet, scheduler, latents, text, empty, t, guidance, use_reentrant=False)
         else:
-            latents = _guided_step(unet, scheduler, latents, text, empty, t, guidance)
+            latents = guided_step(unet, scheduler, latents, text, empty, t, guidance)
     return latents
 
 
@@ -87,12 +83,9 @@ def invert(unet, scheduler_config, latents: torch.Tensor, text: torch.Tensor, un
     steps: reconstruction error 0.034 plain, 0.010 after 5 rounds, 0.005 after 10); with
     guidance it diverges (> 3 at guidance 4 or 7.5 on v2), hence null_text."""
     scheduler = ddim(scheduler_config, steps)
-    context = torch.cat([uncond, text])
 
     def guided(x, t):
-        model_input = scheduler.scale_model_input(torch.cat([x, x]), t)
-        pred_uncond, pred_text = unet(model_input, t, encoder_hidden_states=context).sample.chunk(2)
-        return pred_uncond + guidance * (pred_text - pred_uncond)
+        return guided_output(unet, scheduler, x, text, uncond, t, guidance)
 
     trajectory = [latents]
     for t in tqdm(scheduler.timesteps.flip(0), desc="inverting", leave=False, disable=not progress):
@@ -134,5 +127,5 @@ def null_text(unet, scheduler_config, trajectory: list[torch.Tensor], text: torc
             optimizer.step()
         per_step.append(current.detach())
         with torch.no_grad():
-            latents = _guided_step(unet, scheduler, latents, text, per_step[-1], t, guidance)
+            latents = guided_step(unet, scheduler, latents, text, per_step[-1], t, guidance)
     return per_step

@@ -7,6 +7,23 @@ from diffusers import DDIMScheduler
 from tqdm.auto import tqdm
 
 
+def guided_output(unet, scheduler: DDIMScheduler, latents: torch.Tensor, text: torch.Tensor, uncond: torch.Tensor,
+                  t, guidance: float) -> torch.Tensor:
+    """The model output at step t with classifier-free guidance: one UNet call on the batch
+    stacked as [uncond; text], then uncond + guidance * (text - uncond)."""
+    model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
+    pred_uncond, pred_text = unet(model_input, t, encoder_hidden_states=torch.cat([uncond, text])).sample.chunk(2)
+    return pred_uncond + guidance * (pred_text - pred_uncond)
+
+
+def guided_step(unet, scheduler: DDIMScheduler, latents: torch.Tensor, text: torch.Tensor, uncond: torch.Tensor,
+                t, guidance: float) -> torch.Tensor:
+    """One DDIM step from t with classifier-free guidance: `sample`'s step, and the editing
+    sampler's (which changes `text` from step to step and recomputes the step in backward)."""
+    output = guided_output(unet, scheduler, latents, text, uncond, t, guidance)
+    return scheduler.step(output, t, latents).prev_sample
+
+
 @torch.no_grad()
 def sample(unet, scheduler_config, latents: torch.Tensor, text: torch.Tensor, uncond: torch.Tensor,
            steps: int = 25, guidance: float = 4.0, progress: bool = True) -> torch.Tensor:
@@ -18,11 +35,8 @@ def sample(unet, scheduler_config, latents: torch.Tensor, text: torch.Tensor, un
     scheduler = DDIMScheduler.from_config(scheduler_config)
     scheduler.set_timesteps(steps)
     latents = latents * scheduler.init_noise_sigma
-    context = torch.cat([uncond, text])
     for t in tqdm(scheduler.timesteps, desc="sampling", leave=False, disable=not progress):
-        model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-        pred_uncond, pred_text = unet(model_input, t, encoder_hidden_states=context).sample.chunk(2)
-        latents = scheduler.step(pred_uncond + guidance * (pred_text - pred_uncond), t, latents).prev_sample
+        latents = guided_step(unet, scheduler, latents, text, uncond, t, guidance)
     return latents
 
 
