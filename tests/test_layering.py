@@ -1,10 +1,12 @@
 """The parts of src/orthodiff (each subpackage or top-level module) import one way:
 oft -> models -> data/eval -> tasks -> entry points. Every import counts, the ones inside
-functions included: a cycle hidden behind a lazy import is still a cycle."""
+functions included: a cycle hidden behind a lazy import is still a cycle. Outside models/,
+nothing asks which kind of embedding it holds (its hooks decide)."""
 
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -143,3 +145,33 @@ def test_no_private_name_is_imported_across_files(tmp_path):
     found = {str(path.relative_to(PACKAGE)): names for path in sorted(PACKAGE.rglob("*.py"))
              if (names := private_imports(path))}
     assert not found, f"private names used across files: {found}"
+
+
+def kind_tests(path: Path) -> list[str]:
+    """Lines of `path` that ask which embedding they hold: isinstance on an embedding class or
+    config, a comparison with an embedding kind's name, or the kind read from an adapter's
+    metadata or a task's hyperparameters. Outside models/ the embedding's hooks decide."""
+    from orthodiff.models import EMBEDDING_TYPES, Embedding, EmbeddingConfig
+
+    def subclasses(cls):
+        return {cls} | {s for sub in cls.__subclasses__() for s in subclasses(sub)}
+
+    classes = "|".join(sorted(c.__name__ for c in subclasses(Embedding) | subclasses(EmbeddingConfig)))
+    kinds = "|".join(sorted({"none", *EMBEDDING_TYPES}))
+    patterns = [rf"isinstance\([^)]*\b({classes})\b", rf"""(==|!=)\s*["']({kinds})["']""",
+                rf"""["']({kinds})["']\s*(==|!=)""", r"""meta\w*(\[|\.get\()\s*["']embedding["']""",
+                r"hparams\.embedding\b", r"\.kind\s*(==|!=)"]
+    return [f"{path.name}:{number}: {line.strip()}" for number, line in enumerate(path.read_text().splitlines(), 1)
+            if any(re.search(pattern, line) for pattern in patterns)]
+
+
+def test_nothing_outside_models_asks_which_embedding_it_holds(tmp_path):
+    """Subject methods' embeddings are one interface (models/embeddings.py): a caller uses their
+    hooks, never their kind. The checker finds what the code did before issue 32, then nothing in src/."""
+    before = tmp_path / "before.py"
+    before.write_text('if isinstance(self.embedding, Perfusion):\n    pass\nif meta.get("embedding") == "perfusion":\n'
+                      '    pass\nperfusion = module.hparams.embedding == "perfusion"\nif method == "perfusion":\n'
+                      '    pass\nif kind == "pplus":\n    pass\nx = "textual_inversion" if e else "none"\n')
+    assert [line.split(":")[1] for line in kind_tests(before)] == ["1", "3", "5", "6", "8"]
+    found = [hit for path in sorted(PACKAGE.rglob("*.py")) if part_of(path) != "models" for hit in kind_tests(path)]
+    assert not found, f"callers asking which embedding they hold: {found}"
