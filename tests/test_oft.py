@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from orthodiff.models.adapters import merge_adapter, unmerge_adapter
 from orthodiff.oft import (
     DEFAULT_TARGETS,
     OFTConfig,
@@ -17,14 +18,12 @@ from orthodiff.oft import (
     hyperspherical_energy,
     inject_oft,
     load_oft_state_dict,
-    merge_oft,
     oft_layers,
     oft_state_dict,
     project_coft,
     project_generator,
     set_oft_enabled,
     skew_from_triangle,
-    unmerge_oft,
 )
 
 
@@ -125,9 +124,9 @@ def test_linear_identity_dense_reference_and_merge(block_share):
     assert (unmerged.double() - ref).abs().max() < 1e-5
 
     weight_before = lin.weight.clone()
-    merge_oft(model)
+    merge_adapter(model)
     assert (model(x) - unmerged).abs().max() < 1e-5
-    unmerge_oft(model)
+    unmerge_adapter(model)
     assert (lin.weight - weight_before).abs().max() < 1e-6
     assert (model(x) - unmerged).abs().max() < 1e-5
 
@@ -138,7 +137,7 @@ def test_conv_merge_equals_unmerged():
     randomize(model, 0.3)
     x = torch.randn(2, 3, 8, 8)
     unmerged = model(x)
-    merge_oft(model)
+    merge_adapter(model)
     assert (model(x) - unmerged).abs().max() < 1e-5
 
 
@@ -148,7 +147,7 @@ def test_gram_matrix_and_energy_preserved_low_rank_is_not():
     model = Wrap(lin)
     inject_oft(model, OFTConfig(block_size=16, targets=["layer"]))
     randomize(model, 0.5)
-    merge_oft(model)
+    merge_adapter(model)
     w_oft = lin.weight.detach()
     assert (w_oft - w).abs().max() > 1e-2, "the adaptation must actually change W"
     assert (w_oft @ w_oft.T - w @ w.T).abs().max() < 1e-5
@@ -411,7 +410,7 @@ def test_tiny_unet_inject_merge_and_conv_targets():
         randomize(unet, 0.05)
         adapted = unet(x, t, text).sample
         assert (adapted - base).abs().max() > 1e-3
-        merge_oft(unet)
+        merge_adapter(unet)
         assert (unet(x, t, text).sample - adapted).abs().max() < 1e-4
 
 

@@ -205,6 +205,7 @@ def merge_adapter(unet: nn.Module) -> int:
 
 
 def unmerge_adapter(unet: nn.Module) -> int:
+    """Undo merge_adapter (OFT with R^T, exact). Returns the number of layers unmerged."""
     layers = adapter_layers(unet).values()
     for layer in layers:
         layer.unmerge()

@@ -13,19 +13,17 @@ from .layer import (
     inject_oft,
     load_oft_state_dict,
     matches_target,
-    merge_oft,
     oft_layers,
     oft_state_dict,
     project_coft,
     set_oft_enabled,
     target_modules,
-    unmerge_oft,
 )
 
 __all__ = [
     "COMPOSE_MODES", "compose_oft", "compose_rotations", "geodesic_mean", "rotation_log", "rotation_power",
     "DEFAULT_TARGETS", "OFTConfig", "OFTConv2d", "OFTLayer", "OFTLinear", "cayley", "count_parameters",
-    "hyperspherical_energy", "inject_oft", "load_oft_state_dict", "matches_target", "merge_oft", "oft_layers",
+    "hyperspherical_energy", "inject_oft", "load_oft_state_dict", "matches_target", "oft_layers",
     "oft_parameter_count", "oft_state_dict", "project_coft", "project_generator", "set_oft_enabled",
-    "skew_from_triangle", "target_modules", "unmerge_oft",
+    "skew_from_triangle", "target_modules",
 ]

@@ -3,6 +3,8 @@
 A wrapped layer keeps the frozen module as `base_layer` and its only trainable
 tensor as `oft_generator`, so "save only what was trained" is a key filter.
 Effective weight W' = W R with R = diag(R_1, ..., R_r) orthogonal (see cayley.py).
+Each layer merges and unmerges itself; a whole model's adapter layers (OFT or LoRA) are
+merged by orthodiff.models.adapters.merge_adapter / unmerge_adapter.
 """
 
 import difflib
@@ -215,7 +217,7 @@ class OFTLayer(nn.Module):
     def forward(self, x, *args, **kwargs):
         if self.disabled:
             if self.merged:
-                raise RuntimeError("unmerge_oft(model) before disabling a merged OFT layer")
+                raise RuntimeError("unmerge_adapter(model) before disabling a merged OFT layer")
             return self.base_layer(x, *args, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
@@ -437,22 +439,6 @@ def oft_layers(model: nn.Module) -> list[OFTLayer]:
     return [m for m in model.modules() if isinstance(m, OFTLayer)]
 
 
-def merge_oft(model: nn.Module) -> int:
-    """Fold every R into its base weight (zero inference overhead). Returns the count."""
-    layers = oft_layers(model)
-    for layer in layers:
-        layer.merge()
-    return len(layers)
-
-
-def unmerge_oft(model: nn.Module) -> int:
-    """Undo merge_oft with R^T. Returns the number of layers unmerged."""
-    layers = oft_layers(model)
-    for layer in layers:
-        layer.unmerge()
-    return len(layers)
-
-
 def set_oft_enabled(model: nn.Module, enabled: bool):
     """Switch every OFT layer off (base model) or on, without removing it."""
     for layer in oft_layers(model):
@@ -487,5 +473,5 @@ def load_oft_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]):
                 f"{tuple(tensor.shape)} (different block size or base model?)"
             )
     if any(layer.merged for layer in oft_layers(model)):
-        raise RuntimeError("unmerge_oft(model) before loading new adapter weights")
+        raise RuntimeError("unmerge_adapter(model) before loading new adapter weights")
     model.load_state_dict(state_dict, strict=False)
