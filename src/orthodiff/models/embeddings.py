@@ -13,8 +13,9 @@ module it builds.
 and hooks with no-op defaults for what only some methods do: Perfusion's gate, its concept
 mask in diffusers' pipeline and a second concept trained apart (models/perfusion.py), the
 encoder method's word from images (models/subject_encoder.py). Callers never ask which kind
-they hold. A new method is one config class here or beside its module (subclassing registers
-it) and one conf/method/<name>.yaml with an `embedding:` node.
+they hold. A new method is one config class (subclassing registers it; here, or beside its
+module in a file models/__init__.py imports, so that adapter files find it) and one
+conf/method/<name>.yaml with an `embedding:` node.
 
 Textual Inversion and P+ are hooks that leave every network frozen and unchanged:
 
