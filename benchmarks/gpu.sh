@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The speed and memory benchmarks on one CUDA GPU, SD 1.5's architecture (random init, no download),
 # 64x64 latents (512 px), batch 4, bf16; about ten minutes on an H100. Writes reports/gpu.json.
-#   bash benchmarks/gpu.sh            # DEVICE=cpu SIZE="8 1" RES=64 bash benchmarks/gpu.sh: a smoke run on CPU
+#   bash benchmarks/gpu.sh
+#   DEVICE=cpu SIZE="8 1" RES=64 BASE=assets/tiny-sd bash benchmarks/gpu.sh   # a smoke run of the same code on a CPU
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEVICE=${DEVICE:-cuda}
 SIZE=${SIZE:-"64 4"}       # latent side, batch
 RES=${RES:-512}            # the planner's resolution (pixels) and batch: the same run
+BASE=${BASE:-~/.cache/orthodiff/models/sd15-random}  # the inference benchmark's pipeline (built on first use)
 OUT=${OUT:-reports}
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
@@ -15,7 +17,7 @@ read -r LATENT BATCH <<< "$SIZE"
 # 1. a training step, x the frozen UNet: orthodiff OFT, its Neumann variant, PEFT OFT, PEFT LoRA
 python benchmarks/bench_unet_step.py --device "$DEVICE" --dtype bfloat16 --size $SIZE --rounds 5 --out "$TMP/step.json"
 # 2. inference with an adapter, x the base UNet (unmerged, merged, exported)
-python benchmarks/bench_inference.py --base ~/.cache/orthodiff/models/sd15-random --device "$DEVICE" \
+python benchmarks/bench_inference.py --base "$BASE" --device "$DEVICE" \
     --dtype bfloat16 --latent "$LATENT" --quick --out "$TMP/inference.json"
 # 4. the planner against a measured training step, with and without gradient checkpointing
 python benchmarks/bench_plan.py --device "$DEVICE" --resolution "$RES" --batch "$BATCH" \
