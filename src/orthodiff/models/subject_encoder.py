@@ -144,11 +144,11 @@ class SubjectEncoderConfig(EmbeddingConfig):
                              "as a Textual Inversion one")
         encoder = load_subject_encoder(self.encoder, task.model_digest(), task.hparams.pretrained)
         trained_on = encoder.config.image_encoder
+        features = ImageFeatures(task.vae, self.image_encoder or trained_on)  # first: a missing one is its own error
         if (self.image_encoder or trained_on) != trained_on:
             raise ValueError(f"the subject encoder {self.encoder} reads {trained_on or 'the base VAE'}'s features, not "
                              f"image_encoder={self.image_encoder}'s: train one on them (python train.py "
                              f"experiment=subject_encoder image_encoder={self.image_encoder})")
-        features = ImageFeatures(task.vae, self.image_encoder or trained_on)
         return EncodedTokenEmbedding(text_encoder, token_id, init_id, encoder, features)
 
     def metadata(self, embedding) -> dict[str, str]:
