@@ -1,13 +1,13 @@
 """The Gradio demo: upload or draw a condition, type a prompt, pick an adapter, generate.
 `python demo.py [--host 127.0.0.1] [--port 7860] [--adapters DIR ...] [--base MODEL] [--share false]`
-(see src/orthodiff/demo.py)."""
+(see src/orthodiff/app/demo.py)."""
 
 import sys
 
 
 def main(argv: list[str]):
     try:
-        from orthodiff.demo import main as demo_main
+        from orthodiff.app.demo import main as demo_main
     except ModuleNotFoundError as error:
         if error.name and error.name.split(".")[0] in ("gradio", "gradio_client"):
             raise SystemExit("demo.py needs gradio: pip install -e '.[dev]' (or pip install gradio)") from None

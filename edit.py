@@ -12,11 +12,11 @@ import sys
 
 
 def main(argv: list[str]):
-    from orthodiff.cli import parse_args
+    from orthodiff.app.cli import parse_args
 
     logging.basicConfig(level=logging.INFO, format="edit.py: %(levelname)s: %(message)s")
     from orthodiff.editing.run import EditConfig, edit
-    from orthodiff.preflight import check_edit
+    from orthodiff.app.preflight import check_edit
 
     cfg = parse_args(EditConfig, argv, "edit.py")
     try:

@@ -7,7 +7,7 @@ from omegaconf import DictConfig
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 def main(cfg: DictConfig):
     from orthodiff.data.datasets import TooManySkippedError
-    from orthodiff.evaluate import evaluate
+    from orthodiff.app.evaluate import evaluate
 
     try:
         return evaluate(cfg)

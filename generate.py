@@ -9,10 +9,10 @@ import sys
 
 
 def main(argv: list[str]):
-    from orthodiff.cli import parse_args
+    from orthodiff.app.cli import parse_args
 
     logging.basicConfig(level=logging.INFO, format="generate.py: %(levelname)s: %(message)s")
-    from orthodiff.generate import GenerateConfig, generate
+    from orthodiff.app.generate import GenerateConfig, generate
 
     cfg = parse_args(GenerateConfig, argv, "generate.py")
     try:

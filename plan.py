@@ -1,5 +1,5 @@
 """Will a training run fit? `python plan.py experiment=<name> [method=...] [data.batch_size=...]
-[model.resolution=...] [model.gradient_checkpointing=true] [trainer.precision=...]` (src/orthodiff/plan.py)."""
+[model.resolution=...] [model.gradient_checkpointing=true] [trainer.precision=...]` (src/orthodiff/app/plan.py)."""
 
 import hydra
 from omegaconf import DictConfig
@@ -7,7 +7,7 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig):
-    from orthodiff.plan import plan
+    from orthodiff.app.plan import plan
 
     try:
         print(plan(cfg).text())

@@ -6,7 +6,7 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig):
-    from orthodiff.train import train
+    from orthodiff.app.train import train
 
     return train(cfg)
 

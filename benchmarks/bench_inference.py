@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from orthodiff.adapter import save_adapter
-from orthodiff.export import ExportConfig, export
+from orthodiff.app.export import ExportConfig, export
 from orthodiff.models import ControlInjector, LoRAConfig
 from orthodiff.models.base import resolve_pretrained
 from orthodiff.oft import OFTConfig

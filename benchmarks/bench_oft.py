@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from orthodiff.oft import OFTConfig, count_parameters, inject_oft, merge_oft, oft_layers
+from orthodiff.models.adapters import merge_adapter
+from orthodiff.oft import OFTConfig, count_parameters, inject_oft, oft_layers
 
 DIMS = (320, 640, 1280)
 TOKENS = (4096, 1024, 256)  # SD 1.5 latent 64x64, 32x32, 16x16; batch 2
@@ -111,7 +112,7 @@ def bench_merge(quick):
             layer.oft_generator.normal_(0, 1e-3)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
-    merged = merge_oft(unet)
+    merged = merge_adapter(unet)
     seconds = time.perf_counter() - start
     rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {

@@ -3,8 +3,8 @@
     python benchmarks/bench_plan.py                        # CPU: SD 1.5's architecture at 128 px, batch 1
     python benchmarks/bench_plan.py --device cuda --resolution 512 --batch 4 --precision bf16-mixed  # gpu.sh
 
-For each method: the planned peak (orthodiff.plan.plan, shapes only) and the measured peak
-of one steady-state training step of the real task (orthodiff.plan.measured_peak: on CUDA
+For each method: the planned peak (orthodiff.app.plan.plan, shapes only) and the measured peak
+of one steady-state training step of the real task (orthodiff.app.plan.measured_peak: on CUDA
 torch.cuda.max_memory_allocated; on CPU the profiler's allocation records), on model=sd15_random
 (SD 1.5's UNet and VAE at random init, built once under ~/.cache/orthodiff), and their ratio.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-from orthodiff.plan import measured_peak, plan
+from orthodiff.app.plan import measured_peak, plan
 
 ROOT = Path(__file__).resolve().parents[1]
 GB = 2**30

@@ -4,7 +4,7 @@ gradient checkpointing (`python scripts/plan_table.py` -> reports/plan.{md,json}
     python scripts/plan_table.py [--experiment canny_sd15] [--out reports/plan]
 
 Each row is `python plan.py experiment=<experiment> method=<method> [model.gradient_checkpointing=true]`
-(orthodiff.plan): shapes only, no download, seconds per row.
+(orthodiff.app.plan): shapes only, no download, seconds per row.
 """
 
 import argparse
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-from orthodiff.plan import CARDS_GB, plan
+from orthodiff.app.plan import CARDS_GB, plan
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("coft", "oft", "lora", "full", "hint", "controlnet", "t2i_adapter", "t2i_adapter_light")
@@ -46,7 +46,7 @@ def main():
     lines = [f"# Memory plan: {setting}", "", f"- command: `python scripts/plan_table.py --experiment {args.experiment}`",
              "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns),
              *("| " + " | ".join(str(r[c]) for c in columns) + " |" for r in rows), "",
-             "Shapes only (orthodiff.plan: the meta device, fused attention); a card fits when 1.1 x peak + 1 GB "
+             "Shapes only (orthodiff.app.plan: the meta device, fused attention); a card fits when 1.1 x peak + 1 GB "
              "is at most its memory. Full rows in plan.json."]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 

@@ -19,8 +19,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from orthodiff.adapter import attach_adapter, save_adapter
+from orthodiff.app.export import ExportConfig, export
 from orthodiff.data.datasets import ShapesDataset, collate
-from orthodiff.export import ExportConfig, export
 from orthodiff.models import ControlInjector, LoRAConfig
 from orthodiff.models.adapters import fold_adapter
 from orthodiff.oft import OFTConfig, OFTLinear, cayley, compose_oft, compose_rotations, geodesic_mean, rotation_power
@@ -385,7 +385,7 @@ def test_retention_gain_kept_and_condition_maps_round_trip(shapes_root):
 
 
 def test_the_demo_composes_a_second_adapter_with_its_condition(trained, scene):
-    from orthodiff.demo import Demo
+    from orthodiff.app.demo import Demo
 
     demo = Demo(adapter_dirs=[], device="cpu")
     edges = np.uint8(scene["canny"][0, 0].numpy() * 255)

@@ -13,9 +13,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from orthodiff.app.train import check_method_fits
 from orthodiff.models import FullFinetuneConfig, LoRAConfig
 from orthodiff.oft import DEFAULT_TARGETS, OFTConfig
-from orthodiff.train import check_method_fits
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"

@@ -163,7 +163,7 @@ def test_bad_input_comes_back_as_a_message(client, adapter, photo, tmp_path, cas
 
 
 def test_adapters_are_found_under_the_folders(tmp_path, adapter):
-    from orthodiff.demo import adapter_choices, condition_from_sketch
+    from orthodiff.app.demo import adapter_choices, condition_from_sketch
 
     nested = tmp_path / "runs" / "a" / "b"
     nested.mkdir(parents=True)
@@ -178,11 +178,11 @@ def test_adapters_are_found_under_the_folders(tmp_path, adapter):
 
 def test_twenty_concurrent_requests_are_answered_or_refused_and_memory_settles(server, client, adapter, photo):
     """20 /generate requests at once against one server (one generation at a time, a queue of
-    orthodiff.demo.MAX_QUEUE behind it): each is answered or refused with a message, the
+    orthodiff.app.demo.MAX_QUEUE behind it): each is answered or refused with a message, the
     server keeps serving, and its resident memory ends within 10 % of where it started
     (after a first request loaded the pipeline)."""
     psutil = pytest.importorskip("psutil")
-    from orthodiff.demo import MAX_QUEUE
+    from orthodiff.app.demo import MAX_QUEUE
 
     _, process, log = server
     kwargs = dict(condition=None, sketch=None, prompt="a red circle", adapter_choice=None, adapter_path=str(adapter),

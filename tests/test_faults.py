@@ -28,13 +28,13 @@ from safetensors.torch import save_file
 
 from orthodiff import adapter as adapter_module
 from orthodiff.adapter import load_adapter, read_adapter, save_adapter
+from orthodiff.app.preflight import MissingResourceError, check_base_model
+from orthodiff.app.train import AtomicCheckpointIO
 from orthodiff.data import FolderDataset
 from orthodiff.data.datamodule import ResumableSampler
 from orthodiff.data.datasets import SkipBudget, SkippedItem, TooManySkippedError, collate
 from orthodiff.oft import OFTConfig
-from orthodiff.preflight import MissingResourceError, check_base_model
 from orthodiff.tasks import ControlTask
-from orthodiff.train import AtomicCheckpointIO
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "assets" / "tiny-sd"
@@ -369,7 +369,7 @@ CONFIG_FAULTS = {
 def test_missing_model_or_bad_setting_stops_before_the_first_step_in_one_line(fault, shapes_root, tmp_path):
     """train.py's own function on the composed config (train.py turns the SystemExit into its
     exit status and message): it stops before any data is read or model trained."""
-    from orthodiff.train import train as train_entry
+    from orthodiff.app.train import train as train_entry
 
     make_overrides, fragments = CONFIG_FAULTS[fault]
     cfg = compose("train", ["experiment=canny", f"data.train.root={shapes_root}", "logger=none",
@@ -443,8 +443,8 @@ def test_adapter_tensor_of_the_wrong_shape_or_dtype_is_named_and_half_precision_
 
 def test_eval_and_generate_refuse_a_missing_base_model_in_one_line(adapter_file, tmp_path):
     """Before any model loads; eval.py and generate.py print the FileNotFoundError as their one line."""
-    from orthodiff.evaluate import evaluate
-    from orthodiff.generate import GenerateConfig, generate
+    from orthodiff.app.evaluate import evaluate
+    from orthodiff.app.generate import GenerateConfig, generate
 
     folder = incomplete_base_model(tmp_path, "text_encoder")
     with pytest.raises(MissingResourceError, match=f"^base={folder}: the base model folder has no text_encoder;"):
@@ -455,8 +455,8 @@ def test_eval_and_generate_refuse_a_missing_base_model_in_one_line(adapter_file,
 
 
 def test_edit_preflight_names_the_missing_base_model_or_clip_model(adapter_file, tmp_path):
+    from orthodiff.app.preflight import check_edit
     from orthodiff.editing.run import EditConfig
-    from orthodiff.preflight import check_edit
 
     folder = incomplete_base_model(tmp_path, "vae")
     with pytest.raises(MissingResourceError, match=f"^base={folder}: the base model folder has no vae;"):

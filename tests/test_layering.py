@@ -13,12 +13,14 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "orthodiff"
 # Parts that must not import each other in this direction (lower part -> higher part).
-ENTRY_LEVEL = {"adapter", "pipelines", "reproduce", "editing", "preflight"}
+ENTRY_LEVEL = {"adapter", "pipelines", "reproduce", "editing", "app"}
 LOWER_THAN = {"oft": {"models", "data", "eval", "tasks"} | ENTRY_LEVEL,
               "models": {"data", "eval", "tasks"} | ENTRY_LEVEL,
               "data": {"tasks"} | ENTRY_LEVEL,
               "eval": {"tasks"} | ENTRY_LEVEL,
-              "tasks": ENTRY_LEVEL}
+              "tasks": ENTRY_LEVEL,
+              # the applications (app/: train, generate, export, demo, ...) sit on top of everything
+              **{part: {"app"} for part in ENTRY_LEVEL - {"app"}}}
 
 
 def part_of(path: Path) -> str:
@@ -78,7 +80,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_the_parts_form_no_import_cycle():
     graph = import_graph()
-    assert {"oft", "models", "data", "eval", "tasks", "pipelines"} <= set(graph)
+    assert {"oft", "models", "data", "eval", "tasks", "pipelines", "app"} <= set(graph)
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
 
 
@@ -100,7 +102,7 @@ def test_the_checker_sees_a_cycle_and_lazy_or_relative_imports(tmp_path):
 def test_inference_imports_neither_training_tasks_nor_lightning():
     """pipelines/, generate.py and export read and attach adapters without the training side:
     importing them leaves orthodiff.tasks and Lightning unloaded (a fresh interpreter)."""
-    probe = ("import sys, orthodiff.pipelines, orthodiff.generate, orthodiff.export; "
+    probe = ("import sys, orthodiff.pipelines, orthodiff.app.generate, orthodiff.app.export; "
              "print(sorted(m for m in ('orthodiff.tasks', 'pytorch_lightning', 'lightning_fabric') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]

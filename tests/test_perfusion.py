@@ -235,8 +235,8 @@ def test_generate_takes_the_gate_and_export_refuses_with_one_line(trained, tmp_p
     assert result.returncode == 0, result.stderr[-2000:]
     record = json.loads((out / "generate.json").read_text())
     assert record["beta"] == 0.9 and record["tau"] == 0.2 and record["method"] == "perfusion"
-    result = subprocess.run([sys.executable, "-m", "orthodiff.export", f"adapter={path}", f"out={tmp_path / 'x'}"],
+    result = subprocess.run([sys.executable, "-m", "orthodiff.app.export", f"adapter={path}", f"out={tmp_path / 'x'}"],
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0 and "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.startswith("orthodiff.export")]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("orthodiff.app.export")]
     assert len(lines) == 1 and "depends on the prompt" in lines[0] and "cannot be folded" in lines[0]

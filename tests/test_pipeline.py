@@ -16,9 +16,9 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from orthodiff.adapter import save_adapter
-from orthodiff.cli import parse_args
-from orthodiff.export import ExportConfig, export
-from orthodiff.generate import GenerateConfig
+from orthodiff.app.cli import parse_args
+from orthodiff.app.export import ExportConfig, export
+from orthodiff.app.generate import GenerateConfig
 from orthodiff.models import ControlEncoder, ControlInjector, LoRAConfig
 from orthodiff.oft import OFTConfig
 from orthodiff.pipelines import OrthodiffPipeline, load_condition
@@ -177,7 +177,7 @@ def test_generate_and_export_bad_input_is_one_clear_line(adapters, tmp_path):
         (("generate.py", f"adapter={adapter}", "prompt=x"), "condition= is required"),
         (("generate.py", f"adapter={adapter}", "condition=x.png"), "missing required argument(s): prompt=..."),
         (("generate.py", f"adapter={adapter}", "condition=x.png", "prompt=x", "stepz=3"), "keys adapter, prompt, condition"),
-        (("orthodiff.export", f"adapter={tmp_path / 'missing.safetensors'}", f"out={tmp_path / 'o'}"), "no such adapter file"),
+        (("orthodiff.app.export", f"adapter={tmp_path / 'missing.safetensors'}", f"out={tmp_path / 'o'}"), "no such adapter file"),
     ]
     with ThreadPoolExecutor(os.cpu_count()) as pool:  # seven start-ups (imports) at once
         results = list(pool.map(lambda case: run(*case[0]), cases))

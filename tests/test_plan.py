@@ -11,10 +11,10 @@ from hydra.utils import instantiate
 from torch import nn
 from torch.autograd.graph import saved_tensors_hooks
 
+from orthodiff.app.plan import architecture, measured_peak, plan
 from orthodiff.data.control import CONTROL_CHANNELS
 from orthodiff.models.adapters import adapt_unet
 from orthodiff.models.control_networks import ControlInjector, build_control_network
-from orthodiff.plan import architecture, measured_peak, plan
 
 ROOT = Path(__file__).resolve().parents[1]
 

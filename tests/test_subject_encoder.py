@@ -155,7 +155,7 @@ def test_an_encoder_adapter_is_a_textual_inversion_adapter_for_the_pipeline(enco
 
 def test_the_demo_takes_both_subject_adapters_without_a_condition(encoder_folder, tmp_path):
     pytest.importorskip("gradio")
-    from orthodiff.demo import Demo
+    from orthodiff.app.demo import Demo
 
     encoded = SubjectTask(embedding=SubjectEncoderConfig(str(encoder_folder)), method="encoder", val_steps=2)
     encoded.encode_subject(subject_images("badge_circle", 2))

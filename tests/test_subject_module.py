@@ -256,7 +256,7 @@ def test_dreambooth_config_finetunes_the_whole_unet():
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    import orthodiff.train  # noqa: F401  registers the config's subject_class resolver
+    import orthodiff.app.train  # noqa: F401  registers the config's subject_class resolver
 
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=["experiment=dreambooth", "method=full"])

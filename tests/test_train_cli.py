@@ -184,7 +184,7 @@ def test_missing_dataset_names_the_path_and_the_command_that_writes_it(tmp_path)
 KILL_MID_SAVE = """
 import io, os, signal, sys
 import torch
-from orthodiff.train import AtomicCheckpointIO
+from orthodiff.app.train import AtomicCheckpointIO
 
 save = torch.save
 def half_save(obj, file):
@@ -200,7 +200,7 @@ print("save finished")
 def test_checkpoint_killed_mid_save_keeps_the_previous_one(tmp_path, tmpdir_elsewhere):
     """Also with TMPDIR on another filesystem (node-local scratch on clusters), where
     Lightning's own writer would copy over the old file in place."""
-    from orthodiff.train import AtomicCheckpointIO
+    from orthodiff.app.train import AtomicCheckpointIO
 
     path = tmp_path / "checkpoints" / "last.ckpt"
     AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.ones(100_000)}, "global_step": 1}, path)

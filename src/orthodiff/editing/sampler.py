@@ -125,7 +125,7 @@ def null_text(unet, scheduler_config, trajectory: list[torch.Tensor], text: torc
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-        per_step.append(current.detach())
+        per_step.append(current.detach().clone())  # its own copy: the next step's `current` shares this storage
         with torch.no_grad():
             latents = guided_step(unet, scheduler, latents, text, per_step[-1], t, guidance)
     return per_step

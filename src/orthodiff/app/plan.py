@@ -43,7 +43,7 @@ from orthodiff.models.adapters import adapt_unet
 from orthodiff.models.base import resolve_pretrained
 from orthodiff.models.control_networks import ControlInjector, build_control_network
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 CARDS_GB = (24, 40, 80)
 GB = 2**30
 # trainer.precision -> (bytes per frozen weight, bytes per activation, autocast copies the weights)

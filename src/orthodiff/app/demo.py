@@ -42,9 +42,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
-from orthodiff.generate import SCHEDULERS, adapter_file, build_pipeline  # noqa: E402
+from orthodiff.app.generate import SCHEDULERS, adapter_file, build_pipeline  # noqa: E402
+from orthodiff.app.preflight import MissingResourceError, check_base_model  # noqa: E402
 from orthodiff.pipelines.pipeline import ANNOTATE  # noqa: E402
-from orthodiff.preflight import MissingResourceError, check_base_model  # noqa: E402
 
 DEFAULT_ADAPTER_DIRS = ("outputs", "assets/adapters")
 ADAPTER_NAME = "adapter.safetensors"

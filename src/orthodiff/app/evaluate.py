@@ -22,12 +22,12 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from orthodiff.adapter import load_adapter
+from orthodiff.app.preflight import check_base_model, check_eval
 from orthodiff.data.control import preview_condition
 from orthodiff.data.datasets import SkipBudget, collate
 from orthodiff.eval.control_metrics import control_scorer
 from orthodiff.eval.image_metrics import INCEPTION_WEIGHTS, ImageQuality, clip_score, prompt_alignment
 from orthodiff.files import atomic_path
-from orthodiff.preflight import check_base_model, check_eval
 from orthodiff.tasks import ControlTask
 from orthodiff.tasks.control import image_grid
 

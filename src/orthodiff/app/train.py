@@ -21,10 +21,10 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.plugins import TorchCheckpointIO
 
 from orthodiff.adapter import save_adapter
+from orthodiff.app.preflight import MissingResourceError, check_train
 from orthodiff.data.datasets import TooManySkippedError
 from orthodiff.data.subjects import subject_class_word
 from orthodiff.files import atomic_path
-from orthodiff.preflight import MissingResourceError, check_train
 from orthodiff.tasks import NonFiniteLossError
 
 # data.class_word of the subject configs: `${subject_class:${data.root},${data.subject}}`.

@@ -27,9 +27,9 @@ import torch
 from PIL import Image
 
 from orthodiff.adapter import AdapterFile
+from orthodiff.app.preflight import check_base_model
 from orthodiff.models.base import resolve_pretrained
 from orthodiff.pipelines import OrthodiffPipeline
-from orthodiff.preflight import check_base_model
 
 SCHEDULERS = {  # name -> diffusers class, built from the base model's scheduler config
     "ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "pndm": "PNDMScheduler", "euler": "EulerDiscreteScheduler",

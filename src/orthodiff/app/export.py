@@ -1,4 +1,4 @@
-"""Merge and export: `python -m orthodiff.export adapter=<path> out=<dir> [base=...]
+"""Merge and export: `python -m orthodiff.app.export adapter=<path> out=<dir> [base=...]
 [single_file=true] [dtype=float16] [overwrite=true]`.
 
 Writes a plain diffusers Stable Diffusion folder whose UNet has the adapter folded into
@@ -27,7 +27,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from orthodiff.adapter import AdapterFile
-from orthodiff.generate import DTYPES, adapter_file, as_list, build_pipeline
+from orthodiff.app.generate import DTYPES, adapter_file, as_list, build_pipeline
 from orthodiff.models.adapters import fold_adapter
 
 HOW_TO_USE = {
@@ -106,13 +106,13 @@ def check_exportable(adapter: AdapterFile) -> None:
 
 
 def main(argv: list[str]):
-    from orthodiff.cli import parse_args
+    from orthodiff.app.cli import parse_args
 
-    cfg = parse_args(ExportConfig, argv, "python -m orthodiff.export")
+    cfg = parse_args(ExportConfig, argv, "python -m orthodiff.app.export")
     try:
         return export(cfg)
     except (FileNotFoundError, FileExistsError, ValueError) as error:
-        raise SystemExit(f"orthodiff.export: {error}") from None
+        raise SystemExit(f"orthodiff.app.export: {error}") from None
 
 
 if __name__ == "__main__":
