@@ -291,6 +291,7 @@ def test_export_folds_a_composed_pair_into_one_plain_unet(trained, scene, tmp_pa
     torch.testing.assert_close(exported, unet_output(composed.unet, composed.injector, conditions), atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_generate_cli_composes_two_adapters(trained, scene, tmp_path):
     Image.fromarray(np.uint8(scene["canny"][0, 0].numpy() * 255)).save(tmp_path / "edges.png")
     Image.fromarray(np.uint8(scene["seg"][0].permute(1, 2, 0).numpy() * 255)).save(tmp_path / "seg.png")

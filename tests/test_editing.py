@@ -111,6 +111,7 @@ def test_schedule_gradient_matches_finite_differences():
     assert torch.allclose(plain.grad, lambdas.grad, rtol=1e-10)
 
 
+@pytest.mark.slow
 def test_inversion_redraws_the_image(tiny):
     """Unguided DDIM inversion's fixed-point refinement converges: every round count brings the
     reconstruction closer (plain rounds flipped between two points on tiny SD v3: odd and even
@@ -458,6 +459,7 @@ def test_nothing_below_the_entry_points_imports_editing():
         assert "editing" not in graph.get(part, set()), part
 
 
+@pytest.mark.slow
 def test_reproduce_table_edit_writes_the_report(tmp_path):
     """table=edit at a toy size: every method's row for generated and real images (both
     budgets), the verdict lines, the switch curves and mean-lambda plots, the sample grid,

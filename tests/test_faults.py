@@ -337,6 +337,7 @@ def compose(config: str, overrides: list[str]):
         return compose(config, overrides=overrides)
 
 
+@pytest.mark.slow
 def test_missing_depth_model_stops_train_py_in_one_line_naming_the_key(tmp_path):
     """The issue's case: with no depth model reachable, every item used to fail and be
     skipped one by one until validation died. An empty Hugging Face cache, offline: the hub

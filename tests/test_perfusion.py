@@ -226,6 +226,7 @@ def test_two_concepts_trained_apart_combine_at_inference(trained, tmp_path):
     assert (both[1] - both[2]).abs().max() > 1e-2
 
 
+@pytest.mark.slow
 def test_generate_takes_the_gate_and_export_refuses_with_one_line(trained, tmp_path):
     _, path = trained
     out = tmp_path / "out"

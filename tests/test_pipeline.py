@@ -166,6 +166,7 @@ def test_generate_cli_writes_samples_grid_and_record(adapters, tmp_path):
     assert '"prompt": "a blue square, on a gray background, very, very' in (tmp_path / "out" / "generate.json").read_text()
 
 
+@pytest.mark.slow
 def test_generate_and_export_bad_input_is_one_clear_line(adapters, tmp_path):
     adapter = adapters["coft"][1]
     (tmp_path / "notes.txt").write_text("hello")
@@ -211,6 +212,7 @@ def test_pipeline_refuses_an_adapter_for_another_base_or_a_newer_format(adapters
 SHIPPED_CANNY = ROOT / "assets" / "adapters" / "canny_coft"
 
 
+@pytest.mark.slow
 def test_the_shipped_canny_adapter_fits_the_shipped_tiny_sd_and_follows_edges(shapes_root):
     """assets/adapters/canny_coft was trained on the shipped tiny SD. If loading fails, assets/tiny-sd
     changed after it was trained: retrain it (assets/adapters/canny_coft/README.md)."""

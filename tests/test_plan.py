@@ -77,6 +77,7 @@ def test_the_plan_of_sd15s_architecture_matches_a_real_forward_at_a_small_size()
     assert plan(random).peak_gb * 2**30 == pytest.approx(measured_peak(random), rel=0.15)
 
 
+@pytest.mark.slow
 def test_plan_py_says_whether_the_papers_setting_fits_each_card():
     def run(*overrides):
         result = subprocess.run([sys.executable, "plan.py", "experiment=canny_sd15", *overrides,

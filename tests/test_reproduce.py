@@ -46,6 +46,7 @@ def subject_fixture(tmp_path) -> list[str]:
             f"module.prior_cache_dir={tmp_path / 'class'}", f"data.root={tmp_path / 'subjects'}"]
 
 
+@pytest.mark.slow
 def test_unknown_table_lists_the_valid_ones(tmp_path):
     with ThreadPoolExecutor(2) as pool:  # both start-ups at once
         bogus, no_jobs = pool.map(lambda args: reproduce(*args, f"out_dir={tmp_path}"), [["table=bogus"],
@@ -56,6 +57,7 @@ def test_unknown_table_lists_the_valid_ones(tmp_path):
     assert no_jobs.returncode != 0 and "jobs=0" in no_jobs.stderr
 
 
+@pytest.mark.slow
 def test_params_table_is_stamped_and_matches_the_references(tmp_path):
     result = reproduce("table=params", f"out_dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-2000:]
@@ -319,6 +321,7 @@ def test_a_diverged_cell_is_kept_as_a_result_and_other_failures_raise(tmp_path, 
         cells.train_cell(cfg, "broken", ["method=oft"])
 
 
+@pytest.mark.slow
 def test_a_cell_killed_after_a_validation_resumes_to_the_uninterrupted_curve(shapes_root, tmp_path, monkeypatch):
     """Real train.py runs: 4 steps validated every 2; one killed (SIGKILL) at step 3, then
     run again. The resumed cell's curve holds every validation and its end is the

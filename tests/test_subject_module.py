@@ -232,6 +232,7 @@ def test_real_subject_evaluators_load_local_models(tiny_clip, tmp_path):
         SubjectScorer(references, "dino")
 
 
+@pytest.mark.slow
 def test_train_cli_on_a_real_subject_folder(tmp_path):
     import cv2
 

@@ -71,6 +71,7 @@ def test_pretraining_script_runs_resumes_and_exports(tmp_path):
     assert (tmp_path / "cache" / "samples_000002.png").exists()
 
 
+@pytest.mark.slow
 def test_a_width_ladder_rung_trains_only_a_wider_unet_on_the_shipped_parts(tmp_path):
     from diffusers import StableDiffusionPipeline
 

@@ -168,6 +168,7 @@ def test_misspelt_key_fails_with_hydras_error(override, full_key, tmp_path):
     assert "is not in struct" in result.stderr and f"full_key: {full_key}" in result.stderr, result.stderr
 
 
+@pytest.mark.slow
 def test_missing_dataset_names_the_path_and_the_command_that_writes_it(tmp_path):
     missing = tmp_path / "no_shapes_here"
     result = train("experiment=canny", f"data.train.root={missing}", "logger=csv", f"hydra.run.dir={tmp_path / 'run'}")
