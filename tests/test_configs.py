@@ -139,10 +139,10 @@ def test_the_tiny_subject_coft_eps_is_scale_matched_to_the_papers_dreambooth_eps
 
 
 def test_model_configs_carry_no_method_settings():
-    methods = {p.stem for p in (CONF / "method").glob("*.yaml")}  # e.g. a `subject_coft:` key names one
+    methods = {p.stem for p in (CONF / "method").glob("*.yaml")} | {"adapter", "module", "method"}
     for path in (CONF / "model").glob("*.yaml"):
-        for key in OmegaConf.load(path):
-            assert key not in {"adapter", "module", "method"} and not set(key.split("_")) & methods, (path, key)
+        for key in OmegaConf.load(path):  # e.g. `subject_coft:`, a method's setting for one task
+            assert key not in methods and not key.startswith(("subject_", "control_")), (path, key)
 
 
 def test_the_methods_learning_rate_reaches_the_module():
