@@ -243,8 +243,7 @@ def measured_peak(cfg: DictConfig, device: str = "cpu") -> int:
     alive when the step starts (weights, optimizer state, caches) plus the peak of torch's
     allocation records over the step (the profiler's memory events, summed in time order)."""
     precision = str(cfg.trainer.get("precision", "32-true"))
-    half = {"bf16": torch.bfloat16, "16-": torch.float16}
-    dtype = next((d for prefix, d in half.items() if precision.startswith(prefix)), None)
+    dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(precision.split("-")[0])  # None: full precision
     module = instantiate(cfg.module).to(device)
     if precision.endswith("-true") and dtype is not None:
         module.to(dtype)
