@@ -7,6 +7,7 @@ converter; the SD 1.5 test checks the real architecture's names on the meta devi
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
@@ -166,3 +167,24 @@ def test_unmapped_keys_are_named():
         projected = CLIPTextModelWithProjection(CLIPTextConfig(**TINY_CLIP))
     with pytest.raises(ValueError, match=r"text_projection\.weight"):
         to_original_layout(tiny_unet(), vae, projected)
+
+
+def test_generate_samples_a_subject_adapter_on_a_single_file_base(tmp_path, monkeypatch):
+    """generate.py base=<the tiny SD as one original-layout file> draws what the folder base
+    draws, at the sampling settings the adapter recorded."""
+    from PIL import Image
+
+    from orthodiff.app.generate import GenerateConfig, generate
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pipe = StableDiffusionPipeline.from_pretrained(TINY_SD, safety_checker=None, requires_safety_checker=False)
+    single = save_single_file(pipe, tmp_path / "tiny.safetensors")
+    adapter = ROOT / "tests" / "fixtures" / "adapters_d8ec8e9" / "textual_inversion.safetensors"
+    images = {}
+    for name, base in (("folder", {}), ("single", {"base": str(single), "original_config": str(TINY_SD)})):
+        out = generate(GenerateConfig(adapter=str(adapter), prompt="a photo of a sks", num_images=1, steps=2,
+                                      out=str(tmp_path / name), **base))
+        images[name] = np.asarray(Image.open(out / "sample_00.png"))
+        record = json.loads((out / "generate.json").read_text())
+        assert record["guidance"] == 4.0 and images[name].shape == (64, 64, 3)
+    assert np.array_equal(images["single"], images["folder"])

@@ -49,8 +49,10 @@ def save_adapter(path: str | Path, module) -> Path:
         "target_fingerprint": module.target_fingerprint,
         "target_signature": json.dumps(module.target_signature),
         "adapter_config": json.dumps(adapter_to_dict(module.adapter_config)),
-        # What it was validated with: generate.py's defaults.
-        "sampling": json.dumps({"steps": module.hparams.val_steps, "guidance": module.hparams.val_guidance}),
+        # What it was validated with: generate.py's defaults (size: the side subject tasks draw at;
+        # control tasks draw at their condition's size).
+        "sampling": json.dumps({"steps": module.hparams.val_steps, "guidance": module.hparams.val_guidance,
+                                "size": module.hparams.get("resolution")}),
         **module.adapter_metadata(),
     }
     tensors = {k: v.detach().contiguous().cpu() for k, v in module.trainable_state_dict().items()}

@@ -42,7 +42,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
-from orthodiff.app.generate import SCHEDULERS, adapter_file, build_pipeline  # noqa: E402
+from orthodiff.app.generate import SCHEDULERS, adapter_file, build_pipeline, conditions_preview  # noqa: E402
 from orthodiff.app.preflight import MissingResourceError, check_base_model  # noqa: E402
 from orthodiff.pipelines.pipeline import ANNOTATE  # noqa: E402
 
@@ -120,19 +120,6 @@ def condition_from_sketch(sketch, size: tuple[int, int], control: str) -> np.nda
     height, width = size
     coverage = cv2.resize(strokes.astype(np.float32), (width, height), interpolation=cv2.INTER_AREA)
     return np.uint8(coverage > 0.2) * 255
-
-
-def condition_preview(condition: torch.Tensor) -> np.ndarray:
-    """The first condition the network saw, (C, H, W) in [0, 1] -> uint8 (H, W, 3)."""
-    image = condition[0].float().cpu().clamp(0, 1)
-    image = image.expand(3, -1, -1) if image.shape[0] == 1 else image[:3]
-    return np.uint8(image.permute(1, 2, 0).numpy() * 255 + 0.5)
-
-
-def conditions_preview(conditions) -> np.ndarray:
-    """Every condition the networks saw, side by side (black: one left out)."""
-    shown = [condition_preview(c) for c in conditions if c is not None]
-    return np.concatenate([condition_preview(c) if c is not None else np.zeros_like(shown[0]) for c in conditions], 1)
 
 
 class Demo:
@@ -251,7 +238,7 @@ class Demo:
                           annotate=annotate, num_images_per_prompt=num_images,
                           num_inference_steps=steps, guidance_scale=float(guidance),
                           generator=torch.Generator().manual_seed(seed), callback_on_step_end=step_end)
-            seen = conditions_preview(pipe.last_conditions)
+            seen = conditions_preview(pipe.last_conditions, (native, native))
         took = time.perf_counter() - start
         second = f" + {adapters[1].parent.name}/ at scale {float(second_scale):g} ({compose})" if composed else ""
         info = (f"{' + '.join(m['method'] or 'no' for m in pipe.adapters_metadata)} adapter, "

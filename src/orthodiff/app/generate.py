@@ -28,7 +28,8 @@ from PIL import Image
 
 from orthodiff.adapter import AdapterFile
 from orthodiff.app.preflight import check_base_model
-from orthodiff.models.base import resolve_pretrained
+from orthodiff.eval.control_metrics import to_uint8
+from orthodiff.models.base import load_pipeline
 from orthodiff.pipelines import OrthodiffPipeline
 
 SCHEDULERS = {  # name -> diffusers class, built from the base model's scheduler config
@@ -56,7 +57,8 @@ class GenerateConfig:
     annotate: str = "auto"            # auto | always | never (see orthodiff.pipelines.load_condition)
     height: int | None = None         # None: the base model's native size
     width: int | None = None
-    base: str | None = None           # None: the base model named in the adapter
+    base: str | None = None           # None: the base model named in the adapter; or a single-file .safetensors/.ckpt
+    original_config: str | None = None  # a single-file base's config folder or YAML (when diffusers cannot infer it offline)
     device: str = "auto"              # auto: cuda when available, else cpu
     dtype: str = "auto"               # auto: float16 on cuda, float32 on cpu; or float32/float16/bfloat16
     merge: bool = True                # fold the adapter into the weights: base-model speed
@@ -88,22 +90,14 @@ def as_list(value) -> list:
 
 
 def build_pipeline(adapter: Path | AdapterFile | list, base: str | None, device: str, dtype: torch.dtype,
-                   allow_other_base: bool = False, scales=None, compose: str = "product"):
+                   allow_other_base: bool = False, scales=None, compose: str = "product",
+                   original_config: str | None = None):
     """The pipeline with the adapter (or the adapters, composed) loaded; the first adapter's metadata.
     Paths are read here, once (a foreign file fails before a base model loads)."""
     adapters = [AdapterFile.of(a) for a in as_list(adapter)]
     meta = adapters[0].meta
     check_base_model(base_key(base), base or meta["base_model"])
-    source = resolve_pretrained(base or meta["base_model"])
-    if not Path(source).exists() and "/" not in source:
-        raise FileNotFoundError(f"base model {source!r} is neither a local folder nor a hub id: "
-                                "pass base=<diffusers folder or hub id>")
-    try:
-        pipe = OrthodiffPipeline.from_pretrained(source, torch_dtype=dtype, safety_checker=None,
-                                                 requires_safety_checker=False)
-    except (OSError, ValueError) as error:
-        raise FileNotFoundError(f"cannot load the base model {source!r} ({error}); pass base=<diffusers folder "
-                                "or hub id> (hub ids need network or the HF cache)") from None
+    pipe = load_pipeline(base or meta["base_model"], OrthodiffPipeline, dtype, original_config)
     if len(adapters) == 1 and scales is None:
         pipe.load_adapter(adapters[0], allow_other_base=allow_other_base)
     else:
@@ -123,7 +117,7 @@ def generate(cfg: GenerateConfig) -> Path:
     adapters = [AdapterFile.read(adapter_file(a)) for a in as_list(cfg.adapter)]
     meta = adapters[0].meta
     # The base model (with its tokenizer) is checked before any model loads.
-    check_base_model(base_key(cfg.base), cfg.base or meta["base_model"])
+    check_base_model(base_key(cfg.base), cfg.base or meta["base_model"], "original_config", cfg.original_config)
     if meta["task"] == "subject":
         if len(adapters) > 1 or cfg.scales is not None:
             raise ValueError("adapter=[...] and scales= compose controllable-generation adapters; for a second "
@@ -135,7 +129,7 @@ def generate(cfg: GenerateConfig) -> Path:
     if cfg.condition is None:
         raise ValueError("condition= is required: this adapter is for controllable generation (give an image)")
     pipe, meta = build_pipeline(adapters if len(adapters) > 1 else adapters[0], cfg.base, device, DTYPES[dtype_name],
-                                cfg.allow_other_base, cfg.scales, cfg.compose)
+                                cfg.allow_other_base, cfg.scales, cfg.compose, cfg.original_config)
     conditions = as_list(cfg.condition)
     if len(conditions) != len(pipe.conditions):
         raise ValueError(f"{len(conditions)} condition(s) for {len(pipe.conditions)} ({', '.join(pipe.conditions)}): "
@@ -156,45 +150,45 @@ def generate(cfg: GenerateConfig) -> Path:
                   guidance_scale=guidance, negative_prompt=cfg.negative_prompt or None,
                   generator=torch.Generator().manual_seed(cfg.seed))
     # The conditions as the networks saw them (annotated, resized; black: left out), beside the samples.
-    seen = [condition_image(c, result.images[0].size[::-1]) for c in pipe.last_conditions]
     methods = [m["method"] for m in pipe.adapters_metadata]
     record = {**asdict(cfg), "steps": steps, "guidance": guidance, "device": device, "dtype": dtype_name,
               "base_model": pipe.name_or_path, "method": methods[0] if len(methods) == 1 else methods,
               "control": "+".join(pipe.conditions)}
     return write_outputs(cfg.out, [np.asarray(image) for image in result.images], record,
-                         first=np.concatenate(seen, axis=1))
+                         first=conditions_preview(pipe.last_conditions, result.images[0].size[::-1]))
 
 
-def condition_image(condition: torch.Tensor | None, size: tuple[int, int]) -> np.ndarray:
-    """The first of a batch of encoded conditions as uint8 (H, W, 3); black for one left out (None)."""
-    if condition is None:
-        return np.zeros((*size, 3), np.uint8)
-    condition = condition[0].float().cpu()
-    condition = (condition.expand(3, -1, -1) if condition.shape[0] == 1 else condition).permute(1, 2, 0)
-    return np.uint8(condition.numpy() * 255)
+def conditions_preview(conditions: list, size: tuple[int, int]) -> np.ndarray:
+    """The first of each batch of encoded conditions, as the networks saw them, side by side as
+    uint8 (H, W * n, 3); black (H, W) = `size` for one left out (None)."""
+    shown = [np.zeros((*size, 3), np.uint8) if c is None else
+             to_uint8(c[:1, :3].float().expand(-1, 3, -1, -1) if c.shape[1] == 1 else c[:1, :3].float())[0]
+             for c in conditions]
+    return np.concatenate(shown, axis=1)
 
 
 def generate_subject(cfg: GenerateConfig, adapter: AdapterFile, device: str) -> Path:
     """A subject adapter's samples, from the training module's own DDIM sampler
     (OrthodiffPipeline.generate, float32: the images its validation drew; scheduler=, dtype=
     and merge= apply to controllable-generation adapters only)."""
-    pipe, meta = build_pipeline(adapter, cfg.base, device, torch.float32, cfg.allow_other_base)
+    pipe, meta = build_pipeline(adapter, cfg.base, device, torch.float32, cfg.allow_other_base,
+                                original_config=cfg.original_config)
     tokens = [meta["token"]]
     if cfg.second_concept:
         second = AdapterFile.read(adapter_file(cfg.second_concept))
         pipe.load_adapter(second, token=cfg.second_token)
         tokens.append(cfg.second_token or second.meta["token"])
-    # Subject adapters keep the training module's sampling defaults (25 steps, guidance 4, 64 px),
-    # whatever their file records (control adapters read theirs): what generate.py always gave.
-    steps, guidance = cfg.steps or 25, 4.0 if cfg.guidance is None else cfg.guidance
+    sampling = meta["sampling"]  # what the adapter was validated with (files before "size": native size)
+    steps = cfg.steps or sampling.get("steps", 25)
+    guidance = sampling.get("guidance", 4.0) if cfg.guidance is None else cfg.guidance
     with pipe.embedding.gate(cfg.beta, cfg.tau):
         images = pipe.generate([cfg.prompt] * cfg.num_images, seed=cfg.seed, steps=steps, guidance=guidance,
-                               size=cfg.height or cfg.width or 64)
+                               size=cfg.height or cfg.width or sampling.get("size"))
         gate = pipe.embedding.gate_settings()
     record = {**asdict(cfg), "steps": steps, "guidance": guidance, "device": device,
               "base_model": cfg.base or meta["base_model"], "method": meta["method"] or None, "token": meta["token"],
               "tokens": tokens, **gate}
-    return write_outputs(cfg.out, [np.uint8(image.permute(1, 2, 0).cpu().numpy() * 255) for image in images], record)
+    return write_outputs(cfg.out, list(to_uint8(images)), record)
 
 
 def write_outputs(out: str | None, images: list[np.ndarray], record: dict, first: np.ndarray | None = None) -> Path:

@@ -43,13 +43,11 @@ def resolve_pretrained(pretrained: str) -> str:
     return str(in_repo) if in_repo.exists() else pretrained
 
 
-def load_base_model(pretrained: str, dtype: torch.dtype = torch.float32,
-                    original_config: str | None = None) -> BaseModel:
-    """Load VAE, text encoder, tokenizer, UNet and scheduler of a Stable Diffusion model.
-
-    `pretrained` is a diffusers pipeline folder, a single-file checkpoint (.safetensors /
-    .ckpt in the original SD key layout; `original_config` is its config folder or YAML
-    when diffusers cannot infer it offline), or a hub id such as
+def load_pipeline(pretrained: str, pipeline_class=StableDiffusionPipeline, dtype: torch.dtype = torch.float32,
+                  original_config: str | None = None) -> StableDiffusionPipeline:
+    """A Stable Diffusion pipeline of `pipeline_class` from a diffusers pipeline folder, a
+    single-file checkpoint (.safetensors / .ckpt in the original SD key layout; `original_config`
+    is its config folder or YAML when diffusers cannot infer it offline), or a hub id such as
     "stable-diffusion-v1-5/stable-diffusion-v1-5" (needs network or the HF cache)."""
     source = resolve_pretrained(pretrained)
     kwargs = dict(torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
@@ -58,15 +56,22 @@ def load_base_model(pretrained: str, dtype: torch.dtype = torch.float32,
             if not Path(source).is_file():
                 raise FileNotFoundError(f"single-file checkpoint {source} does not exist")
             extra = {"config": original_config} if original_config else {}
-            pipe = StableDiffusionPipeline.from_single_file(source, **kwargs, **extra)
-        else:
-            if Path(source).is_dir() and not (Path(source) / "model_index.json").is_file():
-                raise FileNotFoundError(f"{source} is a folder but not a diffusers pipeline (no model_index.json)")
-            pipe = StableDiffusionPipeline.from_pretrained(source, **kwargs)
+            return pipeline_class.from_single_file(source, **kwargs, **extra)
+        if Path(source).is_dir() and not (Path(source) / "model_index.json").is_file():
+            raise FileNotFoundError(f"{source} is a folder but not a diffusers pipeline (no model_index.json)")
+        return pipeline_class.from_pretrained(source, **kwargs)
     except (OSError, ValueError, EnvironmentError) as error:
         raise RuntimeError(
             f"cannot load the base model {pretrained!r} (resolved to {source!r}): {error}\n"
-            "Give a diffusers folder, a single-file .safetensors/.ckpt, or a hub id with network "
-            "access; the embedded default is model=tiny (assets/tiny-sd).") from error
+            "Give a diffusers folder, a single-file .safetensors/.ckpt (with its config folder or YAML "
+            "when offline), or a hub id with network access; the embedded default is model=tiny "
+            "(assets/tiny-sd).") from error
+
+
+def load_base_model(pretrained: str, dtype: torch.dtype = torch.float32,
+                    original_config: str | None = None) -> BaseModel:
+    """Load VAE, text encoder, tokenizer, UNet and scheduler of a Stable Diffusion model
+    (load_pipeline says what `pretrained` and `original_config` may be)."""
+    pipe = load_pipeline(pretrained, dtype=dtype, original_config=original_config)
     return BaseModel(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
                      unet=pipe.unet, noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config))
