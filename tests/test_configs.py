@@ -42,7 +42,7 @@ def compose_train(overrides: list[str], conf: Path = CONF):
 
 def experiment_lr(name: str) -> float | str | None:
     """The learning rate an experiment file (or the base it includes) sets, read from YAML
-    (an interpolation such as ${method.control_lr} comes back as its string)."""
+    (an interpolation such as ${method.tiny_control_lr} comes back as its string)."""
     config = OmegaConf.load(CONF / "experiment" / f"{name}.yaml")
     lr = OmegaConf.to_container(config).get("module", {}).get("optimizer", {}).get("lr")
     for entry in config.get("defaults", []):
@@ -85,8 +85,8 @@ def test_each_experiment_with_each_method_composes_the_methods_own_adapter(exper
             no_unet_adapter = method in ("hint", "controlnet", "t2i_adapter", "t2i_adapter_light")
             assert (cfg.adapter is None) == no_unet_adapter
         lr = experiment_lr(experiment)
-        if lr == "${method.control_lr}":
-            lr = cfg.method.control_lr  # the tiny control experiments train at the method's own lr
+        if lr == "${method.tiny_control_lr}":
+            lr = cfg.method.tiny_control_lr  # the tiny control experiments train at the method's own lr
         if lr is not None:
             assert cfg.module.optimizer.lr == lr, (experiment, method)
 
@@ -146,7 +146,7 @@ def test_model_configs_carry_no_method_settings():
 
 
 def test_the_methods_learning_rate_reaches_the_module():
-    cfg = compose_train(["experiment=canny", "method=lora", "method.control_lr=3e-4"])
+    cfg = compose_train(["experiment=canny", "method=lora", "method.tiny_control_lr=3e-4"])
     module = instantiate(cfg.module)
     optimizer = module.configure_optimizers()
     assert optimizer.param_groups[0]["lr"] == 3e-4

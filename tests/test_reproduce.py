@@ -272,6 +272,11 @@ def test_a_finished_cell_is_reused_until_its_overrides_or_base_weights_change(tm
     assert cells.train_cell(cfg, "cell", ["method=lora"])["run"] == 4 and "resume=" not in " ".join(launches[-1])
     # Where a run checkpoints is not part of its identity.
     assert cells.train_cell(cfg, "cell", ["method=lora", "callbacks.checkpoint.every_n_train_steps=7"])["run"] == 4
+    # A cell recorded under a key's old name is the same cell under its new one.
+    record = tmp_path / "cell" / "overrides.json"
+    record.write_text(json.dumps({**json.loads(record.read_text()), "overrides": ["method=lora", "method.control_lr=0.01"]}))
+    assert cells.train_cell(cfg, "cell", ["method=lora", "method.tiny_control_lr=0.01"])["run"] == 4
+    assert cells.train_cell(cfg, "cell", ["method=lora", "method.tiny_control_lr=0.03"])["run"] == 5
 
 
 def test_a_cell_that_died_part_way_resumes_from_its_last_validations_checkpoint(tmp_path, monkeypatch):
@@ -371,9 +376,9 @@ def test_cell_schedules_curves_on_the_first_control_and_the_base_row_on_every_co
     assert (canny["trainer.max_steps"], canny["trainer.val_check_interval"], canny["validate_at_start"]) == ("2000", "200", "True")
     assert (seg["trainer.max_steps"], seg["trainer.val_check_interval"], seg["validate_at_start"]) == ("1000", "1000", "False")
     assert base_seg["validate_at_start"] == "True"  # methods[0]'s step 0 is the base model's row
-    search = settings("coft", "canny", 0, ["method.control_lr=0.003"], 500, False, False)
+    search = settings("coft", "canny", 0, ["method.tiny_control_lr=0.003"], 500, False, False)
     assert (search["trainer.max_steps"], search["trainer.val_check_interval"], search["validate_at_start"],
-            search["method.control_lr"]) == ("500", "500", "False", "0.003")
+            search["method.tiny_control_lr"]) == ("500", "500", "False", "0.003")
 
 
 def cell_dir(root: Path, name: str, method: str) -> str:
@@ -590,7 +595,7 @@ def test_the_hint_encoder_trains_at_its_own_lr(method):
     from hydra.utils import instantiate
 
     with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
-        cfg = compose("train", overrides=["experiment=canny", f"method={method}", "method.control_lr=2e-4",
+        cfg = compose("train", overrides=["experiment=canny", f"method={method}", "method.tiny_control_lr=2e-4",
                                           "module.hint_lr=7e-3"])
     module = instantiate(cfg.module)
     control = {id(p) for p in module.control_network.parameters()}

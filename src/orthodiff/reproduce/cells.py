@@ -142,11 +142,22 @@ CHECKPOINT_AT_VALIDATION = ("callbacks.checkpoint.every_n_train_steps=null", "ca
                             "callbacks.checkpoint.save_last=link")
 
 
+# Config keys renamed since cells were first recorded: old name -> new (the same setting).
+RENAMED_KEYS = {"method.control_lr=": "method.tiny_control_lr="}
+
+
+def current_name(override: str) -> str:
+    for old, new in RENAMED_KEYS.items():
+        if override.startswith(old):
+            return new + override[len(old):]
+    return override
+
+
 def cell_identity(overrides: list[str], embedded_model: str | None = None) -> dict:
-    """What makes two runs the same cell (a run's overrides.json): its overrides, less where
-    it checkpoints (that does not change what a run learns), and the embedded base model's
-    weights (default: today's)."""
-    return {"overrides": [o for o in overrides if not o.startswith("callbacks.checkpoint.")],
+    """What makes two runs the same cell (a run's overrides.json): its overrides under today's
+    key names, less where it checkpoints (that does not change what a run learns), and the
+    embedded base model's weights (default: today's)."""
+    return {"overrides": [current_name(o) for o in overrides if not o.startswith("callbacks.checkpoint.")],
             "embedded_model": embedded_model or embedded_model_digest()}
 
 

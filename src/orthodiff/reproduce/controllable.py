@@ -105,7 +105,7 @@ def table(cfg: DictConfig) -> Path:
              f"{cfg.eval_samples} test scenes of {first_control}, seed {first_seed}. s/step: training steps only, the median "
              f"over the {first_control} cells' seeds. Peak memory is the process's peak "
              "resident memory on CPU (base model included) or CUDA's allocator peak on GPU. Each method trains at its "
-             "own method.control_lr (conf/method/<method>.yaml; table=lr_search chooses it).",
+             "own method.tiny_control_lr (conf/method/<method>.yaml; table=lr_search chooses it).",
              f"Reference rows, scored like the cells (same validation scenes and scorer): '{REAL}' is the ceiling by "
              f"definition, '{THROUGH_VAE}' (posterior mean, decoded) the ceiling of any method decoding through this "
              f"VAE, '{base_label(cfg)}' the base model without control ({cfg.methods[0]}'s adapter is the identity "

@@ -120,7 +120,7 @@ def table(cfg: DictConfig) -> Path:
     notes = [f"{control}, {cfg.schedule.steps} steps of batch {cfg.schedule.batch_size}, final {key} on the first "
              f"{cfg.schedule.val_items} validation scenes; mean [95 % CI] over the row's seeds ({list(cfg.seeds)}, "
              f"or the first two for frontier.two_seeds: {list(cfg.frontier.two_seeds) or 'none cut'}). Every r and "
-             "rank trains at its method's lr (method.control_lr, chosen for r = 4 and rank 4 by table=lr_search); the "
+             "rank trains at its method's lr (method.tiny_control_lr, chosen for r = 4 and rank 4 by table=lr_search); the "
              "hint encoder at its own module.hint_lr.",
              f"At the paper's OFT/LoRA parameter ratio ({cfg.frontier.paper_ratio:g}x on SD 1.5, r = 4 against rank 4): "
              f"{paper_pair[0]} against {paper_pair[1]}, {ratio[paper_pair]:.1f}x here. At equal parameters: "

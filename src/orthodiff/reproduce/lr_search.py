@@ -2,11 +2,11 @@
 each lr in lr_search.lrs, one seed, the first control, lr_search.steps steps validated at the
 end; per method every lr's score and the best. The hint encoder has an lr of its own, the same
 for every method that trains it: method=hint's row searches it (module.hint_lr), and every
-other row searches the method's own lr (method.control_lr: its UNet adapter's, or for
+other row searches the method's own lr (method.tiny_control_lr: its UNet adapter's, or for
 ControlNet and the T2I-Adapters their control network's) with the hint encoder at its
 committed lr. The chosen values are not applied here: a person commits them (hint's as
 module.hint_lr in conf/experiment/base/tiny_control.yaml, first; the others' as
-method.control_lr in conf/method/<method>.yaml)."""
+method.tiny_control_lr in conf/method/<method>.yaml)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def methods(cfg: DictConfig) -> list[str]:
 
 def searched_key(method: str) -> str:
     """The config key a method's row searches: the hint encoder's own lr for the encoder alone."""
-    return "module.hint_lr" if method == "hint" else "method.control_lr"
+    return "module.hint_lr" if method == "hint" else "method.tiny_control_lr"
 
 
 def cells(cfg: DictConfig) -> list[tuple]:
@@ -59,7 +59,7 @@ def table(cfg: DictConfig) -> Path:
              "the last step; n/a: the loss diverged. The hint encoder trains at its own module.hint_lr in every row "
              "but hint's, where that lr is the one searched.",
              "To apply: commit hint's best as `module.hint_lr` in conf/experiment/base/tiny_control.yaml before the "
-             "other rows run, and each other method's best as `method.control_lr` in conf/method/<method>.yaml (a "
+             "other rows run, and each other method's best as `method.tiny_control_lr` in conf/method/<method>.yaml (a "
              "person does this after the run). Cells are keyed on their overrides, not on config files: cells "
              "trained before a commit must be deleted from runs_dir, or use a fresh runs_dir."]
     return write_report(cfg, "lr_search", f"Learning-rate search ({control}, equal budget)", rows, notes,
