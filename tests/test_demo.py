@@ -178,9 +178,10 @@ def test_adapters_are_found_under_the_folders(tmp_path, adapter):
 
 def test_twenty_concurrent_requests_are_answered_or_refused_and_memory_settles(server, client, adapter, photo):
     """20 /generate requests at once against one server (one generation at a time, a queue of
-    orthodiff.app.demo.MAX_QUEUE behind it): each is answered or refused with a message, the
-    server keeps serving, and its resident memory ends within 10 % of where it started
-    (after a first request loaded the pipeline)."""
+    orthodiff.app.demo.MAX_QUEUE behind it), three rounds in a row: each request is answered or
+    refused with gradio's queue message, none dropped, the server keeps serving, and its
+    resident memory ends within 10 % of where it started (after a first request loaded the
+    pipeline)."""
     psutil = pytest.importorskip("psutil")
     from orthodiff.app.demo import MAX_QUEUE
 
@@ -190,23 +191,20 @@ def test_twenty_concurrent_requests_are_answered_or_refused_and_memory_settles(s
     generate(client, **{**kwargs, "condition": handle_file(str(photo))})  # loads the pipeline
     server_process = psutil.Process(process.pid)
     before = server_process.memory_info().rss
-    jobs = [client.submit(**{**kwargs, "condition": handle_file(str(photo)), "seed": k}, api_name="/generate")
-            for k in range(20)]
-    answered, refused = 0, []
-    for job in jobs:
-        try:
-            _, gallery, _ = job.result(timeout=240)
-            assert len(gallery) == 1
-            answered += 1
-        except Exception as error:  # refused: the queue was full
-            refused.append(f"{type(error).__name__}: {error}")
-    assert answered >= MAX_QUEUE // 2 and answered + len(refused) == 20, refused
-    # Refusals carry gradio's queue message. Under this load the HTTP layer has also been seen
-    # to drop one connection without a reply (1 of 20, in 1 of 2 clean-clone runs): that is a
-    # known gap, bounded here to one request, not a refusal with a message (README, fault table).
-    dropped = [message for message in refused if "queue" not in message.lower()]
-    assert len(dropped) <= 1 and all("RemoteProtocolError" in message for message in dropped), refused
-    assert process.poll() is None, log.read_text()[-3000:]
+    for round in range(3):
+        jobs = [client.submit(**{**kwargs, "condition": handle_file(str(photo)), "seed": k}, api_name="/generate")
+                for k in range(20)]
+        answered, refused = 0, []
+        for job in jobs:
+            try:
+                _, gallery, _ = job.result(timeout=240)
+                assert len(gallery) == 1
+                answered += 1
+            except Exception as error:  # refused: the queue was full
+                refused.append(f"{type(error).__name__}: {error}")
+        assert answered >= MAX_QUEUE // 2 and answered + len(refused) == 20, (round, refused)
+        assert all("queue" in message.lower() for message in refused), (round, refused)  # none dropped
+        assert process.poll() is None, log.read_text()[-3000:]
     condition, _, _ = generate(client, **{**kwargs, "condition": handle_file(str(photo))})  # still serving
     assert np.asarray(Image.open(condition)).shape[:2] == (64, 64)
     after = server_process.memory_info().rss
