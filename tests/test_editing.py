@@ -492,8 +492,20 @@ def test_reproduce_table_edit_writes_the_report(tmp_path):
         assert (tmp_path / name).is_file() and f"]({name})" in report
 
 
-def test_table_edit_refuses_a_bad_pair_before_loading_a_model(tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / "reproduce.py"), "table=edit", f"out_dir={tmp_path}",
-                             f"edit.pairs=[['{NEUTRAL}','{NEUTRAL}']]"], capture_output=True, text=True, cwd=ROOT,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode != 0 and "same scene" in result.stderr and not (tmp_path / "edit.md").exists()
+def test_table_edit_refuses_a_bad_pair_before_loading_a_model(tmp_path, monkeypatch):
+    """reproduce.py table=edit, in process (reproduce.py prints the ValueError as one line):
+    the pair is refused before a model loads or a report is written."""
+    from hydra import compose, initialize_config_dir
+
+    from orthodiff.reproduce import edit, reproduce
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the pairs were checked")
+
+    monkeypatch.setattr(edit, "load_edit_model", no_model)
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
+        cfg = compose("reproduce", overrides=["table=edit", f"out_dir={tmp_path}",
+                                              f"edit.pairs=[['{NEUTRAL}','{NEUTRAL}']]"])
+    with pytest.raises(ValueError, match="same scene"):
+        reproduce(cfg)
+    assert not (tmp_path / "edit.md").exists()

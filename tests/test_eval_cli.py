@@ -50,11 +50,23 @@ def test_eval_writes_control_fid_and_alignment_figures(adapter_dir, shapes_root,
     assert (tmp_path / "grid.png").is_file()
 
 
-def test_eval_rejects_another_control_type_naming_both(adapter_dir, shapes_root, tmp_path):
-    result = run_eval(f"ckpt={adapter_dir}", "control=seg", f"data.train.root={shapes_root}", "num_samples=4",
-                      f"hydra.run.dir={tmp_path}")
-    assert result.returncode != 0
-    assert "'canny' adapter" in result.stderr and "control=seg" in result.stderr
+def evaluate_in_process(*overrides: str) -> str:
+    """The message eval.py would print for a refused run (eval.py turns these errors into one
+    line; test_eval_names_a_missing_checkpoint checks that on the command line)."""
+    from hydra import compose, initialize_config_dir
+
+    from orthodiff.app.evaluate import evaluate
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
+        cfg = compose("eval", overrides=list(overrides))
+    with pytest.raises((ValueError, FileNotFoundError)) as error:
+        evaluate(cfg)
+    return str(error.value)
+
+
+def test_eval_rejects_another_control_type_naming_both(adapter_dir, shapes_root):
+    message = evaluate_in_process(f"ckpt={adapter_dir}", "control=seg", f"data.train.root={shapes_root}", "num_samples=4")
+    assert "'canny' adapter" in message and "control=seg" in message
 
 
 def test_eval_rejects_another_base_model_naming_both(adapter_dir, shapes_root, tmp_path):
@@ -65,12 +77,13 @@ def test_eval_rejects_another_base_model_naming_both(adapter_dir, shapes_root, t
     pipe = StableDiffusionPipeline.from_pretrained(ROOT / "assets/tiny-sd")
     pipe.unet = build_unet(channels=(32, 64, 64))  # other target-layer shapes
     pipe.save_pretrained(tmp_path / "other-sd")
-    result = run_eval(f"ckpt={adapter_dir}", f"model.pretrained={tmp_path / 'other-sd'}",
-                      f"data.train.root={shapes_root}", "num_samples=4", f"hydra.run.dir={tmp_path / 'out'}")
-    assert result.returncode != 0
-    assert "assets/tiny-sd" in result.stderr and str(tmp_path / "other-sd") in result.stderr
+    message = evaluate_in_process(f"ckpt={adapter_dir}", f"model.pretrained={tmp_path / 'other-sd'}",
+                                  f"data.train.root={shapes_root}", "num_samples=4")
+    assert "assets/tiny-sd" in message and str(tmp_path / "other-sd") in message
 
 
 def test_eval_names_a_missing_checkpoint(tmp_path):
+    """On the command line: one line, no traceback."""
     result = run_eval(f"ckpt={tmp_path / 'nothing'}", f"hydra.run.dir={tmp_path}")
     assert result.returncode != 0 and "no such adapter file or run directory" in result.stderr
+    assert "Traceback" not in result.stderr

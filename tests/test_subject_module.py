@@ -164,13 +164,25 @@ def test_train_cli_runs_each_method(tmp_path):
 
 
 def test_a_control_run_refuses_a_subject_method_before_reading_data(tmp_path):
-    # A data root that does not exist: the refusal must come before the data is read.
-    result = subprocess.run([sys.executable, "train.py", "experiment=canny", "method=textual_inversion",
-                             f"data.train.root={tmp_path / 'nowhere'}", f"hydra.run.dir={tmp_path}"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert "method=textual_inversion does not fit experiment=canny" in result.stderr
-    assert "experiment=dreambooth" in result.stderr and "nowhere" not in result.stderr
+    """train.py's first check (app.train.check_method_fits), in process: one line naming both."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    from orthodiff.app.train import check_method_fits
+
+    # A data root that does not exist: the refusal must not name (or need) the data.
+    with initialize_config_dir(version_base="1.3", config_dir=str(Path(__file__).resolve().parents[1] / "conf")):
+        cfg = compose("train", overrides=["experiment=canny", "method=textual_inversion",
+                                          f"data.train.root={tmp_path / 'nowhere'}"], return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)  # as @hydra.main does: the message names the experiment chosen
+    try:
+        with pytest.raises(SystemExit) as refused:
+            check_method_fits(cfg)
+    finally:
+        HydraConfig.instance().cfg = None  # no Hydra run left behind for the worker's next test
+    message = str(refused.value)
+    assert message.startswith("train.py: method=textual_inversion does not fit experiment=canny")
+    assert "experiment=dreambooth" in message and "nowhere" not in message and "\n" not in message
 
 
 GENERATED = subject_images("badge_circle", 2, seed=5)  # stand-ins for generated images
