@@ -231,3 +231,14 @@ def test_frechet_distance_of_known_gaussians():
     # N(0, I) vs N(m, 4 I): |m|^2 + 3 * (1 + 4 - 2 * 2), up to sampling noise
     b = 2 * rng.standard_normal((4000, 3)) + np.array([1.0, 2.0, 0.0])
     assert frechet_distance(a, b) == pytest.approx(5 + 3, rel=0.05)
+
+
+def test_the_shipped_oracles_load_from_any_working_directory(tmp_path, monkeypatch):
+    """edit.py, eval.py and train.py run from outside the repository find assets/oracles, as
+    they find assets/tiny-sd."""
+    from orthodiff.app.preflight import check_oracle
+    from orthodiff.eval.oracles import load_oracle
+
+    monkeypatch.chdir(tmp_path)
+    check_oracle("clip_model", None, "classifier")  # raises MissingResourceError when not found
+    assert load_oracle("classifier") is not None

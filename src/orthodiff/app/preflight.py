@@ -131,12 +131,11 @@ def check_base_model(key: str, value, original_config_key: str | None = None, or
 
 
 def check_oracle(key: str, value, name: str) -> None:
-    """A shapes-world evaluator network under assets/oracles (relative to the working
-    directory, as load_oracle reads it)."""
+    """A shapes-world evaluator network under the repository's assets/oracles (load_oracle's)."""
     folder = ORACLES / name
     if not (folder / "config.json").is_file() or not any(p.suffix in WEIGHT_SUFFIXES for p in folder.glob("*")):
         fail(key, value, f"the shapes {name} oracle {folder} is missing",
-             f"run from the repository root, or make it with `{ORACLES_COMMAND} --out {ORACLES}`")
+             f"make it with `{ORACLES_COMMAND} --out {ORACLES}`")
 
 
 def check_control_evaluator(key: str, value, control: str) -> None:

@@ -49,11 +49,12 @@ from orthodiff.data.shapes import (
     shape_depth,
 )
 from orthodiff.eval.metrics import classifier_scores, depth_rmse, landmark_scores, segmentation_scores
+from orthodiff.models.tiny_sd import ASSETS
 
 IMAGE_SIZE = REFERENCE_SIZE
 PAIRS = tuple((color, kind) for color in COLORS for kind in SHAPES)  # index c * 4 + k
 ORACLES = ("segmenter", "depth", "keypoints", "classifier")
-DEFAULT_PATH = Path("assets/oracles")
+DEFAULT_PATH = ASSETS / "oracles"  # the repository's, whatever the working directory
 TRAIN_COMMAND = "python scripts/train_oracles.py"
 DEPTH_LEVELS = (1.0,) + tuple(shape_depth(z) for z in range(MAX_SHAPES))  # background first
 
