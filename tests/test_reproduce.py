@@ -52,7 +52,7 @@ def test_unknown_table_lists_the_valid_ones(tmp_path):
         bogus, no_jobs = pool.map(lambda args: reproduce(*args, f"out_dir={tmp_path}"), [["table=bogus"],
                                                                                           ["table=params", "jobs=0"]])
     assert bogus.returncode != 0
-    assert ("params, lr_search, controllable, convergence, energy, ablation, radius, frontier, length, subject, edit, multi, claims, "
+    assert ("params, lr_search, controllable, convergence, energy, ablation, radius, frontier, length, subject_lr_search, subject, edit, multi, claims, "
             "all") in bogus.stderr
     assert no_jobs.returncode != 0 and "jobs=0" in no_jobs.stderr
 
@@ -103,8 +103,9 @@ def test_all_tables_on_a_two_step_schedule(shapes_root, tmp_path):
         "radius.eps=[1e-3]", "radius.references=[hint]", "frontier.oft_blocks=[4]", "frontier.lora_ranks=[4]",
         "frontier.others=[coft_matched,hint]", "frontier.against=[lora_r4,hint]", "length.methods=[coft,lora]",
         "length.steps=2", "length.val_every=1", "length.at=[1,2]", "length.pairs=[[coft,lora]]",
-        "subject.methods=[coft,textual_inversion,perfusion]", "subject.subjects=[badge_circle]",
-        f"subject.train_overrides=[{quoted(subject_fixture(tmp_path))}]",
+        "subject.methods=[coft,textual_inversion,perfusion]", "subject.subjects=[badge_circle]", "subject.seeds=[0,1]",
+        f"subject.train_overrides=[{quoted(subject_fixture(tmp_path))}]", "subject.lr_search_methods=[textual_inversion]",
+        "subject.lrs=[1e-3,1e-2]", "claims.subject_baselines=[textual_inversion]",
         "edit.steps=3", "edit.seeds=2", "edit.learn_seeds=1", "edit.real_images=1", "edit.iterations=1",
         "edit.null_iterations=1", "edit.cap=1", "edit.pair_seeds=1", "edit.pairs=[]",
         "multi.methods=[coft,controlnet]", "multi.pairs=[[canny,seg]]", "multi.mean_methods=[coft]", "multi.scenes=2",
@@ -221,13 +222,23 @@ def test_all_tables_on_a_two_step_schedule(shapes_root, tmp_path):
     assert all(row["verdict"] == "holds" for row in claims if row["from"] == "table=params")
 
     subject = {row["method"]: row for row in read_csv(reports / "subject.csv")}
+    assert subject["coft"]["runs"] == "2" and "[" in subject["coft"]["subject_fidelity"]  # mean [95 % CI] over seeds
+    assert len(read_csv(reports / "subject_runs.csv")) == 2 * 4 + 2  # 2 seeds x (base + 3 methods) + 2 ideal rows
+    searched = read_csv(reports / "subject_lr_search.csv")
+    assert [row["method"] for row in searched] == ["textual_inversion"] and searched[0]["best lr"] in ("0.001", "0.01")
+    assert (runs / "subject-badge_circle-textual_inversion-lr0.01-s0").is_dir()
+    subject_claims = [row for row in read_csv(reports / "claims.csv") if row["from"] == "table=subject"]
+    assert len(subject_claims) == 2 * 3  # coft and oft against textual_inversion, three claims each
+    decided_rows = [row for row in subject_claims if row["claim"].startswith("coft ")]
+    assert all(row["n"] == "2/2" and row["verdict"] in VERDICTS for row in decided_rows), decided_rows
+    assert all("not run" in row["reason"] for row in subject_claims if row["claim"].startswith("oft "))
     assert set(subject) == {"base model (step 0 of coft)", "coft", "textual_inversion", "perfusion", "ideal images",
                             "ideal images through the VAE"}
     assert subject["perfusion"]["no_token_kind change, every prompt edited"] not in ("", "n/a")
     assert float(subject["textual_inversion"]["seconds per subject"]) > 0
     # The rendered ideal answers are the subject: far above the base model's samples.
     ideal = float(subject["ideal images"]["subject_fidelity"])
-    assert ideal > float(subject["base model (step 0 of coft)"]["subject_fidelity"]) + 0.2
+    assert ideal > float(subject["base model (step 0 of coft)"]["subject_fidelity"].split()[0]) + 0.2
     assert int(float(subject["textual_inversion"]["trainable params"])) == 64  # the tiny text width
     assert (reports / "subject_samples_badge_circle.png").is_file()
     assert "coft: eps 0.0025 in the paper convention" in (reports / "subject.md").read_text()  # task_method/subject_coft

@@ -21,10 +21,20 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from orthodiff.eval.control_metrics import headline_metric
-from orthodiff.reproduce import ablation, controllable, convergence, energy, frontier, length, paper
+from orthodiff.models.base import load_base_model
+from orthodiff.models.tiny_sd import TINY_SD_PATH
+from orthodiff.reproduce import ablation, controllable, convergence, energy, frontier, length, paper, subject
 from orthodiff.reproduce.cells import method_setting, run_cell
 from orthodiff.reproduce.params import PAPER_TOTALS_M, parameter_table
-from orthodiff.reproduce.report import coft_note, control_settings, final_figure, higher_is_better, mean_std, write_report
+from orthodiff.reproduce.report import (
+    coft_note,
+    control_settings,
+    final_figure,
+    finite_mean,
+    higher_is_better,
+    mean_std,
+    write_report,
+)
 from orthodiff.reproduce.stats import (
     CANNOT,
     EQUIVALENT,
@@ -315,11 +325,63 @@ def r_rows(cfg: DictConfig, cells: Cells) -> list[dict]:
                 "ablation")]
 
 
+# The paper's DreamBooth claims (its subject-driven table: DINO / CLIP-I, CLIP-T), in our scorer's terms.
+SUBJECT_CLAIMS = (("subject_fidelity", "keeps the subject better than", "higher subject fidelity (DINO, CLIP-I)"),
+                  ("prompt_fidelity", "follows the prompt at least as well as", "comparable prompt fidelity (CLIP-T)"),
+                  ("no_token_kind", "forgets less than", "less forgetting of the class (qualitative)"))
+
+
+def subject_rows(cfg: DictConfig) -> list[dict]:
+    """OFT and COFT against DreamBooth-style full finetuning and LoRA on table=subject's cells: every
+    (subject, seed) run is one sample of its arm. Forgetting compares the no-token kind recognition
+    each run keeps (the base model's is the same for both arms). Equivalence margins: 5 % of the
+    range from the base model to the ideal images through the VAE (subject fidelity; none off the
+    embedded default) or to 1."""
+    methods = cfg.subject.methods
+    base_runs = subject.seed_runs(cfg, methods[0])
+    base = {key: finite_mean([r["step0"].get(key, math.nan) for r in base_runs]) for key, *_ in SUBJECT_CLAIMS} \
+        if base_runs else {}
+    embedded = not any(o.split("=")[0].lstrip("+~") in ("model", "data") for o in cfg.subject.train_overrides)
+    ceilings = {}  # computed once, when a row needs it
+
+    def margin(key: str) -> float | None:
+        if key != "subject_fidelity":
+            return equivalence_margin(base[key], 1.0)
+        if not embedded:
+            return None  # another model or data: the tiny VAE's ceiling is not theirs
+        if key not in ceilings:
+            ceilings[key] = subject_ceiling_of(cfg)
+        return equivalence_margin(base[key], ceilings[key])
+
+    rows = []
+    for ours in cfg.claims.ours:
+        for baseline in cfg.claims.subject_baselines:
+            missing = [m for m in (ours, baseline) if m not in methods]
+            arms = None if missing else (subject.seed_runs(cfg, ours), subject.seed_runs(cfg, baseline))
+            for key, verb, figure in SUBJECT_CLAIMS:
+                claim = f"{ours} {verb} {baseline} in subject-driven generation ({key})"
+                if arms is None or None in arms or not base:
+                    rows.append(row(claim, f"the paper: {figure}", "", not_run("subject", missing), "subject"))
+                    continue
+                a, b = ([r["final"].get(key, math.nan) for r in runs] for runs in arms)
+                rows.append(row(claim, f"the paper: {figure}", f"{ours} {mean_std(a)} vs {baseline} {mean_std(b)}",
+                                compare(a, b, True, margin(key)), "subject"))
+    return rows
+
+
+def subject_ceiling_of(cfg: DictConfig) -> float:
+    """The mean subject fidelity of ideal answers through the tiny VAE over table=subject's subjects."""
+    vae = load_base_model(str(TINY_SD_PATH)).vae.eval()
+    return finite_mean([subject.subject_ceiling(s, vae)["ideal images through the VAE"]["subject_fidelity"]
+                        for s in cfg.subject.subjects])
+
+
 def table(cfg: DictConfig) -> Path:
     cells = Cells(cfg)
     rows = second_edition(cfg, cells, decided([*consistency_rows(cfg, cells), *convergence_rows(cfg, cells),
                                                 *parameter_rows(cfg), *energy_rows(cfg, cells),
-                                                *stability_rows(cfg, cells), *r_rows(cfg, cells)]))
+                                                *stability_rows(cfg, cells), *r_rows(cfg, cells),
+                                                *subject_rows(cfg)]))
     counts = {v: sum(r["verdict"] == v for r in rows) for v in VERDICTS}
     notes = [f"Verdicts: {counts[HOLDS]} hold, {counts[FAILS]} do not hold, {counts[EQUIVALENT]} equivalent, "
              f"{counts[CANNOT]} cannot tell.",
@@ -334,7 +396,7 @@ def table(cfg: DictConfig) -> Path:
              "on the validation grid) are decided by their means: p = 0 if they differ; both never reaching a "
              "level within the run: cannot tell. Parameter counts are exact "
              f"(no spread); hyperspherical energy is kept when |ΔHE|/HE < {ENERGY_KEPT:g} (float error).",
-             "Built from the cells of table=controllable, convergence, energy and ablation (and the params "
+             "Built from the cells of table=controllable, convergence, energy, ablation and subject (and the params "
              "computation); nothing is trained here. 'not run' names the table that trains the missing cells.",
              f"Second edition ({cfg.controls[0]}'s 'ours beats baseline' rows): the verdict again where the miniature "
              "is set as SD 1.5 is, one factor at a time: radius (COFT at the scale-matched eps, "
@@ -344,6 +406,9 @@ def table(cfg: DictConfig) -> Path:
              "factor's comparisons are one Holm family. 'what moves it' names the factors whose verdict differs "
              "from the default's. The encoder's lr is no factor here: every row, default included, trains the hint "
              "encoder at its own module.hint_lr (table=lr_search).",
+             "Subject rows (table=subject's cells): each (subject, seed) run is one sample of its arm; margins are 5 % "
+             "of the range from the base model to the ideal images through the VAE (subject fidelity) or to 1 "
+             "(prompt fidelity, no-token kind recognition, whose fall is forgetting).",
              "The paper's figures are SD 1.5 at full size; ours are the miniature's (tiny SD, shapes world), so the "
              "claims are compared in direction, not value.",
              *coft_note([run for m in cfg.methods if (run := cells.get((m, cfg.controls[0], cfg.seeds[0])))])]

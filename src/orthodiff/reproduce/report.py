@@ -40,7 +40,13 @@ def lr_search_settings(cfg: DictConfig) -> str:
 
 
 def subject_settings(cfg: DictConfig) -> str:
-    return _settings(f"seed: {cfg.subject.seed}; each method's own settings (conf/task_method/subject_<method>.yaml)",
+    return _settings(f"seeds: {list(cfg.subject.seeds)}; each method's own settings "
+                     "(conf/task_method/subject_<method>.yaml)", cfg.subject.train_overrides)
+
+
+def subject_lr_search_settings(cfg: DictConfig) -> str:
+    return _settings(f"seed: {cfg.subject.seeds[0]}; subjects: {list(cfg.subject.subjects)}; module.optimizer.lr in "
+                     f"{[float(lr) for lr in cfg.subject.lrs]}; otherwise each method's own settings",
                      cfg.subject.train_overrides)
 
 

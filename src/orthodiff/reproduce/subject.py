@@ -3,7 +3,9 @@ on every subject, the base model, and the scores of ideal answers as a ceiling; 
 a new subject (seconds of training, or of encoding for method=encoder, whose one-off
 pretraining is not counted), and for Perfusion the forgetting of its edit applied to every
 prompt as the paper's code does (the deployed adapter edits only prompts naming the concept).
-`subject.methods=[perfusion,encoder]` restricts the cells."""
+Every (method, subject) on every seed of subject.seeds, mean and 95 % CI over them.
+`subject.methods=[perfusion,encoder]` restricts the cells. table=subject_lr_search
+(lr_search_table) searches each method's lr on the same subjects."""
 
 from __future__ import annotations
 
@@ -23,20 +25,40 @@ from orthodiff.eval.subject_metrics import SubjectScorer
 from orthodiff.models.base import load_base_model
 from orthodiff.models.tiny_sd import TINY_SD_PATH
 from orthodiff.reproduce.cells import cell_config, run_all, train_cell
-from orthodiff.reproduce.report import coft_note, fmt, labelled_grid, mean_std, out_dir, subject_settings, write_report
+from orthodiff.reproduce.lr_search import best_lr
+from orthodiff.reproduce.report import (
+    coft_note,
+    finite_mean,
+    fmt,
+    labelled_grid,
+    out_dir,
+    subject_lr_search_settings,
+    subject_settings,
+    write_report,
+)
+from orthodiff.reproduce.stats import mean_ci_text
 
 SUBJECT_SCORES = ("subject_fidelity", "prompt_fidelity", "background_accuracy", "diversity", "no_token_kind",
                   "no_token_color")
 
 
-def subject_cell(cfg: DictConfig, method: str, subject: str) -> dict:
+def subject_cell(cfg: DictConfig, method: str, subject: str, seed: int, extra=(), tag: str = "",
+                 cached_only: bool = False) -> dict | None:
     """One subject-driven cell: experiment=dreambooth with the method's own settings
-    (conf/task_method/subject_<method>.yaml). The first method also validates at step 0:
-    with its adapter still the identity, that is the base model."""
-    overrides = ["experiment=dreambooth", f"method={method}", f"data.subject={subject}", f"seed={cfg.subject.seed}",
+    (conf/task_method/subject_<method>.yaml) and `extra` overrides. The first method also
+    validates at step 0: with its adapter still the identity, that is the base model."""
+    overrides = ["experiment=dreambooth", f"method={method}", f"data.subject={subject}", f"seed={seed}",
                  f"validate_at_start={method == cfg.subject.methods[0]}", "logger=csv",
-                 "callbacks.progress_bar.refresh_rate=0", *cfg.subject.train_overrides]
-    return train_cell(cfg, f"subject-{subject}-{method}", overrides)
+                 "callbacks.progress_bar.refresh_rate=0", *cfg.subject.train_overrides, *extra]
+    return train_cell(cfg, f"subject-{subject}-{method}{tag}-s{seed}", overrides, cached_only)
+
+
+def seed_runs(cfg: DictConfig, method: str, subject: str | None = None) -> list[dict] | None:
+    """A method's finished subject cells (never trains): over every seed of one subject, or of
+    every subject; None while any is missing (table=claims)."""
+    subjects = [subject] if subject else list(cfg.subject.subjects)
+    runs = [subject_cell(cfg, method, s, seed, cached_only=True) for s in subjects for seed in cfg.subject.seeds]
+    return None if any(r is None for r in runs) else runs
 
 
 @torch.no_grad()
@@ -107,48 +129,62 @@ def sample_tiles(run_dir: Path, first: bool, size: int, rows: int) -> list[np.nd
     return [grid[k * size:(k + 1) * size, :size] for k in range(rows)]
 
 
+SCORE_COLUMNS = (*SUBJECT_SCORES, "no_token_kind change", "no_token_kind change, every prompt edited")
+COST_COLUMNS = ("trainable params", "adapter KB", "seconds per subject", "minutes", "peak memory MB")
+
+
+def run_row(cfg: DictConfig, run: dict, method: str, subject: str, seed: int, base: dict, embedded: bool) -> dict:
+    """One finished cell's scores, its forgetting against the base model of its seed, and its costs."""
+    kind = base.get("no_token_kind", math.nan)
+    extra = {}
+    adapter = AdapterFile.read(Path(run["run_dir"]) / "adapter.safetensors")
+    if embedded and adapter.embedding is not None and adapter.embedding.every_prompt_variant:
+        extra["no_token_kind change, every prompt edited"] = (
+            every_prompt_forgetting(run["run_dir"], adapter, subject)["no_token_kind"] - kind)
+    return {"method": method, "subject": subject, "seed": seed, **run["final"],
+            "no_token_kind change": run["final"].get("no_token_kind", math.nan) - kind, **extra,
+            "trainable params": run["cost"]["trainable_parameters"],
+            "adapter KB": round((Path(run["run_dir"]) / "adapter.safetensors").stat().st_size / 1024, 1),
+            "seconds per subject": round(seconds_per_subject(run["cost"]), 2),
+            "minutes": round(run["wall_seconds"] / 60, 2),
+            "s/step": round(run["cost"]["seconds_per_step"], 3),
+            "peak memory MB": run["cost"]["peak_memory_mb"]}
+
+
+def summary(rows: list[dict], label: dict) -> dict:
+    """`label` and, for each column the rows hold, the mean and 95 % CI of the scores over the
+    rows (seeds, or every (subject, seed) run), the mean of the costs."""
+    summary = dict(label, runs=len(rows))
+    for key in (*SCORE_COLUMNS, *COST_COLUMNS):
+        values = [float(r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+        if values:
+            summary[key] = mean_ci_text(values, 4) if key in SCORE_COLUMNS else fmt(float(np.mean(values)))
+    return summary
+
+
 def table(cfg: DictConfig) -> Path:
     settings = cfg.subject
-    cells = [(m, s) for s in settings.subjects for m in settings.methods]
+    seeds = list(settings.seeds)
+    cells = [(m, s, seed) for s in settings.subjects for m in settings.methods for seed in seeds]
     runs = dict(zip(cells, run_all(cfg, cells, "subject", cell=subject_cell)))
     # The shapes world on the tiny SD (the overrides may shorten runs, not change model or data).
     embedded = not any(o.split("=")[0].lstrip("+~") in ("model", "data") for o in settings.train_overrides)
     vae = load_base_model(str(TINY_SD_PATH)).vae.eval() if embedded else None
     ceilings = {s: subject_ceiling(s, vae) for s in settings.subjects} if embedded else {}
     first = settings.methods[0]
-    detail = []
+    base_name = f"base model (step 0 of {first})"
+    per_run = []  # one row per (method, subject, seed); the base model's from the first method's step 0
     for subject in settings.subjects:
-        base = runs[(first, subject)]["step0"]
-        detail.append({"method": f"base model (step 0 of {first})", "subject": subject, **base})
-        for method in settings.methods:
-            run = runs[(method, subject)]
-            kind = base.get("no_token_kind", math.nan)
-            extra = {}
-            adapter = AdapterFile.read(Path(run["run_dir"]) / "adapter.safetensors")
-            if embedded and adapter.embedding is not None and adapter.embedding.every_prompt_variant:
-                extra["no_token_kind change, every prompt edited"] = (
-                    every_prompt_forgetting(run["run_dir"], adapter, subject)["no_token_kind"] - kind)
-            detail.append({"method": method, "subject": subject, **run["final"],
-                           "no_token_kind change": run["final"].get("no_token_kind", math.nan) - kind, **extra,
-                           "trainable params": run["cost"]["trainable_parameters"],
-                           "adapter KB": round((Path(run["run_dir"]) / "adapter.safetensors").stat().st_size / 1024, 1),
-                           "seconds per subject": round(seconds_per_subject(run["cost"]), 2),
-                           "minutes": round(run["wall_seconds"] / 60, 2),
-                           "s/step": round(run["cost"]["seconds_per_step"], 3),
-                           "peak memory MB": run["cost"]["peak_memory_mb"]})
-        for name, scores in ceilings.get(subject, {}).items():
-            detail.append({"method": name, "subject": subject, **scores})
-    rows = []
-    for method in dict.fromkeys(row["method"] for row in detail):
-        mine = [row for row in detail if row["method"] == method]
-        row = {"method": method}
-        for key in [*SUBJECT_SCORES, "no_token_kind change", "no_token_kind change, every prompt edited",
-                    "trainable params", "adapter KB", "seconds per subject", "minutes", "peak memory MB"]:
-            values = [r[key] for r in mine if isinstance(r.get(key), (int, float))]
-            if values:
-                scores = key in SUBJECT_SCORES or "change" in key
-                row[key] = mean_std(values) if scores else fmt(float(np.mean(values)))
-        rows.append(row)
+        for seed in seeds:
+            base = runs[(first, subject, seed)]["step0"]
+            per_run.append({"method": base_name, "subject": subject, "seed": seed, **base})
+            per_run += [run_row(cfg, runs[(m, subject, seed)], m, subject, seed, base, embedded)
+                        for m in settings.methods]
+        per_run += [{"method": name, "subject": subject, **scores} for name, scores in ceilings.get(subject, {}).items()]
+    names = list(dict.fromkeys(row["method"] for row in per_run))
+    detail = [summary([r for r in per_run if r["method"] == m and r["subject"] == s], {"method": m, "subject": s})
+              for s in settings.subjects for m in names]
+    rows = [summary([r for r in per_run if r["method"] == m], {"method": m}) for m in names]
     out = out_dir(cfg)
     plots = []
     size = 64
@@ -158,14 +194,15 @@ def table(cfg: DictConfig) -> Path:
         prompts = len(EVAL_PROMPTS)
         training = [np.asarray(Image.fromarray(im).resize((size, size))) for im in subject_images(subject, 4)]
         lines = [training + [np.full((size, size, 3), 255, np.uint8)] * (prompts - len(training)),
-                 sample_tiles(runs[(first, subject)]["run_dir"], True, size, prompts)]
-        lines += [sample_tiles(runs[(m, subject)]["run_dir"], False, size, prompts) for m in settings.methods]
+                 sample_tiles(runs[(first, subject, seeds[0])]["run_dir"], True, size, prompts)]
+        lines += [sample_tiles(runs[(m, subject, seeds[0])]["run_dir"], False, size, prompts) for m in settings.methods]
         columns = [entry["prompt"].format(token="sks", cls=get_subject(subject).class_word) for entry in EVAL_PROMPTS]
         labelled_grid(lines, ["training images", f"base model (step 0 of {first})", *settings.methods], columns,
                       out / f"subject_samples_{subject}.png", title=subject)
         plots.append(f"subject_samples_{subject}.png")
-    notes = [f"Mean ± std over subjects {list(settings.subjects)} (seed {settings.seed}); per-subject rows in "
-             "subject_detail.csv. Each method trains with its own settings (conf/task_method/subject_<method>.yaml); "
+    notes = [f"Scores: mean [95 % CI] over every (subject, seed) run: subjects {list(settings.subjects)}, seeds "
+             f"{seeds} ('runs'); subject_detail.csv has the same over seeds per subject, and subject_runs.csv every "
+             "run. Costs: means. Each method trains with its own settings (conf/task_method/subject_<method>.yaml); "
              "minutes = the whole train.py run (validation included; the first method's run also validates "
              f"the base model at step 0) with {cfg.jobs} cell(s) at a time. subject_fidelity: mean centred "
              "cosine of the classifier's features between token-prompt samples and the subject's training images; "
@@ -179,11 +216,49 @@ def table(cfg: DictConfig) -> Path:
              "subject_encoder, is not counted). Perfusion edits only the prompts that name its concept, so its "
              "no_token change is the base model's by construction; 'every prompt edited' applies its edit to "
              "the no-token prompts too, as the paper's code does.",
-             "Sample grids: row 1 the training images, row 2 the base model, then one row per method in the "
-             f"order {list(settings.methods)} (labelled); columns are the evaluation prompts (subjects.EVAL_PROMPTS, "
+             f"Sample grids (seed {seeds[0]}): row 1 the training images, row 2 the base model, then one row per "
+             f"method in the order {list(settings.methods)} (labelled); columns are the evaluation prompts (subjects.EVAL_PROMPTS, "
              "first sample each, same seeds for every method).",
-             *coft_note([runs[(m, settings.subjects[0])] for m in settings.methods])]
+             *coft_note([runs[(m, settings.subjects[0], seeds[0])] for m in settings.methods])]
     how = subject_settings(cfg)
+    write_report(cfg, "subject_runs", "Subject-driven generation, every run", per_run, [], settings=how)
     write_report(cfg, "subject_detail", "Subject-driven generation, per subject", detail, [], settings=how)
     return write_report(cfg, "subject", "Subject-driven generation (DreamBooth protocol, miniature)", rows, notes, plots,
                         settings=how)
+
+
+def lr_search_table(cfg: DictConfig) -> Path:
+    """table=subject_lr_search: module.optimizer.lr at every value of subject.lrs for every method
+    of subject.lr_search_methods, on every subject, at the first seed; per method the mean
+    subject fidelity over subjects at each lr (prompt fidelity and forgetting beside it) and the
+    best. The choice is committed by a person, in conf/task_method/subject_<method>.yaml."""
+    settings = cfg.subject
+    seed, lrs = settings.seeds[0], [float(lr) for lr in settings.lrs]
+    cells = [(m, s, seed, [f"module.optimizer.lr={lr}"], f"-lr{lr:g}")
+             for m in settings.lr_search_methods for lr in lrs for s in settings.subjects]
+    runs = iter(run_all(cfg, cells, "subject_lr_search", cell=subject_cell))
+    rows = []
+    for method in settings.lr_search_methods:
+        scores = {}
+        for lr in lrs:
+            finals = [next(runs).get("final", {}) for _ in settings.subjects]
+            scores[lr] = {key: finite_mean([f.get(key, math.nan) for f in finals])
+                          for key in ("subject_fidelity", "prompt_fidelity", "no_token_kind")}
+        fidelity = {lr: v["subject_fidelity"] for lr, v in scores.items()}
+        best = best_lr(fidelity, higher=True)
+        rows.append({"method": method, **{f"lr {lr:g}": fmt(v) for lr, v in fidelity.items()},
+                     "best lr": "none (every run diverged)" if best is None else f"{best:g}",
+                     "best subject_fidelity": fidelity.get(best, math.nan),
+                     "its prompt_fidelity": scores[best]["prompt_fidelity"] if best else math.nan,
+                     "its no_token_kind": scores[best]["no_token_kind"] if best else math.nan})
+    notes = [f"Each 'lr' column: subject_fidelity at the last step, the mean over subjects {list(settings.subjects)} "
+             f"(seed {seed}); n/a: every subject's run diverged. The best lr maximises it; prompt fidelity and "
+             "no-token kind recognition (forgetting) at that lr stand beside it, so a choice that buys fidelity "
+             "with forgetting is visible.",
+             "To apply: commit each method's best as module.optimizer.lr in conf/task_method/subject_<method>.yaml "
+             "(a person does this after the run), then run table=subject into a fresh runs_dir (cells are keyed on "
+             "their overrides, not on config files).",
+             "encoder is not searched: at method.tune_steps=0 it trains nothing at dreambooth time; its one-off "
+             "pretraining (experiment=subject_encoder) is tuned apart."]
+    return write_report(cfg, "subject_lr_search", "Subject-driven learning-rate search (equal budget)", rows, notes,
+                        settings=subject_lr_search_settings(cfg))
