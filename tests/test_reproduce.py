@@ -578,9 +578,12 @@ def test_claims_train_nothing_and_say_which_table_runs_the_missing_cells(tmp_pat
 
     monkeypatch.setattr(cells.subprocess, "run", no_training)
     cfg = schedule_cfg(tmp_path, methods=["coft", "oft", "lora", "controlnet"],
-                       claims={"ours": ["coft"], "baselines": ["controlnet", "t2i_adapter"], "stability": ["coft"]},
+                       claims={"ours": ["coft"], "baselines": ["controlnet", "t2i_adapter"], "stability": ["coft"],
+                               "subject_baselines": ["full"]},
                        ablation={"method": "oft", "attention_targets": ["to_q"], "conv_targets": ["conv1"],
-                                 "num_blocks": [2], "hint_lrs": [], "three_seeds": []})
+                                 "num_blocks": [2], "hint_lrs": [], "three_seeds": []},
+                       subject={"methods": ["coft", "full"], "subjects": ["badge_circle"], "seeds": [0, 1],
+                                "train_overrides": []})
     claims.table(cfg)
     rows = read_csv(tmp_path / "claims.csv")
     for row in rows:
@@ -590,7 +593,7 @@ def test_claims_train_nothing_and_say_which_table_runs_the_missing_cells(tmp_pat
             assert row["difference"] == row["n"] == row["holm p"] == "", row
             assert f"python reproduce.py {row['from']}" in row["reason"], row
     assert {r["from"] for r in rows} == {"table=controllable", "table=convergence", "table=params", "table=energy",
-                                         "table=ablation"}
+                                         "table=ablation", "table=subject"}
     t2i = [r for r in rows if "t2i_adapter" in r["claim"]]
     assert t2i and all("add t2i_adapter to methods" in r["reason"] for r in t2i)
     assert [r["verdict"] for r in rows if r["from"] == "table=params"] == ["holds", "holds"]
