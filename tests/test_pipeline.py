@@ -2,10 +2,9 @@
 module samples, merging changes nothing but speed, export reloads in plain diffusers, and
 generate.py / export turn bad input into one clear line."""
 
-import os
+import runpy
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -168,23 +167,31 @@ def test_generate_cli_writes_samples_grid_and_record(adapters, tmp_path):
 
 @pytest.mark.slow
 def test_generate_and_export_bad_input_is_one_clear_line(adapters, tmp_path):
+    """Each refusal as generate.py's and export's main functions give it (in process: every one
+    comes before a model loads), then one of them as a process: the line on stderr, no traceback."""
+    from orthodiff.app.export import main as export_main
+
+    generate_main = runpy.run_path(str(ROOT / "generate.py"))["main"]
     adapter = adapters["coft"][1]
     (tmp_path / "notes.txt").write_text("hello")
     save_file({"w": torch.zeros(2)}, tmp_path / "other.safetensors")
     cases = [
-        (("generate.py", f"adapter={adapter}", f"condition={tmp_path / 'notes.txt'}", "prompt=x"), "notes.txt is not a readable image"),
-        (("generate.py", f"adapter={tmp_path / 'other.safetensors'}", "condition=x.png", "prompt=x"), "is not an orthodiff adapter"),
-        (("generate.py", f"adapter={adapter}", "condition=x.png", "prompt=x", f"base={tmp_path / 'nowhere'}"), "nowhere"),
-        (("generate.py", f"adapter={adapter}", "prompt=x"), "condition= is required"),
-        (("generate.py", f"adapter={adapter}", "condition=x.png"), "missing required argument(s): prompt=..."),
-        (("generate.py", f"adapter={adapter}", "condition=x.png", "prompt=x", "stepz=3"), "keys adapter, prompt, condition"),
-        (("orthodiff.app.export", f"adapter={tmp_path / 'missing.safetensors'}", f"out={tmp_path / 'o'}"), "no such adapter file"),
+        ((generate_main, f"adapter={adapter}", f"condition={tmp_path / 'notes.txt'}", "prompt=x"), "notes.txt is not a readable image"),
+        ((generate_main, f"adapter={tmp_path / 'other.safetensors'}", "condition=x.png", "prompt=x"), "is not an orthodiff adapter"),
+        ((generate_main, f"adapter={adapter}", "condition=x.png", "prompt=x", f"base={tmp_path / 'nowhere'}"), "nowhere"),
+        ((generate_main, f"adapter={adapter}", "prompt=x"), "condition= is required"),
+        ((generate_main, f"adapter={adapter}", "condition=x.png"), "missing required argument(s): prompt=..."),
+        ((generate_main, f"adapter={adapter}", "condition=x.png", "prompt=x", "stepz=3"), "keys adapter, prompt, condition"),
+        ((export_main, f"adapter={tmp_path / 'missing.safetensors'}", f"out={tmp_path / 'o'}"), "no such adapter file"),
     ]
-    with ThreadPoolExecutor(os.cpu_count()) as pool:  # seven start-ups (imports) at once
-        results = list(pool.map(lambda case: run(*case[0]), cases))
-    for (args, message), result in zip(cases, results):
-        assert result.returncode != 0 and message in result.stderr, (args, result.stderr[-1500:])
-        assert "Traceback" not in result.stderr, result.stderr[-1500:]
+    for (main, *args), message in cases:
+        with pytest.raises(SystemExit) as error:
+            main(list(args))
+        text = str(error.value)
+        assert message in text and "\n" not in text, (args, text)
+    result = run("generate.py", f"adapter={tmp_path / 'other.safetensors'}", "condition=x.png", "prompt=x")
+    assert result.returncode != 0 and "generate.py: " in result.stderr and "is not an orthodiff adapter" in result.stderr
+    assert "Traceback" not in result.stderr, result.stderr[-1500:]
 
 
 def test_cli_values_are_taken_as_typed():
