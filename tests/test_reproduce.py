@@ -52,7 +52,7 @@ def test_unknown_table_lists_the_valid_ones(tmp_path):
         bogus, no_jobs = pool.map(lambda args: reproduce(*args, f"out_dir={tmp_path}"), [["table=bogus"],
                                                                                           ["table=params", "jobs=0"]])
     assert bogus.returncode != 0
-    assert ("params, lr_search, controllable, convergence, energy, ablation, radius, frontier, length, subject_lr_search, subject, edit, multi, claims, "
+    assert ("params, lr_search, controllable, convergence, energy, ablation, radius, frontier, length, width, subject_lr_search, subject, edit, multi, claims, "
             "all") in bogus.stderr
     assert no_jobs.returncode != 0 and "jobs=0" in no_jobs.stderr
 
@@ -103,6 +103,8 @@ def test_all_tables_on_a_two_step_schedule(shapes_root, tmp_path):
         "radius.eps=[1e-3]", "radius.references=[hint]", "frontier.oft_blocks=[4]", "frontier.lora_ranks=[4]",
         "frontier.others=[coft_matched,hint]", "frontier.against=[lora_r4,hint]", "length.methods=[coft,lora]",
         "length.steps=2", "length.val_every=1", "length.at=[1,2]", "length.pairs=[[coft,lora]]",
+        # the width ladder's rungs as the tiny model under another name (the real ones take hours to pretrain)
+        "width.models=[[1,tiny],[2,tiny]]", "width.methods=[coft,lora_matched]", "width.pairs=[[coft,lora_matched]]",
         "subject.methods=[coft,textual_inversion,perfusion]", "subject.subjects=[badge_circle]", "subject.seeds=[0,1]",
         f"subject.train_overrides=[{quoted(subject_fixture(tmp_path))}]", "subject.lr_search_methods=[textual_inversion]",
         "subject.lrs=[1e-3,1e-2]", "claims.subject_baselines=[textual_inversion]",
@@ -114,6 +116,12 @@ def test_all_tables_on_a_two_step_schedule(shapes_root, tmp_path):
     reports, runs = tmp_path / "reports", tmp_path / "runs"
     assert (reports / "edit.md").is_file() and (reports / "edit.csv").is_file()
     assert_multi_table(reports)
+    width = {(row["method"], row["width"]): row for row in read_csv(reports / "width.csv")}
+    assert set(width) == {(m, w) for m in ("coft", "lora_matched") for w in ("1.0", "2.0")}
+    assert "±" not in width["coft", "2.0"]["canny_iou [95 % CI]"] and "[" in width["coft", "2.0"]["canny_iou [95 % CI]"]
+    assert width["coft", "2.0"]["lr check (seed 0)"].startswith("0.001: ")  # the lr grid's neighbours of 3e-3
+    assert (runs / "canny-lora-rank3-w2-s1").is_dir() and (reports / "width.png").is_file()
+    assert len(read_csv(reports / "width_comparisons.csv")) == 2 and "extrapolat" in (reports / "width.md").read_text()
     assert (runs / "canny_seg-coft-s1").is_dir()  # the joint cells, named as table=controllable's
     assert "reproduce all: " in result.stdout + result.stderr  # table=all's wall time is logged
 
