@@ -52,8 +52,8 @@ def test_unknown_table_lists_the_valid_ones(tmp_path):
         bogus, no_jobs = pool.map(lambda args: reproduce(*args, f"out_dir={tmp_path}"), [["table=bogus"],
                                                                                           ["table=params", "jobs=0"]])
     assert bogus.returncode != 0
-    assert ("params, lr_search, controllable, convergence, energy, ablation, radius, frontier, length, width, subject_lr_search, subject, edit, multi, claims, "
-            "all") in bogus.stderr
+    assert ("params, lr_search, controllable, convergence, energy, ablation, radius, frontier, length, width, "
+            "subject_lr_search, subject, edit, multi, claims, all") in bogus.stderr
     assert no_jobs.returncode != 0 and "jobs=0" in no_jobs.stderr
 
 
