@@ -341,7 +341,7 @@ def subject_rows(cfg: DictConfig) -> list[dict]:
     base_runs = subject.seed_runs(cfg, methods[0])
     base = {key: finite_mean([r["step0"].get(key, math.nan) for r in base_runs]) for key, *_ in SUBJECT_CLAIMS} \
         if base_runs else {}
-    embedded = not any(o.split("=")[0].lstrip("+~") in ("model", "data") for o in cfg.subject.train_overrides)
+    embedded = subject.on_embedded_default(cfg)
     ceilings = {}  # computed once, when a row needs it
 
     def margin(key: str) -> float | None:

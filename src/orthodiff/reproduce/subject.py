@@ -53,6 +53,12 @@ def subject_cell(cfg: DictConfig, method: str, subject: str, seed: int, extra=()
     return train_cell(cfg, f"subject-{subject}-{method}{tag}-s{seed}", overrides, cached_only)
 
 
+def on_embedded_default(cfg: DictConfig) -> bool:
+    """The subject cells run the shapes world on the tiny SD (subject.train_overrides may shorten
+    runs, not change model or data): the tiny VAE's ceiling and the shapes scorers apply."""
+    return not any(o.split("=")[0].lstrip("+~") in ("model", "data") for o in cfg.subject.train_overrides)
+
+
 def seed_runs(cfg: DictConfig, method: str, subject: str | None = None) -> list[dict] | None:
     """A method's finished subject cells (never trains): over every seed of one subject, or of
     every subject; None while any is missing (table=claims)."""
@@ -167,8 +173,7 @@ def table(cfg: DictConfig) -> Path:
     seeds = list(settings.seeds)
     cells = [(m, s, seed) for s in settings.subjects for m in settings.methods for seed in seeds]
     runs = dict(zip(cells, run_all(cfg, cells, "subject", cell=subject_cell)))
-    # The shapes world on the tiny SD (the overrides may shorten runs, not change model or data).
-    embedded = not any(o.split("=")[0].lstrip("+~") in ("model", "data") for o in settings.train_overrides)
+    embedded = on_embedded_default(cfg)
     vae = load_base_model(str(TINY_SD_PATH)).vae.eval() if embedded else None
     ceilings = {s: subject_ceiling(s, vae) for s in settings.subjects} if embedded else {}
     first = settings.methods[0]
