@@ -139,7 +139,7 @@ SCORE_COLUMNS = (*SUBJECT_SCORES, "no_token_kind change", "no_token_kind change,
 COST_COLUMNS = ("trainable params", "adapter KB", "seconds per subject", "minutes", "peak memory MB")
 
 
-def run_row(cfg: DictConfig, run: dict, method: str, subject: str, seed: int, base: dict, embedded: bool) -> dict:
+def run_row(run: dict, method: str, subject: str, seed: int, base: dict, embedded: bool) -> dict:
     """One finished cell's scores, its forgetting against the base model of its seed, and its costs."""
     kind = base.get("no_token_kind", math.nan)
     extra = {}
@@ -160,12 +160,12 @@ def run_row(cfg: DictConfig, run: dict, method: str, subject: str, seed: int, ba
 def summary(rows: list[dict], label: dict) -> dict:
     """`label` and, for each column the rows hold, the mean and 95 % CI of the scores over the
     rows (seeds, or every (subject, seed) run), the mean of the costs."""
-    summary = dict(label, runs=len(rows))
+    row = dict(label, runs=len(rows))
     for key in (*SCORE_COLUMNS, *COST_COLUMNS):
         values = [float(r[key]) for r in rows if isinstance(r.get(key), (int, float))]
         if values:
-            summary[key] = mean_ci_text(values, 4) if key in SCORE_COLUMNS else fmt(float(np.mean(values)))
-    return summary
+            row[key] = mean_ci_text(values, 4) if key in SCORE_COLUMNS else fmt(float(np.mean(values)))
+    return row
 
 
 def table(cfg: DictConfig) -> Path:
@@ -183,7 +183,7 @@ def table(cfg: DictConfig) -> Path:
         for seed in seeds:
             base = runs[(first, subject, seed)]["step0"]
             per_run.append({"method": base_name, "subject": subject, "seed": seed, **base})
-            per_run += [run_row(cfg, runs[(m, subject, seed)], m, subject, seed, base, embedded)
+            per_run += [run_row(runs[(m, subject, seed)], m, subject, seed, base, embedded)
                         for m in settings.methods]
         per_run += [{"method": name, "subject": subject, **scores} for name, scores in ceilings.get(subject, {}).items()]
     names = list(dict.fromkeys(row["method"] for row in per_run))
