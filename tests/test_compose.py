@@ -4,8 +4,6 @@ merge and export of a composed pair, generate.py's adapter=[A,B] form."""
 
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +26,7 @@ from orthodiff.oft.cayley import skew_from_triangle
 from orthodiff.oft.compose import inverse_cayley, rotation_exp, rotation_log, triangle_from_skew
 from orthodiff.pipelines import OrthodiffPipeline
 from orthodiff.tasks import ControlTask
+from orthodiff.warm import run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "assets" / "tiny-sd")
@@ -296,15 +295,14 @@ def test_generate_cli_composes_two_adapters(trained, scene, tmp_path):
     Image.fromarray(np.uint8(scene["canny"][0, 0].numpy() * 255)).save(tmp_path / "edges.png")
     Image.fromarray(np.uint8(scene["seg"][0].permute(1, 2, 0).numpy() * 255)).save(tmp_path / "seg.png")
     adapters = f"adapter=[{trained['canny', 'oft']},{trained['seg', 'oft']}]"
-    result = subprocess.run([sys.executable, "generate.py", adapters, f"condition=[{tmp_path / 'edges.png'},{tmp_path / 'seg.png'}]",
-                             "scales=[1.0,0.5]", "compose=mean", "prompt=a red circle", "num_images=2", "steps=2",
-                             f"out={tmp_path / 'out'}"], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = run_script("generate.py", [adapters, f"condition=[{tmp_path / 'edges.png'},{tmp_path / 'seg.png'}]",
+                                        "scales=[1.0,0.5]", "compose=mean", "prompt=a red circle", "num_images=2", "steps=2",
+                                        f"out={tmp_path / 'out'}"], timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     grid = np.asarray(Image.open(tmp_path / "out" / "grid.png"))
     assert grid.shape == (64, 64 * 4, 3)  # canny | seg | 2 samples
-    wrong = subprocess.run([sys.executable, "generate.py", adapters, f"condition={tmp_path / 'edges.png'}", "prompt=x"],
-                           cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    wrong = run_script("generate.py", [adapters, f"condition={tmp_path / 'edges.png'}", "prompt=x"], timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert wrong.returncode != 0 and "1 condition(s) for 2 (canny, seg)" in wrong.stderr and "Traceback" not in wrong.stderr
 
 
@@ -336,11 +334,10 @@ def test_a_joint_condition_stacks_its_parts_with_presence_and_drops_each_alone()
 @pytest.fixture(scope="module")
 def joint_run(shapes_root, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("joint")
-    result = subprocess.run(
-        [sys.executable, "train.py", "experiment=canny_seg", f"data.train.root={shapes_root}", "data.val.max_items=4",
-         "data.batch_size=4", "data.val_batch_size=4", "model.val_steps=2", "trainer.max_steps=2",
-         "trainer.val_check_interval=2", "logger=csv", "callbacks.progress_bar.refresh_rate=0", f"hydra.run.dir={out}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = run_script("train.py", [
+        "experiment=canny_seg", f"data.train.root={shapes_root}", "data.val.max_items=4", "data.batch_size=4",
+        "data.val_batch_size=4", "model.val_steps=2", "trainer.max_steps=2", "trainer.val_check_interval=2", "logger=csv",
+        "callbacks.progress_bar.refresh_rate=0", f"hydra.run.dir={out}"], timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 

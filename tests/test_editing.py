@@ -5,7 +5,6 @@ objectives' figures on real shapes-world scenes, and edit.py's outputs and one-l
 import json
 import os
 import runpy
-import subprocess
 import sys
 from pathlib import Path
 
@@ -38,6 +37,7 @@ from orthodiff.eval.oracles import images_to_tensor
 from orthodiff.models.sampling import sample
 from orthodiff.oft import OFTConfig
 from orthodiff.tasks import ControlTask
+from orthodiff.warm import run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 NEUTRAL = "a red circle on a black background"
@@ -443,8 +443,7 @@ def test_edit_py_bad_input_is_one_line(tmp_path):
         text = str(error.value)
         assert message in text and "\n" not in text, (args, text)
     # As a process: the line on stderr, no traceback.
-    result = subprocess.run([sys.executable, str(ROOT / "edit.py"), f"attribute={WHITE}"], capture_output=True,
-                            text=True, cwd=tmp_path)
+    result = run_script(ROOT / "edit.py", [f"attribute={WHITE}"], cwd=tmp_path)
     assert result.returncode != 0 and "edit.py: missing required argument(s): prompt=..." in result.stderr
     assert "Traceback" not in result.stderr
 
@@ -470,8 +469,7 @@ def test_reproduce_table_edit_writes_the_report(tmp_path):
     pair = "[['a blue triangle on a white background','a yellow triangle on a white background']]"
     toy = ["edit.steps=3", "edit.seeds=2", "edit.learn_seeds=1", "edit.real_images=1", "edit.iterations=1",
            "edit.null_iterations=1", "edit.cap=1", "edit.pair_seeds=1", f"edit.pairs={pair}"]
-    result = subprocess.run([sys.executable, str(ROOT / "reproduce.py"), "table=edit", f"out_dir={tmp_path}", *toy],
-                            capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = run_script("reproduce.py", ["table=edit", f"out_dir={tmp_path}", *toy], env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     rows = list(csv.DictReader(open(tmp_path / "edit.csv")))
     methods = {(row["edit"], row["images"], row["method"]) for row in rows}

@@ -4,7 +4,6 @@ with the wrong control type or base model."""
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,13 +12,13 @@ import torch
 from orthodiff.adapter import save_adapter
 from orthodiff.oft import OFTConfig
 from orthodiff.tasks import ControlTask
+from orthodiff.warm import run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_eval(*overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "eval.py", *overrides], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    return run_script("eval.py", overrides, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
 
 
 @pytest.fixture(scope="module")

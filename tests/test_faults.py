@@ -35,6 +35,7 @@ from orthodiff.data.datamodule import ResumableSampler
 from orthodiff.data.datasets import SkipBudget, SkippedItem, TooManySkippedError, collate
 from orthodiff.oft import OFTConfig
 from orthodiff.tasks import ControlTask
+from orthodiff.warm import run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "assets" / "tiny-sd"
@@ -42,9 +43,8 @@ TINY = ROOT / "assets" / "tiny-sd"
 
 def train(*overrides: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     path = os.pathsep.join(filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")]))
-    return subprocess.run([sys.executable, "train.py", *overrides], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, **(env or {})},
-                          timeout=timeout)
+    return run_script("train.py", overrides, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, **(env or {})},
+                      timeout=timeout)
 
 
 def tiny(shapes_root, steps: int = 4) -> list[str]:

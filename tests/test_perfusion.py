@@ -19,6 +19,7 @@ from orthodiff.eval.oracles import images_to_tensor
 from orthodiff.models.perfusion import inverse_covariance, rank_one_change, text_covariance
 from orthodiff.pipelines import OrthodiffPipeline
 from orthodiff.tasks import SubjectTask
+from orthodiff.warm import run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "assets" / "tiny-sd")
@@ -230,9 +231,8 @@ def test_two_concepts_trained_apart_combine_at_inference(trained, tmp_path):
 def test_generate_takes_the_gate_and_export_refuses_with_one_line(trained, tmp_path):
     _, path = trained
     out = tmp_path / "out"
-    result = subprocess.run([sys.executable, "generate.py", f"adapter={path}", f"prompt={PROMPT}", "num_images=1",
-                             "steps=2", "beta=0.9", "tau=0.2", f"out={out}"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = run_script("generate.py", [f"adapter={path}", f"prompt={PROMPT}", "num_images=1", "steps=2", "beta=0.9",
+                                        "tau=0.2", f"out={out}"], timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     record = json.loads((out / "generate.json").read_text())
     assert record["beta"] == 0.9 and record["tau"] == 0.2 and record["method"] == "perfusion"

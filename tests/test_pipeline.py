@@ -22,6 +22,7 @@ from orthodiff.models import ControlEncoder, ControlInjector, LoRAConfig
 from orthodiff.oft import OFTConfig
 from orthodiff.pipelines import OrthodiffPipeline, load_condition
 from orthodiff.tasks import ControlTask
+from orthodiff.warm import run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "assets" / "tiny-sd")
@@ -146,8 +147,9 @@ def test_export_reloads_in_plain_diffusers_with_the_adapters_output(method, adap
 
 
 def run(script: str, *args: str, cwd=ROOT) -> subprocess.CompletedProcess:
-    command = [sys.executable, *(["-m", script] if "." in script and not script.endswith(".py") else [script]), *args]
-    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300)
+    if script.endswith(".py"):
+        return run_script(ROOT / script, args, cwd=cwd, timeout=300)
+    return subprocess.run([sys.executable, "-m", script, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
 def test_generate_cli_writes_samples_grid_and_record(adapters, tmp_path):

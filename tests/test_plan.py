@@ -1,7 +1,5 @@
 """plan.py: memory of a training run from shapes alone (meta device), against a real forward on CPU."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +13,7 @@ from orthodiff.app.plan import architecture, measured_peak, plan
 from orthodiff.data.control import CONTROL_CHANNELS
 from orthodiff.models.adapters import adapt_unet
 from orthodiff.models.control_networks import ControlInjector, build_control_network
+from orthodiff.warm import run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,14 +79,12 @@ def test_the_plan_of_sd15s_architecture_matches_a_real_forward_at_a_small_size()
 @pytest.mark.slow
 def test_plan_py_says_whether_the_papers_setting_fits_each_card():
     def run(*overrides):
-        result = subprocess.run([sys.executable, "plan.py", "experiment=canny_sd15", *overrides,
-                                 "hydra.run.dir=outputs/plan_test"], cwd=ROOT, capture_output=True, text=True)
+        result = run_script("plan.py", ["experiment=canny_sd15", *overrides, "hydra.run.dir=outputs/plan_test"])
         assert result.returncode == 0, result.stderr[-2000:]
         return {line.split(":")[0]: line.split(": ")[1] for line in result.stdout.splitlines() if " GB card" in line}
 
     plain, checkpointed = run(), run("model.gradient_checkpointing=true")
     assert set(plain) == {"24 GB card", "40 GB card", "80 GB card"} and plain["80 GB card"] == "fits"
     assert plain["24 GB card"] == "does not fit" and checkpointed["24 GB card"] == "fits"
-    bad = subprocess.run([sys.executable, "plan.py", "experiment=canny", "trainer.precision=8-bit",
-                          "hydra.run.dir=outputs/plan_test"], cwd=ROOT, capture_output=True, text=True)
+    bad = run_script("plan.py", ["experiment=canny", "trainer.precision=8-bit", "hydra.run.dir=outputs/plan_test"])
     assert bad.returncode != 0 and "trainer.precision='8-bit'" in bad.stderr

@@ -20,13 +20,13 @@ from omegaconf import OmegaConf
 from orthodiff.data.control import CONTROL_CHANNELS
 from orthodiff.eval.control_metrics import CONTROL_CONFIGS, headline_metric
 from orthodiff.reproduce.stats import VERDICTS
+from orthodiff.warm import run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def reproduce(*overrides: str, timeout: int = 1500) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "reproduce.py", *overrides], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=timeout)
+    return run_script("reproduce.py", overrides, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=timeout)
 
 
 def quoted(overrides: list[str]) -> str:
@@ -261,13 +261,13 @@ def test_all_tables_on_a_two_step_schedule(shapes_root, tmp_path):
 
 
 def fake_train(launches: list):
-    """Stands in for subprocess.run of train.py: records the launch and writes the
-    metrics.json a finished run leaves in its hydra.run.dir."""
-    def run(command, **kwargs):
-        launches.append(command)
-        run_dir = Path(command[-1].split("=", 1)[1])
+    """Stands in for run_script of train.py: records the launch and writes the metrics.json
+    a finished run leaves in its hydra.run.dir (the last argument)."""
+    def run(script, args, **kwargs):
+        launches.append([script, *args])
+        run_dir = Path(args[-1].split("=", 1)[1])
         (run_dir / "metrics.json").write_text(json.dumps({"final": {"canny_iou": 0.5}, "run": len(launches)}))
-        return subprocess.CompletedProcess(command, 0, stdout="", stderr="")
+        return subprocess.CompletedProcess([script, *args], 0, stdout="", stderr="")
     return run
 
 
@@ -275,7 +275,7 @@ def test_a_finished_cell_is_reused_until_its_overrides_or_base_weights_change(tm
     from orthodiff.reproduce import cells
 
     launches = []
-    monkeypatch.setattr(cells.subprocess, "run", fake_train(launches))
+    monkeypatch.setattr(cells, "run_script", fake_train(launches))
     cfg = OmegaConf.create({"runs_dir": str(tmp_path), "jobs": 1})
     with caplog.at_level(logging.INFO, logger=cells.__name__):
         first = cells.train_cell(cfg, "cell", ["method=coft"])
@@ -302,7 +302,7 @@ def test_a_cell_that_died_part_way_resumes_from_its_last_validations_checkpoint(
     from orthodiff.reproduce import cells
 
     launches = []
-    monkeypatch.setattr(cells.subprocess, "run", fake_train(launches))
+    monkeypatch.setattr(cells, "run_script", fake_train(launches))
     monkeypatch.setattr(cells, "embedded_model_digest", lambda: "v3")
     cfg = OmegaConf.create({"runs_dir": str(tmp_path), "jobs": 1})
     checkpoints = tmp_path / "cell" / "checkpoints"
@@ -327,20 +327,20 @@ def test_a_cell_that_died_part_way_resumes_from_its_last_validations_checkpoint(
 def test_a_diverged_cell_is_kept_as_a_result_and_other_failures_raise(tmp_path, monkeypatch):
     from orthodiff.reproduce import cells
 
-    def diverging(command, **kwargs):
-        (Path(command[-1].split("=", 1)[1]) / "metrics.json").write_text(json.dumps({"step0": {"canny_iou": 0.1}}))
-        return subprocess.CompletedProcess(command, 1, stdout="", stderr="train.py: loss is nan at step 7: training "
+    def diverging(script, args, **kwargs):
+        (Path(args[-1].split("=", 1)[1]) / "metrics.json").write_text(json.dumps({"step0": {"canny_iou": 0.1}}))
+        return subprocess.CompletedProcess(args, 1, stdout="", stderr="train.py: loss is nan at step 7: training "
                                            "stopped; the last checkpoint holds the last good weights (try a lower lr)")
 
-    monkeypatch.setattr(cells.subprocess, "run", diverging)
+    monkeypatch.setattr(cells, "run_script", diverging)
     cfg = OmegaConf.create({"runs_dir": str(tmp_path), "jobs": 1})
     run = cells.train_cell(cfg, "cell", ["method=oft"])
     assert run["final"] == {} and run["diverged"] == "loss is nan at step 7" and run["step0"] == {"canny_iou": 0.1}
     launches = []
-    monkeypatch.setattr(cells.subprocess, "run", fake_train(launches))
+    monkeypatch.setattr(cells, "run_script", fake_train(launches))
     assert cells.train_cell(cfg, "cell", ["method=oft"])["diverged"] and not launches  # reused, not retrained
     assert cells.train_cell(cfg, "other", ["method=oft"], cached_only=True) is None and not launches
-    monkeypatch.setattr(cells.subprocess, "run", lambda command, **kw: subprocess.CompletedProcess(command, 1, "", "boom"))
+    monkeypatch.setattr(cells, "run_script", lambda script, args, **kw: subprocess.CompletedProcess(args, 1, "", "boom"))
     with pytest.raises(RuntimeError, match="boom"):
         cells.train_cell(cfg, "broken", ["method=oft"])
 
@@ -359,16 +359,16 @@ def test_a_cell_killed_after_a_validation_resumes_to_the_uninterrupted_curve(sha
     cfg = OmegaConf.create({"runs_dir": str(tmp_path), "jobs": 1, "threads": 1})
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")])))
     uninterrupted = cells.train_cell(cfg, "uninterrupted", overrides)
-    real_run = subprocess.run
+    real_run = cells.run_script
 
-    def killed_at_step_3(command, **kwargs):
+    def killed_at_step_3(script, args, **kwargs):
         kill = ["+callbacks.kill._target_=faults.KillAt", "+callbacks.kill.step=3"]
-        return real_run([*command[:-1], *kill, command[-1]], **kwargs)
+        return real_run(script, [*args[:-1], *kill, args[-1]], **kwargs)
 
-    monkeypatch.setattr(cells.subprocess, "run", killed_at_step_3)
+    monkeypatch.setattr(cells, "run_script", killed_at_step_3)
     with pytest.raises(RuntimeError, match="exit -9"):
         cells.train_cell(cfg, "killed", overrides)
-    monkeypatch.setattr(cells.subprocess, "run", real_run)
+    monkeypatch.setattr(cells, "run_script", real_run)
     resumed = cells.train_cell(cfg, "killed", overrides)
     assert resumed["resumed"] and "resumed" not in uninterrupted
     assert [v["step"] for v in resumed["history"]] == [v["step"] for v in uninterrupted["history"]] == [0, 2, 4]
@@ -578,13 +578,10 @@ def test_ablation_rows_and_the_largest_move(tmp_path):
 def test_claims_train_nothing_and_say_which_table_runs_the_missing_cells(tmp_path, monkeypatch):
     from orthodiff.reproduce import cells, claims
 
-    real_run = subprocess.run
+    def no_training(script, args, **kwargs):
+        raise AssertionError(f"table=claims launched {script}")
 
-    def no_training(command, **kwargs):
-        assert "train.py" not in command and "eval.py" not in command, "table=claims launched a run"
-        return real_run(command, **kwargs)
-
-    monkeypatch.setattr(cells.subprocess, "run", no_training)
+    monkeypatch.setattr(cells, "run_script", no_training)
     cfg = schedule_cfg(tmp_path, methods=["coft", "oft", "lora", "controlnet"],
                        claims={"ours": ["coft"], "baselines": ["controlnet", "t2i_adapter"], "stability": ["coft"],
                                "subject_baselines": ["full"]},

@@ -4,8 +4,6 @@ composite subjects that are never an evaluation subject, and its adapters go thr
 generate, the pipeline and the demo like Textual Inversion's."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +26,7 @@ from orthodiff.models.base import load_base_model
 from orthodiff.models.subject_encoder import ImageFeatures, SubjectEncoder, SubjectEncoderConfig
 from orthodiff.pipelines import OrthodiffPipeline
 from orthodiff.tasks import SubjectEncoderTask, SubjectTask
+from orthodiff.warm import run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "assets" / "tiny-sd")
@@ -181,17 +180,16 @@ def test_the_shipped_encoder_fits_the_shipped_tiny_sd():
 
 @pytest.mark.slow
 def test_train_cli_encodes_a_subject_without_training_steps(encoder_folder, tmp_path):
-    result = subprocess.run(
-        [sys.executable, "train.py", "experiment=dreambooth", "method=encoder", f"embedding.encoder={encoder_folder}",
+    result = run_script(
+        "train.py", ["experiment=dreambooth", "method=encoder", f"embedding.encoder={encoder_folder}",
          f"data.root={tmp_path / 'subjects'}", "data.subject=badge_circle", "data.samples_per_prompt=1",
          "data.no_token_prompts=4", "model.val_steps=2", "logger=csv", "validate_at_start=false",
-         f"hydra.run.dir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+         f"hydra.run.dir={tmp_path / 'run'}"], timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["cost"]["timed_steps"] == 0 and 0 < metrics["cost"]["encode_seconds"] < 10
     assert np.isfinite(metrics["final"]["subject_fidelity"])
-    result = subprocess.run([sys.executable, "train.py", "experiment=dreambooth", "method=encoder",
-                             "image_encoder=/nowhere/clip", f"hydra.run.dir={tmp_path / 'bad'}"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = run_script("train.py", ["experiment=dreambooth", "method=encoder", "image_encoder=/nowhere/clip",
+                                     f"hydra.run.dir={tmp_path / 'bad'}"], timeout=300)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "image_encoder='/nowhere/clip' could not be loaded" in result.stderr

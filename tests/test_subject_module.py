@@ -2,8 +2,6 @@
 adapters on disk and `python train.py experiment=dreambooth method=<m>`."""
 
 import json
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -18,6 +16,7 @@ from orthodiff.eval.subject_metrics import SubjectScorer
 from orthodiff.models import LoRAConfig
 from orthodiff.oft import OFTConfig
 from orthodiff.tasks import SubjectTask
+from orthodiff.warm import run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -138,13 +137,12 @@ SUBJECT_METHODS = ["textual_inversion", "coft", "lora", "full", "pplus", "perfus
 @pytest.mark.slow
 def test_train_cli_runs_each_method(tmp_path):
     # One Hydra multirun, one process: the methods' runs share the start-up (imports, base model).
-    result = subprocess.run(
-        [sys.executable, "train.py", "-m", "experiment=dreambooth", f"method={','.join(SUBJECT_METHODS)}",
+    result = run_script(
+        "train.py", ["-m", "experiment=dreambooth", f"method={','.join(SUBJECT_METHODS)}",
          f"data.root={tmp_path / 'subjects'}", "data.subject=inlaid_triangle", "trainer.max_steps=2",
          "trainer.val_check_interval=2", "data.samples_per_prompt=2", "data.no_token_prompts=4", "model.val_steps=2",
          "logger=csv", f"module.prior_cache_dir={tmp_path / 'class'}", "module.num_class_images=4",
-         f"hydra.sweep.dir={tmp_path / 'runs'}", "hydra.sweep.subdir=${method.name}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=1200)
+         f"hydra.sweep.dir={tmp_path / 'runs'}", "hydra.sweep.subdir=${method.name}"], timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
     for method in SUBJECT_METHODS:
         run = tmp_path / "runs" / method
@@ -155,9 +153,8 @@ def test_train_cli_runs_each_method(tmp_path):
         assert list((run / "samples").glob("step_*.png")), method
     assert (tmp_path / "subjects" / "inlaid_triangle" / "00.png").is_file()  # written on first use
     out = tmp_path / "generated"  # generate.py takes a subject adapter without a condition
-    result = subprocess.run([sys.executable, "generate.py", f"adapter={tmp_path / 'runs' / 'textual_inversion'}",
-                             "num_images=2", "prompt=a sks triangle on a black background", "steps=2", f"out={out}"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = run_script("generate.py", [f"adapter={tmp_path / 'runs' / 'textual_inversion'}", "num_images=2",
+                                        "prompt=a sks triangle on a black background", "steps=2", f"out={out}"], timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads((out / "generate.json").read_text())["token"] == "sks"
     assert len(list(out.glob("sample_*.png"))) == 2
@@ -254,12 +251,11 @@ def test_train_cli_on_a_real_subject_folder(tmp_path):
     for k in range(3):  # photos of another size than the model's: centre-cropped and resized
         cv2.imwrite(str(folder / f"{k}.jpg"), rng.integers(0, 255, (80, 96, 3), dtype=np.uint8))
     (folder / "class.txt").write_text("toy\n")
-    result = subprocess.run(
-        [sys.executable, "train.py", "experiment=dreambooth", "method=coft", "data=dreambooth_folder",
+    result = run_script(
+        "train.py", ["experiment=dreambooth", "method=coft", "data=dreambooth_folder",
          f"data.root={tmp_path / 'photos'}", "data.subject=toy", "trainer.max_steps=2", "trainer.val_check_interval=2",
          "data.samples_per_prompt=1", "data.val_batch_size=8", "model.val_steps=2", "logger=csv",
-         "validate_at_start=false", f"hydra.run.dir={tmp_path / 'run'}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600)
+         "validate_at_start=false", f"hydra.run.dir={tmp_path / 'run'}"], timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert "subject_fidelity" in metrics["final"] and "no_token_kind" not in metrics["final"]

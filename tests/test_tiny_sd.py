@@ -1,8 +1,6 @@
 """The shipped tiny Stable Diffusion and the script that makes it."""
 
 import gzip
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +8,7 @@ import pytest
 import torch
 
 from orthodiff.models.tiny_sd import TINY_SD_PATH, build_clip_tokenizer
+from orthodiff.warm import run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,14 +54,17 @@ def test_build_clip_tokenizer_from_bpe_file(tmp_path):
 @pytest.mark.slow
 def test_pretraining_script_runs_resumes_and_exports(tmp_path):
     write_bpe_fixture(tmp_path / "bpe.txt.gz")
+    script = ROOT / "scripts/pretrain_tiny_sd.py"
     common = [
-        sys.executable, str(ROOT / "scripts/pretrain_tiny_sd.py"), f"data_dir={tmp_path / 'shapes'}", "train_size=40",
+        f"data_dir={tmp_path / 'shapes'}", "train_size=40",
         f"cache_dir={tmp_path / 'cache'}", f"out_dir={tmp_path / 'out'}", f"bpe_vocab={tmp_path / 'bpe.txt.gz'}",
         "vae.steps=2", "vae.batch_size=4", "unet.batch_size=4", "unet.sample_every=100", "checkpoint_every_s=0",
         f"hydra.run.dir={tmp_path / 'hydra'}",
     ]
-    subprocess.run(common + ["unet.steps=1"], check=True, capture_output=True)
-    second = subprocess.run(common + ["unet.steps=2"], check=True, capture_output=True, text=True)
+    first = run_script(script, common + ["unet.steps=1"])
+    assert first.returncode == 0, first.stderr[-2000:]
+    second = run_script(script, common + ["unet.steps=2"])
+    assert second.returncode == 0, second.stderr[-2000:]
     assert "unet:  50%" in second.stderr, "the second run must resume the UNet at step 1 of 2"
     from diffusers import StableDiffusionPipeline
 
@@ -76,10 +78,10 @@ def test_a_width_ladder_rung_trains_only_a_wider_unet_on_the_shipped_parts(tmp_p
     from diffusers import StableDiffusionPipeline
 
     ladder = [f"ladder.cache_dir='{tmp_path}/cache_w{{width}}'", f"ladder.out_dir='{tmp_path}/out_w{{width}}'"]
-    run = subprocess.run([sys.executable, str(ROOT / "scripts/pretrain_tiny_sd.py"), "unet_width=0.5",
-                          f"data_dir={tmp_path / 'shapes'}", "train_size=40", *ladder, "unet.batch_size=4",
-                          "unet.steps=1", "unet.sample_every=100", "checkpoint_every_s=0",
-                          f"hydra.run.dir={tmp_path / 'hydra'}"], capture_output=True, text=True)
+    script = ROOT / "scripts/pretrain_tiny_sd.py"
+    run = run_script(script, ["unet_width=0.5", f"data_dir={tmp_path / 'shapes'}", "train_size=40", *ladder,
+                              "unet.batch_size=4", "unet.steps=1", "unet.sample_every=100", "checkpoint_every_s=0",
+                              f"hydra.run.dir={tmp_path / 'hydra'}"])
     assert run.returncode == 0, run.stderr[-2000:]
     rung, shipped = StableDiffusionPipeline.from_pretrained(tmp_path / "out_w05"), StableDiffusionPipeline.from_pretrained(
         TINY_SD_PATH)
@@ -89,8 +91,7 @@ def test_a_width_ladder_rung_trains_only_a_wider_unet_on_the_shipped_parts(tmp_p
     for frozen in ("vae", "text_encoder"):  # only the UNet differs
         theirs = getattr(shipped, frozen).state_dict()
         assert all(torch.equal(v, theirs[k]) for k, v in getattr(rung, frozen).state_dict().items()), frozen
-    bad = subprocess.run([sys.executable, str(ROOT / "scripts/pretrain_tiny_sd.py"), "unet_width=3",
-                          f"hydra.run.dir={tmp_path / 'hydra'}"], capture_output=True, text=True)
+    bad = run_script(script, ["unet_width=3", f"hydra.run.dir={tmp_path / 'hydra'}"])
     assert bad.returncode != 0 and "unet_width=3; the ladder's widths are 0.5, 2" in bad.stderr
 
 

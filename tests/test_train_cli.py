@@ -20,6 +20,7 @@ from PIL import Image
 
 from orthodiff.adapter import read_adapter
 from orthodiff.oft import OFTConfig
+from orthodiff.warm import run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 CANNY_KEYS = {"canny_iou", "canny_f1"}
@@ -32,8 +33,7 @@ def tiny(shapes_root) -> list[str]:
 
 
 def train(*overrides: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "train.py", *overrides], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, timeout=timeout)
+    return run_script("train.py", overrides, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, timeout=timeout)
 
 
 def succeeded(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -215,8 +215,7 @@ def test_checkpoint_killed_mid_save_keeps_the_previous_one(tmp_path, tmpdir_else
     script = tmp_path / "kill_mid_save.py"
     script.write_text(KILL_MID_SAVE)
     tmpdir = "/dev/shm" if tmpdir_elsewhere and Path("/dev/shm").is_dir() else str(tmp_path)
-    result = subprocess.run([sys.executable, str(script), str(path)], capture_output=True, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": tmpdir}, timeout=120)
+    result = run_script(script, [str(path)], env={**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": tmpdir}, timeout=120)
     assert result.returncode == -signal.SIGKILL, (result.returncode, result.stderr[-3000:])  # killed mid-save
     assert path.read_bytes() == good
     checkpoint = torch.load(path, weights_only=True)
@@ -403,9 +402,8 @@ def test_sd15s_architecture_runs_train_and_generate_end_to_end_at_random_init(tm
 
     condition = tmp_path / "edges.png"
     Image.fromarray(np.uint8(np.pad(np.ones((24, 24)), 20) * 255)).save(condition)
-    result = subprocess.run([sys.executable, "generate.py", f"adapter={run / 'adapter.safetensors'}",
-                             f"condition={condition}", "prompt=a grey square", "num_images=1", "steps=2",
-                             "height=128", "width=128", f"out={tmp_path / 'out'}"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = run_script("generate.py", [f"adapter={run / 'adapter.safetensors'}", f"condition={condition}",
+                                        "prompt=a grey square", "num_images=1", "steps=2", "height=128", "width=128",
+                                        f"out={tmp_path / 'out'}"], timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert Image.open(tmp_path / "out" / "grid.png").size == (2 * 128, 128)  # condition | sample

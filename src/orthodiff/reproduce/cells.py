@@ -16,8 +16,6 @@ import logging
 import os
 import re
 import shutil
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
@@ -26,9 +24,9 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from orthodiff.models.tiny_sd import TINY_SD_PATH
+from orthodiff.warm import ROOT, run_script
 
 log = logging.getLogger(__name__)
-ROOT = Path(__file__).resolve().parents[3]  # where train.py and eval.py are
 
 
 def cell_config(run_dir: str | Path) -> DictConfig:
@@ -116,9 +114,8 @@ def train_cell(cfg: DictConfig, name: str, overrides: list[str], cached_only: bo
     # Not resolve()d: last.ckpt links to "epoch=E-step=S.ckpt", whose "=" Hydra's override grammar refuses.
     resume_from = [f"resume={checkpoint.absolute()}"] if resume else []
     started = time.time()
-    result = subprocess.run([sys.executable, "train.py", *overrides, *CHECKPOINT_AT_VALIDATION, *resume_from,
-                             f"hydra.run.dir={run_dir.resolve()}"],
-                            cwd=ROOT, capture_output=True, text=True, env=cell_env(cfg))
+    result = run_script("train.py", [*overrides, *CHECKPOINT_AT_VALIDATION, *resume_from,
+                                     f"hydra.run.dir={run_dir.resolve()}"], env=cell_env(cfg))
     (run_dir / "stdout.log").write_text(result.stdout + result.stderr)
     diverged = NON_FINITE_LOSS.search(result.stderr)
     if result.returncode != 0 and not diverged:
@@ -169,8 +166,7 @@ def run_eval(cfg: DictConfig, run: dict) -> dict:
     record = out / "overrides.json"
     if (out / "eval.json").is_file() and record.is_file() and json.loads(record.read_text()) == overrides:
         return json.loads((out / "eval.json").read_text())
-    result = subprocess.run([sys.executable, "eval.py", *overrides, f"hydra.run.dir={out.resolve()}"],
-                            cwd=ROOT, capture_output=True, text=True)
+    result = run_script("eval.py", [*overrides, f"hydra.run.dir={out.resolve()}"])
     if result.returncode != 0:
         raise RuntimeError(f"eval of {run['run_dir']} failed:\n{result.stderr[-2000:]}")
     record.write_text(json.dumps(overrides))
