@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +20,7 @@ from omegaconf import OmegaConf
 
 from orthodiff.data.control import CONTROL_CHANNELS
 from orthodiff.eval.control_metrics import CONTROL_CONFIGS, headline_metric
+from orthodiff.models.tiny_sd import TINY_SD_PATH
 from orthodiff.reproduce.stats import VERDICTS
 from orthodiff.warm import run_script
 
@@ -296,6 +298,32 @@ def test_a_finished_cell_is_reused_until_its_overrides_or_base_weights_change(tm
     record.write_text(json.dumps({**json.loads(record.read_text()), "overrides": ["method=lora", "method.control_lr=0.01"]}))
     assert cells.train_cell(cfg, "cell", ["method=lora", "method.tiny_control_lr=0.01"])["run"] == 4
     assert cells.train_cell(cfg, "cell", ["method=lora", "method.tiny_control_lr=0.03"])["run"] == 5
+    # ... and under the record's old key for the base model's digest (every cell then trained the embedded model).
+    record.write_text(json.dumps({"overrides": ["method=lora", "method.tiny_control_lr=0.03"], "embedded_model": "re-pretrained"}))
+    assert cells.train_cell(cfg, "cell", ["method=lora", "method.tiny_control_lr=0.03"])["run"] == 5
+
+
+def test_a_cell_on_another_base_model_is_keyed_on_that_models_weights(tmp_path, monkeypatch):
+    """A width-ladder rung (model=tiny_w2) or any model.pretrained folder: pretraining it again
+    retrains its cells; the embedded model's digest does not move them."""
+    from orthodiff.reproduce import cells
+
+    rung = tmp_path / "tiny-sd-w2"
+    shutil.copytree(TINY_SD_PATH / "unet", rung / "unet")
+    launches = []
+    monkeypatch.setattr(cells, "run_script", fake_train(launches))
+    cfg = OmegaConf.create({"runs_dir": str(tmp_path / "runs"), "jobs": 1})
+    cell = ["method=oft", f"model.pretrained={rung}"]
+    cells.train_cell(cfg, "cell", cell)
+    monkeypatch.setattr(cells, "embedded_model_digest", lambda: "re-pretrained")
+    assert cells.train_cell(cfg, "cell", cell)["run"] == 1  # reused
+    (rung / "unet" / "config.json").write_text("{}")  # the rung pretrained again
+    assert cells.train_cell(cfg, "cell", cell)["run"] == 2
+    monkeypatch.setenv("HOME", str(tmp_path))  # conf/model/tiny_w2.yaml: ~/.cache/orthodiff/models/tiny-sd-w2
+    assert cells.base_model_digest(["model=tiny_w2"]) == "~/.cache/orthodiff/models/tiny-sd-w2"  # not built yet
+    shutil.copytree(rung, tmp_path / ".cache/orthodiff/models/tiny-sd-w2")
+    assert cells.base_model_digest(["model=tiny_w2"]) == cells.folder_digest(rung)
+    assert cells.base_model_digest(["model=tiny"]) == cells.base_model_digest([]) == "re-pretrained"
 
 
 def test_a_cell_that_died_part_way_resumes_from_its_last_validations_checkpoint(tmp_path, monkeypatch):

@@ -1,7 +1,7 @@
 """Cells: one train.py run per table cell, kept in `runs_dir` and reused.
 
 A cell's run directory records the overrides it was trained with and a content hash of
-the embedded tiny SD (overrides.json); a later table asking for the same cell gets the
+its base model's weights (overrides.json: the embedded tiny SD's, or a width-ladder rung's); a later table asking for the same cell gets the
 finished run's metrics.json back without training it again, so `table=all` trains each
 cell once. A cell that died part-way (a killed job, a session's end) resumes from the
 checkpoint its last validation wrote. Config-file edits are not part of the record: delete
@@ -59,15 +59,38 @@ def run_overrides(cfg: DictConfig, method: str, control: str, seed: int, extra=(
             *cfg.train_overrides, *extra]
 
 
-def embedded_model_digest() -> str:
-    """A content hash of the shipped tiny SD: part of every cell's record, so runs made
-    with older weights are retrained rather than reused after a re-pretraining."""
+def folder_digest(folder: Path) -> str:
     digest = hashlib.sha256()
-    for path in sorted(TINY_SD_PATH.rglob("*")):
+    for path in sorted(folder.rglob("*")):
         if path.is_file():
-            digest.update(path.relative_to(TINY_SD_PATH).as_posix().encode())
+            digest.update(path.relative_to(folder).as_posix().encode())
             digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
+
+
+def embedded_model_digest() -> str:
+    return folder_digest(TINY_SD_PATH)
+
+
+def base_model_digest(overrides: list[str]) -> str:
+    """A content hash of the base model a cell trains: the shipped tiny SD unless its overrides
+    choose another (model=tiny_w2, a width-ladder rung; model.pretrained=<folder>). Part of the
+    cell's record, so its runs are retrained rather than reused once that model is pretrained
+    again. A base that is no local folder (a hub id, a rung not built yet) is recorded by name."""
+    pretrained = None
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if key == "model":
+            pretrained = OmegaConf.load(ROOT / "conf" / "model" / f"{value}.yaml").get("pretrained")
+        elif key == "model.pretrained":
+            pretrained = value
+    if pretrained is None:
+        return embedded_model_digest()
+    path = Path(pretrained).expanduser()
+    path = path if path.is_absolute() else ROOT / path
+    if path.resolve() == TINY_SD_PATH.resolve():
+        return embedded_model_digest()
+    return folder_digest(path) if path.is_dir() else str(pretrained)
 
 
 def run_cell(cfg: DictConfig, method: str, control: str, seed: int, extra=(), tag: str = "", steps: int | None = None,
@@ -150,12 +173,13 @@ def current_name(override: str) -> str:
     return override
 
 
-def cell_identity(overrides: list[str], embedded_model: str | None = None) -> dict:
+def cell_identity(overrides: list[str], base_model: str | None = None, embedded_model: str | None = None) -> dict:
     """What makes two runs the same cell (a run's overrides.json): its overrides under today's
-    key names, less where it checkpoints (that does not change what a run learns), and the
-    embedded base model's weights (default: today's)."""
+    key names, less where it checkpoints (that does not change what a run learns), and the base
+    model's weights (default: today's; `embedded_model` is the key records written before the
+    width ladder used, when every cell trained the embedded tiny SD)."""
     return {"overrides": [current_name(o) for o in overrides if not o.startswith("callbacks.checkpoint.")],
-            "embedded_model": embedded_model or embedded_model_digest()}
+            "base_model": base_model or embedded_model or base_model_digest(overrides)}
 
 
 def run_eval(cfg: DictConfig, run: dict) -> dict:
