@@ -3,7 +3,7 @@
 Each run is a child process forked from one server process that has already imported torch,
 Lightning, diffusers and orthodiff (multiprocessing's forkserver, whose server is
 single-threaded, so forking it is safe while the caller runs threads). A run then starts in
-about a second instead of the 10-15 s those imports take on two CPU cores, which is most of a
+a second or two instead of the 10-15 s those imports take on two CPU cores, which is most of a
 short run: the cells of a two-step table and the command-line tests.
 
 The child is the script's own run: the same argv, working directory, environment, exit
@@ -60,7 +60,8 @@ def run_script(script: str | Path, args: list[str], env: dict | None = None, cwd
         return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     with tempfile.TemporaryDirectory(prefix="orthodiff-warm-") as tmp:
         out, err = Path(tmp, "stdout"), Path(tmp, "stderr")
-        out.touch(), err.touch()  # a child that dies before it opens them leaves them empty
+        for path in (out, err):  # a child that dies before it opens them leaves them empty
+            path.touch()
         child = context().Process(target=_run, args=(str(script), command[2:], env, str(cwd), str(out), str(err)))
         child.start()
         child.join(timeout)
