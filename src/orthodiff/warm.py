@@ -28,9 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]  # where train.py and eval.py are
 PRELOAD = ["orthodiff.app.warm_preload"]  # by name: the server imports it, not this module
-# Keys a run may change and still run warm: the child applies them after the imports. pytest
-# sets PYTEST_CURRENT_TEST anew for every test; nothing reads it at import.
-WARM_ENV = {"OMP_NUM_THREADS", "MKL_NUM_THREADS", "PYTHONPATH", "TMPDIR", "PYTEST_CURRENT_TEST"}
+WARM_ENV = {"OMP_NUM_THREADS", "MKL_NUM_THREADS", "PYTHONPATH", "TMPDIR"}  # applied in the child, after the imports
 
 _context = None
 _server_env: dict | None = None  # the environment the warm interpreter imported under
