@@ -31,26 +31,22 @@ PRELOAD = ["orthodiff.app.warm_preload"]  # by name: the server imports it, not 
 WARM_ENV = {"OMP_NUM_THREADS", "MKL_NUM_THREADS", "PYTHONPATH", "TMPDIR"}  # applied in the child, after the imports
 
 _context = None
-_server_env: dict | None = None  # the environment the warm interpreter imported under
 _context_lock = threading.Lock()
 
 
 def context() -> multiprocessing.context.BaseContext:
-    global _context, _server_env
+    global _context
     with _context_lock:
         if _context is None:
             _context = multiprocessing.get_context("forkserver")
             _context.set_forkserver_preload(PRELOAD)
-            _server_env = dict(os.environ)  # the server starts with this first warm run, under this environment
         return _context
 
 
 def warm_env_differs(env: dict) -> bool:
-    """Whether `env` changes anything a library may have read at import time in the warm
-    interpreter (this process's environment before it exists)."""
-    imported_under = os.environ if _server_env is None else _server_env
-    keys = (set(env) | set(imported_under)) - WARM_ENV
-    return any(env.get(key) != imported_under.get(key) for key in keys)
+    """Whether `env` changes anything a library may have read at import time."""
+    keys = (set(env) | set(os.environ)) - WARM_ENV
+    return any(env.get(key) != os.environ.get(key) for key in keys)
 
 
 def run_script(script: str | Path, args: list[str], env: dict | None = None, cwd: str | Path = ROOT,
