@@ -44,7 +44,11 @@ def context() -> multiprocessing.context.BaseContext:
 
 
 def warm_env_differs(env: dict) -> bool:
-    """Whether `env` changes anything a library may have read at import time."""
+    """Whether `env` changes anything a library may have read at import time. It is compared
+    with this process's environment now, not with the one the warm interpreter imported under:
+    this process's own imports set variables of their own (and pytest one per test), so that
+    snapshot would send every run to a fresh interpreter. Change such a variable through `env`,
+    not in this process, once the warm interpreter runs."""
     keys = (set(env) | set(os.environ)) - WARM_ENV
     return any(env.get(key) != os.environ.get(key) for key in keys)
 
