@@ -58,15 +58,15 @@ def run_script(script: str | Path, args: list[str], env: dict | None = None, cwd
     """`python script *args` in cwd with env (default: this process's), output captured as
     text; like subprocess.run(..., capture_output=True, text=True), including TimeoutExpired."""
     env = dict(os.environ if env is None else env)
-    script = Path(cwd, script)
-    command = [sys.executable, str(script), *map(str, args)]
+    script, args = str(Path(cwd, script)), [str(arg) for arg in args]
+    command = [sys.executable, script, *args]
     if warm_env_differs(env):
         return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     with tempfile.TemporaryDirectory(prefix="orthodiff-warm-") as tmp:
         out, err = Path(tmp, "stdout"), Path(tmp, "stderr")
         for path in (out, err):  # a child that dies before it opens them leaves them empty
             path.touch()
-        child = context().Process(target=_run, args=(str(script), command[2:], env, str(cwd), str(out), str(err)))
+        child = context().Process(target=_run, args=(script, args, env, str(cwd), str(out), str(err)))
         child.start()
         child.join(timeout)
         if child.is_alive():

@@ -1,9 +1,9 @@
 """Cells: one train.py run per table cell, kept in `runs_dir` and reused.
 
 A cell's run directory records the overrides it was trained with and a content hash of
-its base model's weights (overrides.json: the embedded tiny SD's, or a width-ladder rung's); a later table asking for the same cell gets the
-finished run's metrics.json back without training it again, so `table=all` trains each
-cell once. A cell that died part-way (a killed job, a session's end) resumes from the
+its base model's weights (overrides.json: the embedded tiny SD's, or a width-ladder rung's);
+a later table asking for the same cell gets the finished run's metrics.json back without
+training it again, so `table=all` trains each cell once. A cell that died part-way (a killed job, a session's end) resumes from the
 checkpoint its last validation wrote. Config-file edits are not part of the record: delete
 a run directory to retrain it.
 """
@@ -77,15 +77,13 @@ def base_model_digest(overrides: list[str]) -> str:
     choose another (model=tiny_w2, a width-ladder rung; model.pretrained=<folder>). Part of the
     cell's record, so its runs are retrained rather than reused once that model is pretrained
     again. A base that is no local folder (a hub id, a rung not built yet) is recorded by name."""
-    pretrained = None
+    pretrained = str(TINY_SD_PATH)
     for override in overrides:
         key, _, value = override.partition("=")
         if key == "model":
             pretrained = OmegaConf.load(ROOT / "conf" / "model" / f"{value}.yaml").get("pretrained")
         elif key == "model.pretrained":
             pretrained = value
-    if pretrained is None:
-        return embedded_model_digest()
     path = Path(pretrained).expanduser()
     path = path if path.is_absolute() else ROOT / path
     if path.resolve() == TINY_SD_PATH.resolve():
