@@ -3,7 +3,7 @@
 Each run is a child process forked from one server process that has already imported torch,
 Lightning, diffusers and orthodiff (multiprocessing's forkserver, whose server is
 single-threaded, so forking it is safe while the caller runs threads). A run then starts in
-a second or two instead of the 10-15 s those imports take on two CPU cores, which is most of a
+under a second instead of the 10-15 s those imports take on two CPU cores (benchmarks/bench_warm.py), which is most of a
 short run: the cells of a two-step table and the command-line tests.
 
 The child is the script's own run: the same argv, working directory, environment, exit
