@@ -104,7 +104,7 @@ def test_all_tables_on_a_two_step_schedule(shapes_root, tmp_path):
         # the new tables on as few new cells as they can: the rest are the cells above
         "radius.eps=[1e-3]", "radius.references=[hint]", "frontier.oft_blocks=[4]", "frontier.lora_ranks=[4]",
         "frontier.others=[coft_matched,hint]", "frontier.against=[lora_r4,hint]", "length.methods=[coft,lora]",
-        "length.steps=2", "length.val_every=1", "length.at=[1,2]", "length.pairs=[[coft,lora]]",
+        "length.steps=3", "length.val_every=1", "length.at=[1,3]", "length.pairs=[[coft,lora]]",
         # the width ladder's rungs as the tiny model under another name (the real ones take hours to pretrain)
         "width.models=[[1,tiny],[2,tiny]]", "width.methods=[coft,lora_matched]", "width.pairs=[[coft,lora_matched]]",
         "subject.methods=[coft,textual_inversion,perfusion]", "subject.subjects=[badge_circle]", "subject.seeds=[0,1]",
@@ -182,9 +182,12 @@ def test_all_tables_on_a_two_step_schedule(shapes_root, tmp_path):
         ("oft_r4", "lora_r4"), ("oft_r4", "hint")]
 
     length = {row["method"]: row for row in read_csv(reports / "length.csv")}
-    assert set(length) == {"coft", "lora"} and not list(runs.glob("*-len*"))  # the schedule's length: plain cells
+    assert set(length) == {"coft", "lora"} and length["coft"]["seeds"] == "2"
     assert all(str(row["flattens at step"]).isdigit() or row["flattens at step"] == "no gain" for row in length.values())
-    assert [r["at step"] for r in read_csv(reports / "length_comparisons.csv")] == ["1", "2"]
+    assert [r["at step"] for r in read_csv(reports / "length_comparisons.csv")] == ["1", "3"]
+    # one step past the schedule's two: the plain cell continued, its curve first
+    plain, longer = (json.loads((runs / name / "metrics.json").read_text()) for name in ("canny-lora-s1", "canny-lora-len3-s1"))
+    assert [v["step"] for v in longer["history"]] == [0, 1, 2, 3] and longer["history"][:3] == plain["history"]
 
     [search] = read_csv(reports / "lr_search.csv")
     assert search["method"] == "coft" and search["best lr"] in ("0.0001", "0.001", "0.01")
@@ -402,6 +405,33 @@ def test_a_cell_killed_after_a_validation_resumes_to_the_uninterrupted_curve(sha
     assert [v["step"] for v in resumed["history"]] == [v["step"] for v in uninterrupted["history"]] == [0, 2, 4]
     assert resumed["history"] == uninterrupted["history"] and resumed["final"] == uninterrupted["final"]
 
+
+
+def test_a_cell_continued_from_another_cells_validation_is_the_longer_run(shapes_root, tmp_path, monkeypatch):
+    """Real train.py runs: a 4-step cell validated every 2, continued to 8 steps validated every 4,
+    against one uninterrupted 8-step run validated every 2 (table=length on table=frontier's cells)."""
+    from orthodiff.reproduce import cells
+
+    def overrides(steps, every):
+        return ["experiment=canny", f"data.train.root={shapes_root}", "+data.train.max_items=16", "data.batch_size=2",
+                "data.val.max_items=2", "data.val_batch_size=2", "model.val_steps=2", f"trainer.max_steps={steps}",
+                f"trainer.val_check_interval={every}", "validate_at_start=true", "trainer.deterministic=true",
+                "callbacks.progress_bar.refresh_rate=0", "logger=none"]
+
+    cfg = OmegaConf.create({"runs_dir": str(tmp_path), "jobs": 1, "threads": 1})
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")])))
+    long = cells.train_cell(cfg, "long", overrides(8, 2))
+    short = cells.train_cell(cfg, "short", overrides(4, 2))
+    start = cells.step_checkpoint(short["run_dir"], 4)
+    continued = cells.train_cell(cfg, "continued", overrides(8, 4), start_from=start)
+    assert [v["step"] for v in continued["history"]] == [0, 2, 4, 8]
+    assert continued["history"] == [v for v in long["history"] if v["step"] != 6]
+    assert continued["final"] == long["final"] and continued["step0"] == long["step0"]
+    assert start.is_file() and json.loads((tmp_path / "continued" / "overrides.json").read_text())["continues"] == {
+        "cell": json.loads((tmp_path / "short" / "overrides.json").read_text()), "checkpoint": start.name}
+    assert cells.train_cell(cfg, "continued", overrides(8, 4), cached_only=True, start_from=start)["final"]
+    with pytest.raises(FileNotFoundError, match="no checkpoint of step 3"):
+        cells.step_checkpoint(short["run_dir"], 3)
 
 def schedule_cfg(tmp_path, **extra):
     shipped = OmegaConf.load(ROOT / "conf" / "reproduce.yaml")  # the tables' own sections, as shipped

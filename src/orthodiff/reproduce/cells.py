@@ -93,27 +93,41 @@ def base_model_digest(overrides: list[str]) -> str:
 
 def run_cell(cfg: DictConfig, method: str, control: str, seed: int, extra=(), tag: str = "", steps: int | None = None,
              curve: bool | None = None, step0: bool | None = None, val_every: int | None = None,
-             cached_only: bool = False) -> dict | None:
+             cached_only: bool = False, start_from: Path | None = None) -> dict | None:
     """One controllable-generation cell (see run_overrides and train_cell)."""
     return train_cell(cfg, f"{control}-{method}{tag}-s{seed}",
-                      run_overrides(cfg, method, control, seed, extra, steps, curve, step0, val_every), cached_only)
+                      run_overrides(cfg, method, control, seed, extra, steps, curve, step0, val_every), cached_only,
+                      start_from)
+
+
+def step_checkpoint(run_dir: str | Path, step: int) -> Path:
+    """The checkpoint a finished cell wrote at its validation of `step`: a mid-run checkpoint, so a run
+    continued from it takes the path a longer run of the same cell would have taken."""
+    found = sorted((Path(run_dir) / "checkpoints").glob(f"epoch=*-step={step}.ckpt"))
+    if not found:
+        raise FileNotFoundError(f"{Path(run_dir) / 'checkpoints'} holds no checkpoint of step {step} to continue "
+                                f"from; delete {run_dir} to train that cell again")
+    return found[-1]
 
 
 # How train.py ends a run whose loss stopped being finite (tasks.base.NonFiniteLossError).
 NON_FINITE_LOSS = re.compile(r"loss is (nan|-?inf) at step \d+")
 
 
-def train_cell(cfg: DictConfig, name: str, overrides: list[str], cached_only: bool = False) -> dict | None:
+def train_cell(cfg: DictConfig, name: str, overrides: list[str], cached_only: bool = False,
+               start_from: Path | None = None) -> dict | None:
     """Train one cell in runs_dir/name (or reuse its finished run with identical
     overrides and base weights) and return its metrics.json plus "run_dir".
     cached_only: return the finished run or None, never train (table=claims).
+    start_from: another cell's checkpoint (step_checkpoint) that this one continues rather
+    than training from step 0 (table=length); its curve starts with that cell's validations.
     A run whose loss became non-finite is a result, not an error (too high an lr in
     table=lr_search): it is kept with empty "final" metrics and "diverged" saying where."""
     run_dir = Path(cfg.runs_dir).expanduser() / name
     record = run_dir / "overrides.json"
     metrics_path = run_dir / "metrics.json"
     checkpoint = run_dir / "checkpoints" / "last.ckpt"
-    identity = cell_identity(overrides)
+    identity = cell_identity(overrides, continues=continued_record(start_from))
     same_cell = record.is_file() and cell_identity(**json.loads(record.read_text())) == identity
     if same_cell and metrics_path.is_file():
         metrics = json.loads(metrics_path.read_text())
@@ -132,8 +146,13 @@ def train_cell(cfg: DictConfig, name: str, overrides: list[str], cached_only: bo
         metrics_path.unlink(missing_ok=True)  # a replaced run's, or a dead run's step 0
         run_dir.mkdir(parents=True, exist_ok=True)
         record.write_text(json.dumps(identity))  # now: a run that dies part-way is resumed as this cell
-    # Not resolve()d: last.ckpt links to "epoch=E-step=S.ckpt", whose "=" Hydra's override grammar refuses.
-    resume_from = [f"resume={checkpoint.absolute()}"] if resume else []
+        if start_from:  # its step 0 is the continued cell's (train.py reads it here when this run resumes)
+            step0 = json.loads((start_from.parents[1] / "metrics.json").read_text()).get("step0", {})
+            metrics_path.write_text(json.dumps({"step0": step0}))
+    # Not resolve()d: last.ckpt links to "epoch=E-step=S.ckpt", whose "=" Hydra's override grammar
+    # refuses unquoted.
+    resume_from = ([f"resume={checkpoint.absolute()}"] if resume else
+                   [f"resume='{start_from.absolute()}'"] if start_from else [])
     started = time.time()
     result = run_script("train.py", [*overrides, *CHECKPOINT_AT_VALIDATION, *resume_from,
                                      f"hydra.run.dir={run_dir.resolve()}"], env=cell_env(cfg))
@@ -171,13 +190,23 @@ def current_name(override: str) -> str:
     return override
 
 
-def cell_identity(overrides: list[str], base_model: str | None = None, embedded_model: str | None = None) -> dict:
+def cell_identity(overrides: list[str], base_model: str | None = None, embedded_model: str | None = None,
+                  continues: dict | None = None) -> dict:
     """What makes two runs the same cell (a run's overrides.json): its overrides under today's
-    key names, less where it checkpoints (that does not change what a run learns), and the base
+    key names, less where it checkpoints (that does not change what a run learns), the base
     model's weights (default: today's; `embedded_model` is the key records written before the
-    width ladder used, when every cell trained the embedded tiny SD)."""
-    return {"overrides": [current_name(o) for o in overrides if not o.startswith("callbacks.checkpoint.")],
-            "base_model": base_model or embedded_model or base_model_digest(overrides)}
+    width ladder used, when every cell trained the embedded tiny SD), and the cell and step it
+    continues, if any (continued_record)."""
+    identity = {"overrides": [current_name(o) for o in overrides if not o.startswith("callbacks.checkpoint.")],
+                "base_model": base_model or embedded_model or base_model_digest(overrides)}
+    return {**identity, "continues": continues} if continues else identity
+
+
+def continued_record(checkpoint: Path | None) -> dict | None:
+    """The record of the cell a checkpoint belongs to, and the checkpoint's name (its step)."""
+    if checkpoint is None:
+        return None
+    return {"cell": json.loads((checkpoint.parents[1] / "overrides.json").read_text()), "checkpoint": checkpoint.name}
 
 
 def run_eval(cfg: DictConfig, run: dict) -> dict:

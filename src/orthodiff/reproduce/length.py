@@ -1,6 +1,7 @@
 """table=length: do the gaps close, hold or widen when training runs to plateau? length.methods
 on the first control for length.steps steps validated every length.val_every, every seed
-(length.two_seeds: methods cut to two). Per method: the final figure, steps to 50 % and 80 %
+(length.two_seeds: methods cut to two); each run longer than the schedule continues its
+plain cell from its last validation (continued_cell). Per method: the final figure, steps to 50 % and 80 %
 of the best final score of all methods (as table=convergence) and of its own final gain (its
 own final figure at the seed, counted from the seed's base figure), and where its mean curve
 flattens (the first validation after which it never gains more than PLATEAU of its own gain
@@ -18,7 +19,7 @@ from omegaconf import DictConfig
 
 from orthodiff.eval.control_metrics import headline_metric
 from orthodiff.reproduce import controllable, convergence, stats
-from orthodiff.reproduce.cells import run_all
+from orthodiff.reproduce.cells import run_all, run_cell, step_checkpoint
 from orthodiff.reproduce.report import (
     coft_note,
     control_settings,
@@ -39,12 +40,26 @@ def seeds(cfg: DictConfig, method: str) -> list[int]:
 
 
 def cells(cfg: DictConfig) -> list[tuple]:
-    """run_cell's arguments; at the schedule's own length and validations they are the plain cells."""
+    """continued_cell's arguments beyond the schedule's length; run_cell's otherwise (at the
+    schedule's own length and validations, the plain cells)."""
     n = cfg.length
+    if n.steps > cfg.schedule.steps:
+        return [(m, s) for m in n.methods for s in seeds(cfg, m)]
     if (n.steps, n.val_every) == (cfg.schedule.steps, cfg.schedule.val_every):
         return [(m, cfg.controls[0], s) for m in n.methods for s in seeds(cfg, m)]
     return [(m, cfg.controls[0], s, [], f"-len{n.steps}", n.steps, True, True, n.val_every)
             for m in n.methods for s in seeds(cfg, m)]
+
+
+def continued_cell(cfg: DictConfig, method: str, seed: int) -> dict:
+    """The method's plain cell (table=frontier's, trained here if absent) continued from its last
+    validation to length.steps, validated every length.val_every: a run's path depends on neither its
+    length nor its validations (no lr schedule; validation samples from its own generator), so this
+    is the long run itself, up to the plain cell's finer validations before schedule.steps."""
+    control, n = cfg.controls[0], cfg.length
+    plain = run_cell(cfg, method, control, seed)
+    return run_cell(cfg, method, control, seed, [], f"-len{n.steps}", n.steps, True, True, n.val_every,
+                    start_from=step_checkpoint(plain["run_dir"], cfg.schedule.steps))
 
 
 def figure_at(run: dict, key: str, step: int) -> float:
@@ -79,7 +94,8 @@ def table(cfg: DictConfig) -> Path:
 
     control, n = cfg.controls[0], cfg.length
     key, higher = headline_metric(control), higher_is_better(control)
-    results = iter(run_all(cfg, cells(cfg), "length"))
+    continued = n.steps > cfg.schedule.steps
+    results = iter(run_all(cfg, cells(cfg), "length", cell=continued_cell if continued else run_cell))
     runs = {m: [next(results) for _ in seeds(cfg, m)] for m in n.methods}
     base = finite_mean([r.get("step0", {}).get(key, math.nan) for rs in runs.values() for r in rs])
     finals = {m: finite_mean([final_figure(r, key) for r in rs]) for m, rs in runs.items()}
@@ -123,7 +139,9 @@ def table(cfg: DictConfig) -> Path:
     for row, (_, _, step) in zip(comparisons, at):
         row["at step"] = step
     write_csv(cfg, "length_comparisons", comparisons)
-    notes = [f"{control}, {n.steps} steps of batch {cfg.schedule.batch_size}, validated every {n.val_every} steps "
+    validated = (f"every {cfg.schedule.val_every} steps to step {cfg.schedule.steps} (the plain cell each run continues: "
+                 f"the same run, table=frontier's) and every {n.val_every} after" if continued else f"every {n.val_every} steps")
+    notes = [f"{control}, {n.steps} steps of batch {cfg.schedule.batch_size}, validated {validated} "
              f"on the first {cfg.schedule.val_items} validation scenes; seeds {list(cfg.seeds)} (two for "
              f"length.two_seeds: {list(n.two_seeds) or 'none cut'}); each method at its own lr.",
              f"'of the best': from the base model ({base:.4f}, step 0, mean) to the best final mean ({best:.4f}), as in "
