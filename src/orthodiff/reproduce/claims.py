@@ -170,7 +170,8 @@ def factor_arms(cfg: DictConfig, cells: Cells, ours: str, baseline: str) -> dict
             if a:
                 arms["parameters"] = (a_row, a, lora_row, frontier_row(lora_row))
     if ours in cfg.length.methods and baseline in cfg.length.methods:
-        a, b = ([cells.get(c) for c in length.cells(cfg) if c[0] == m] for m in (ours, baseline))
+        a, b = ([length.length_cell(cfg, *c, cached_only=True) for c in length.cells(cfg) if c[0] == m]
+                for m in (ours, baseline))
         if None not in a + b:
             arms["length"] = (ours, a, baseline, b)
     if "radius" in arms or "parameters" in arms:

@@ -51,15 +51,23 @@ def cells(cfg: DictConfig) -> list[tuple]:
             for m in n.methods for s in seeds(cfg, m)]
 
 
-def continued_cell(cfg: DictConfig, method: str, seed: int) -> dict:
+def continued_cell(cfg: DictConfig, method: str, seed: int, cached_only: bool = False) -> dict | None:
     """The method's plain cell (table=frontier's, trained here if absent) continued from its last
     validation to length.steps, validated every length.val_every: a run's path depends on neither its
     length nor its validations (no lr schedule; validation samples from its own generator), so this
     is the long run itself, up to the plain cell's finer validations before schedule.steps."""
     control, n = cfg.controls[0], cfg.length
-    plain = run_cell(cfg, method, control, seed)
+    plain = run_cell(cfg, method, control, seed, cached_only=cached_only)
+    if plain is None:
+        return None
     return run_cell(cfg, method, control, seed, [], f"-len{n.steps}", n.steps, True, True, n.val_every,
-                    start_from=step_checkpoint(plain["run_dir"], cfg.schedule.steps))
+                    cached_only=cached_only, start_from=step_checkpoint(plain["run_dir"], cfg.schedule.steps))
+
+
+def length_cell(cfg: DictConfig, *args, cached_only: bool = False) -> dict | None:
+    """The run of one of cells(cfg)'s entries (cached_only: never train; table=claims)."""
+    cell = continued_cell if cfg.length.steps > cfg.schedule.steps else run_cell
+    return cell(cfg, *args, cached_only=cached_only)
 
 
 def figure_at(run: dict, key: str, step: int) -> float:
@@ -94,8 +102,7 @@ def table(cfg: DictConfig) -> Path:
 
     control, n = cfg.controls[0], cfg.length
     key, higher = headline_metric(control), higher_is_better(control)
-    continued = n.steps > cfg.schedule.steps
-    results = iter(run_all(cfg, cells(cfg), "length", cell=continued_cell if continued else run_cell))
+    results = iter(run_all(cfg, cells(cfg), "length", cell=length_cell))
     runs = {m: [next(results) for _ in seeds(cfg, m)] for m in n.methods}
     base = finite_mean([r.get("step0", {}).get(key, math.nan) for rs in runs.values() for r in rs])
     finals = {m: finite_mean([final_figure(r, key) for r in rs]) for m, rs in runs.items()}
@@ -139,8 +146,10 @@ def table(cfg: DictConfig) -> Path:
     for row, (_, _, step) in zip(comparisons, at):
         row["at step"] = step
     write_csv(cfg, "length_comparisons", comparisons)
-    validated = (f"every {cfg.schedule.val_every} steps to step {cfg.schedule.steps} (the plain cell each run continues: "
-                 f"the same run, table=frontier's) and every {n.val_every} after" if continued else f"every {n.val_every} steps")
+    validated = f"every {n.val_every} steps"
+    if n.steps > cfg.schedule.steps:
+        validated = (f"every {cfg.schedule.val_every} steps to step {cfg.schedule.steps} (the plain cell each run "
+                     f"continues: the same run, table=frontier's) and every {n.val_every} after")
     notes = [f"{control}, {n.steps} steps of batch {cfg.schedule.batch_size}, validated {validated} "
              f"on the first {cfg.schedule.val_items} validation scenes; seeds {list(cfg.seeds)} (two for "
              f"length.two_seeds: {list(n.two_seeds) or 'none cut'}); each method at its own lr.",
