@@ -10,6 +10,7 @@ method.tiny_control_lr in conf/method/<method>.yaml)."""
 
 from __future__ import annotations
 
+import csv
 import math
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from omegaconf import DictConfig
 from orthodiff.eval.control_metrics import headline_metric
 from orthodiff.reproduce.cells import run_all
 from orthodiff.reproduce.report import final_figure, fmt, higher_is_better, lr_search_settings, write_report
+from orthodiff.warm import ROOT
 
 
 def methods(cfg: DictConfig) -> list[str]:
@@ -44,20 +46,36 @@ def best_lr(scores: dict[float, float], higher: bool) -> float | None:
     return (max if higher else min)(finite, key=finite.get)
 
 
+def earlier_bests(cfg: DictConfig) -> dict[str, str]:
+    """{method: best lr} of lr_search.compare_with (a search in which the hint encoder shared each
+    method's lr); empty when it is unset or absent."""
+    path = cfg.lr_search.get("compare_with")
+    if not path or not (ROOT / path).is_file():
+        return {}
+    with open(ROOT / path, newline="") as file:
+        return {row["method"]: row["best lr"] for row in csv.DictReader(file)}
+
+
 def table(cfg: DictConfig) -> Path:
     control, search = cfg.controls[0], cfg.lr_search
     key, higher = headline_metric(control), higher_is_better(control)
     runs = iter(run_all(cfg, cells(cfg), "lr_search"))
+    earlier = earlier_bests(cfg)
     rows = []
     for method in methods(cfg):
         scores = {float(lr): final_figure(next(runs), key) for lr in search.lrs}
         best = best_lr(scores, higher)
         rows.append({"method": method, "searches": searched_key(method), **{f"lr {lr:g}": fmt(v) for lr, v in scores.items()},
                      "best lr": "none (every run diverged)" if best is None else f"{best:g}",
-                     f"best {key}": scores.get(best, math.nan)})
+                     f"best {key}": scores.get(best, math.nan),
+                     **({"best lr, encoder sharing it": earlier.get(method, "not searched")} if earlier else {})})
     notes = [f"Every method gets every lr as the key in its 'searches' column (the settings line above); {key} at "
              "the last step; n/a: the loss diverged. The hint encoder trains at its own module.hint_lr in every row "
              "but hint's, where that lr is the one searched.",
+             *([f"'best lr, encoder sharing it': the best of {search.compare_with}, the search in which the hint "
+                "encoder trained at each method's own lr, on that report's grid and seed. Where the two differ the "
+                "best moved once the encoder kept an lr of its own; compare the rows' scores above 3e-3 to see "
+                "whose cliff it was (one seed each)."] if earlier else []),
              "To apply: commit hint's best as `module.hint_lr` in conf/experiment/base/tiny_control.yaml before the "
              "other rows run, and each other method's best as `method.tiny_control_lr` in conf/method/<method>.yaml (a "
              "person does this after the run). Cells are keyed on their overrides, not on config files: cells "
