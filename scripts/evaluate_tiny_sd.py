@@ -8,7 +8,9 @@ oracle what it sees, and reports how often the prompted shape kinds, colours and
 background are recognized, beside the chance level: the same rates for real test
 images paired with another scene's caption (what matching the data's prior alone
 achieves). Also the shapes-FID of samples against real test images (classifier
-features) and a caption/sample grid.
+features), which of v3's floors the model meets (orthodiff.eval.base_quality; a width-ladder
+rung: --pipeline ~/.cache/orthodiff/models/tiny-sd-w2 --out reports/tiny_sd_w2_quality.json)
+and a caption/sample grid.
 
 Short prompts: one sample per test scene for the short caption a person would type,
 "a red circle" (the scene's first shape, no background clause), and how often the
@@ -32,6 +34,7 @@ from tqdm import tqdm
 
 from orthodiff.data.control import canny_edges
 from orthodiff.data.shapes import BACKGROUNDS, COLORS, SHAPES, make_scene, split_seeds
+from orthodiff.eval.base_quality import SHORT_PROMPTS, floors
 from orthodiff.eval.control_metrics import edge_scores
 from orthodiff.eval.image_metrics import prompt_recognition
 from orthodiff.eval.metrics import frechet_distance
@@ -169,7 +172,7 @@ def main():
 
     report = {
         "pipeline": str(args.pipeline), "n": args.n, "steps": args.steps, "guidance": args.guidance,
-        "samples": sample_scores, "short prompts ('a red circle')": short_scores, "vae (val)": vae_report,
+        "samples": sample_scores, SHORT_PROMPTS: short_scores, "vae (val)": vae_report,
         "chance (real images, shuffled captions)": chance,
         "real images, own captions": real_upper,
         "shapes_fid_samples_vs_real": fid, f"shapes_fid_real_vs_real ({half} vs {half})": fid_real,
@@ -177,10 +180,13 @@ def main():
         "seconds_per_image": seconds_per_image,
         "vocabulary": {"shapes": len(SHAPES), "colors": len(COLORS), "backgrounds": len(BACKGROUNDS)},
     }
+    report["v3 floors"] = floors(report)
     args.out = args.out or Path("reports/tiny_sd_quality.json")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
+    missed = [row["floor"] for row in report["v3 floors"] if row["met"] is False]
+    print("v3's floors: " + (f"{len(missed)} missed: {'; '.join(missed)}" if missed else "every one met"))
     save_caption_grid(samples[:16], captions[:16], args.grid)
 
 

@@ -25,6 +25,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from omegaconf import DictConfig, OmegaConf
 
+from orthodiff.eval.base_quality import floors
 from orthodiff.eval.control_metrics import headline_metric
 from orthodiff.models.base import resolve_pretrained
 from orthodiff.oft import DEFAULT_TARGETS
@@ -192,6 +193,7 @@ def table(cfg: DictConfig) -> Path:
                       "its LoRA params": matched[model]["lora_params"],
                       "median adapted width": matched[model]["median_width"]} for width, model in ladder]
     write_csv(cfg, "width_settings", settings_rows)
+    quality_rows = base_quality(cfg, ladder)
     notes = [f"{control}, {cfg.schedule.steps} steps of batch {cfg.schedule.batch_size}, final {key} on the first "
              f"{cfg.schedule.val_items} validation scenes, mean [95 % CI] over seeds {list(cfg.seeds)}. Widths scale "
              "the UNet's block_out_channels (v3: 64/96/96); VAE, text encoder and data are v3's. Every method trains "
@@ -201,6 +203,9 @@ def table(cfg: DictConfig) -> Path:
              "eps (paper convention: the eps whose median per-plane rotation budget equals SD 1.5's at 1e-3); "
              "lora_matched is the LoRA rank whose parameter count is nearest OFT r=4's at that width:",
              *markdown_table(settings_rows), "",
+             "Each rung as a text-to-image model, against the floors tiny SD v3 was held to (docs/miniature.md; "
+             "scripts/evaluate_tiny_sd.py's report of the rung, width.quality):",
+             *markdown_table(quality_rows), "",
              "Differences at each width (ours - theirs, reproduce.stats: Welch's 95 % CI, Holm over the table, "
              "equivalence within 5 % of the range from the base model to the real images through the VAE):",
              *markdown_table(comparisons), "",
@@ -212,6 +217,24 @@ def table(cfg: DictConfig) -> Path:
              *coft_note([rs[0] for (m, _), rs in runs.items() if m.startswith("coft")][:2])]
     return write_report(cfg, "width", f"Control against UNet width ({control})", rows, notes, ["width.png"],
                         settings=control_settings(cfg))
+
+
+def base_quality(cfg: DictConfig, ladder: list[tuple[float, str]]) -> list[dict]:
+    """One row per floor of v3's, one column per rung: its value, met or missed, from the rung's
+    scripts/evaluate_tiny_sd.py report (width.quality), or the command that measures it."""
+    columns = {}
+    for width, model in ladder:
+        configured = cfg.width.get("quality", {}).get(model, f"reports/tiny_sd_{model}_quality.json")
+        path = ROOT / configured
+        if path.is_file():
+            columns[f"{width:g}x"] = [("n/a" if r["value"] is None else f"{r['value']:.4g} ({'met' if r['met'] else 'missed'})")
+                                      for r in floors(json.loads(path.read_text()))]
+        else:
+            folder = unet_config(model).parents[1]
+            command = f"not measured: python scripts/evaluate_tiny_sd.py --pipeline {folder} --out {configured}"
+            columns[f"{width:g}x"] = [command] + [""] * (len(floors({})) - 1)
+    return [{"v3 floor": row["floor"], **{rung: values[i] for rung, values in columns.items()}}
+            for i, row in enumerate(floors({}))]
 
 
 def arm_method(method: str) -> str:
