@@ -469,7 +469,8 @@ def test_reproduce_table_edit_writes_the_report(tmp_path):
     pair = "[['a blue triangle on a white background','a yellow triangle on a white background']]"
     toy = ["edit.steps=3", "edit.seeds=2", "edit.learn_seeds=1", "edit.real_images=1", "edit.iterations=1",
            "edit.null_iterations=1", "edit.cap=1", "edit.pair_seeds=1", f"edit.pairs={pair}"]
-    result = run_script("reproduce.py", ["table=edit", f"out_dir={tmp_path}", *toy], env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = run_script("reproduce.py", ["table=edit", f"out_dir={tmp_path}", f"runs_dir={tmp_path / 'runs'}", *toy],
+                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     rows = list(csv.DictReader(open(tmp_path / "edit.csv")))
     methods = {(row["edit"], row["images"], row["method"]) for row in rows}
@@ -489,6 +490,36 @@ def test_reproduce_table_edit_writes_the_report(tmp_path):
     for name in ("edit_samples.png", "edit_switch.png", "edit_lambdas.png"):
         assert (tmp_path / name).is_file() and f"]({name})" in report
 
+
+@pytest.mark.slow
+def test_table_edit_run_again_learns_and_inverts_nothing_and_gives_the_same_rows(tmp_path, monkeypatch):
+    """table=edit keeps its learned schedules and inversions in runs_dir/edit: run again (a
+    killed table resumed), it learns and inverts nothing and every score row is the same."""
+    import csv
+
+    from hydra import compose, initialize_config_dir
+
+    from orthodiff.editing import Edit
+    from orthodiff.reproduce import edit
+
+    toy = ["edit.steps=2", "edit.seeds=2", "edit.learn_seeds=1", "edit.real_images=1", "edit.iterations=1",
+           "edit.null_iterations=1", "edit.cap=1", "edit.pair_seeds=1", "edit.refine=1",
+           "~edit.attributes", "+edit.attributes={colour: 'a green circle on a black background'}",
+           "edit.pairs=[['a blue triangle on a white background','a blue circle on a white background']]"]
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
+        cfg = compose("reproduce", overrides=["table=edit", f"out_dir={tmp_path}", f"runs_dir={tmp_path / 'runs'}", *toy])
+
+    def rows(name):
+        return [{k: v for k, v in row.items() if "second" not in k and "s/seed" not in k}
+                for row in csv.DictReader(open(tmp_path / name))]
+
+    edit.table(cfg)
+    first = rows("edit.csv"), rows("edit_pairs.csv")
+    assert len(list((tmp_path / "runs" / "edit").glob("*.pt"))) == 4  # inversion, transfer, learned, the pair's
+    for slow in ("learn", "invert"):
+        monkeypatch.setattr(Edit, slow, lambda *a, **k: pytest.fail("learned or inverted again"))
+    edit.table(cfg)
+    assert (rows("edit.csv"), rows("edit_pairs.csv")) == first
 
 def test_table_edit_refuses_a_bad_pair_before_loading_a_model(tmp_path, monkeypatch):
     """reproduce.py table=edit, in process (reproduce.py prints the ValueError as one line):

@@ -12,10 +12,17 @@ inversion. Then (prompt, attribute) pairs nobody tuned for (cfg.edit.pairs) on a
 each, with the success rate per kind of edit. Scores (ShapesObjective): attribute success
 (classifier), content kept (IoU of the segmenter's foreground masks, neutral vs edited;
 the real image itself for inverted edits), shape count kept.
+
+The slow parts (each learned schedule, the real images' inversion) are kept in
+runs_dir/edit/, keyed on the model's weights and every setting that shapes them, so a
+table=edit killed part-way (a session's end) resumes without learning them again; rendering
+and scoring are redone (seconds).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 from collections import Counter
@@ -38,6 +45,7 @@ from orthodiff.editing import (
 from orthodiff.eval.control_metrics import to_uint8
 from orthodiff.eval.image_metrics import parse_caption
 from orthodiff.eval.oracles import images_to_tensor
+from orthodiff.files import atomic_path
 from orthodiff.reproduce.report import labelled_grid, markdown_table, out_dir, write_csv, write_report
 
 log = logging.getLogger(__name__)
@@ -55,6 +63,26 @@ def real_images(prompt: str, n: int) -> torch.Tensor:
     scenes = [make_scene(SPLIT_SEEDS["test"] + k, shapes=(kind,), colors=(color,), backgrounds=(background,))
               for k in range(n)]
     return images_to_tensor(np.stack([s.image for s in scenes]))
+
+
+def cached(folder: Path, name: str, key: dict, compute, *args, **kwargs):
+    """compute(*args, **kwargs), kept in folder/<name>-<digest of key>.pt (written atomically)
+    and loaded from there when the same key comes again."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = folder / f"{name}-{digest}.pt"
+    if path.is_file():
+        log.info("%s: reused %s", name, path)
+        return torch.load(path, weights_only=False)
+    result = compute(*args, **kwargs)
+    with atomic_path(path) as tmp:
+        torch.save(result, tmp)
+    return result
+
+
+def learn_key(model, settings, prompt: str, attribute: str, seeds: list[int]) -> dict:
+    """What a learned schedule depends on: the weights, the edit, the noise seeds, the budgets."""
+    return {"model": model.digest, "prompt": prompt, "attribute": attribute, "seeds": seeds,
+            **{k: settings[k] for k in ("steps", "guidance", "lr", "iterations", "cap", "content", "content_weight")}}
 
 
 def score(objective: ShapesObjective, images: torch.Tensor, reference: torch.Tensor) -> dict[str, np.ndarray]:
@@ -132,6 +160,7 @@ def table(cfg: DictConfig) -> Path:
     for attribute in settings.attributes.values():
         edit_kind(settings.prompt, attribute)
     model = load_edit_model(settings.base)
+    cache = Path(cfg.runs_dir).expanduser() / "edit"
     steps, guidance = settings.steps, settings.guidance
     seeds = list(range(1, settings.seeds + 1))
     noise, noise0 = torch.cat([model.noise(s) for s in seeds]), model.noise(0)
@@ -144,15 +173,19 @@ def table(cfg: DictConfig) -> Path:
     reals = real_images(settings.prompt, settings.real_images) if settings.real_images else None
     inversion = None
     if reals is not None:
-        started = time.perf_counter()
-        inverter = Edit(model, settings.prompt, settings.prompt, steps, guidance)
-        inversion = [], []
-        for k in range(0, len(reals), 10):  # the null-text optimisation, 10 images at a time
-            z, uncond = inverter.invert(reals[k:k + 10], settings.refine, settings.null_iterations)
-            inversion[0].append(z)
-            inversion[1].append(uncond)
-        inversion = torch.cat(inversion[0]), [torch.cat(u) for u in zip(*inversion[1])]
-        invert_seconds = (time.perf_counter() - started) / len(reals)
+        def invert() -> tuple:  # (noise, per-step unconditional encodings, seconds per image)
+            started = time.perf_counter()
+            inverter = Edit(model, settings.prompt, settings.prompt, steps, guidance)
+            parts = [], []
+            for k in range(0, len(reals), 10):  # the null-text optimisation, 10 images at a time
+                z, uncond = inverter.invert(reals[k:k + 10], settings.refine, settings.null_iterations)
+                parts[0].append(z)
+                parts[1].append(uncond)
+            return torch.cat(parts[0]), [torch.cat(u) for u in zip(*parts[1])], (time.perf_counter() - started) / len(reals)
+
+        key = {"model": model.digest, "prompt": settings.prompt, "images": settings.real_images,
+               **{k: settings[k] for k in ("steps", "guidance", "refine", "null_iterations")}}
+        *inversion, invert_seconds = cached(cache, "inversion", key, invert)
         log.info("inverted %d real images: %.1f s each", len(reals), invert_seconds)
 
     rows, detail, grid_rows, grid_labels, curves, mean_lambdas = [], [], [], [], {}, {}
@@ -168,9 +201,11 @@ def table(cfg: DictConfig) -> Path:
         neutral_ok = float(objective.scores(neutral)["neutral_ok"].mean())
         generated = {"neutral (lambda = 1)": neutral, **{m: _render(edit, noise, s) for m, s in schedules.items()}}
         # Seed 0's schedule, learned alone (what one edit costs), then transferred to the other seeds.
-        transfer = edit.learn(noise0, objective, settings.cap, settings.lr, adaptive=True, switches=switches)
+        transfer = cached(cache, "transfer", learn_key(model, settings, settings.prompt, attribute, [0]), edit.learn,
+                          noise0, objective, settings.cap, settings.lr, adaptive=True, switches=switches)
         generated[TRANSFERRED] = _render(edit, noise, transfer.lambdas)
-        paper, own = learn_both(edit, noise[:n_learn], objective, settings, neutral[:n_learn], switches)
+        paper, own = cached(cache, "learned", learn_key(model, settings, settings.prompt, attribute, seeds[:n_learn]),
+                            learn_both, edit, noise[:n_learn], objective, settings, neutral[:n_learn], switches)
         generated[PAPER] = _render(edit, noise[:n_learn], paper.lambdas)
         generated[LEARNED] = _render(edit, noise[:n_learn], own.lambdas)
         results = {}
@@ -224,7 +259,7 @@ def table(cfg: DictConfig) -> Path:
                               for c in real_columns])
             grid_labels.append(f"{name}, real image 0")
 
-    pair_rows = [untuned_pair(model, settings, prompt, attribute, kind, switches, schedules)
+    pair_rows = [untuned_pair(model, settings, prompt, attribute, kind, switches, schedules, cache)
                  for prompt, attribute, kind in pairs]
     out = out_dir(cfg)
     if pair_rows:
@@ -252,16 +287,18 @@ def decided(curve: list[tuple]) -> int | None:
 
 
 def untuned_pair(model, settings, prompt: str, attribute: str, kind: str, switches: list[int],
-                 schedules: dict) -> dict:
+                 schedules: dict, cache: Path) -> dict:
     """One (prompt, attribute) pair nobody tuned for, on seeds 1..pair_seeds: the switches,
-    the paper's budget and the adaptive learner, each seed its own schedule."""
+    the paper's budget and the adaptive learner, each seed its own schedule (kept in `cache`)."""
     edit = Edit(model, prompt, attribute, settings.steps, settings.guidance)
     objective = ShapesObjective(prompt, attribute, settings.content, settings.content_weight)
-    noise = torch.cat([model.noise(s) for s in range(1, settings.pair_seeds + 1)])
+    seeds = list(range(1, settings.pair_seeds + 1))
+    noise = torch.cat([model.noise(s) for s in seeds])
     neutral = _render(edit, noise, torch.ones(settings.steps))
     objective.prepare(neutral)
     neutral_ok = float(objective.scores(neutral)["neutral_ok"].mean())
-    paper, own = learn_both(edit, noise, objective, settings, neutral, switches)
+    paper, own = cached(cache, "learned", learn_key(model, settings, prompt, attribute, seeds), learn_both, edit,
+                        noise, objective, settings, neutral, switches)
     results = {m: score(objective, _render(edit, noise, s), neutral) for m, s in schedules.items()}
     results[PAPER] = score(objective, _render(edit, noise, paper.lambdas), neutral)
     results[LEARNED] = score(objective, _render(edit, noise, own.lambdas), neutral)
