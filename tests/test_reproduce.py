@@ -55,7 +55,7 @@ def test_unknown_table_lists_the_valid_ones(tmp_path):
                                                                                           ["table=params", "jobs=0"]])
     assert bogus.returncode != 0
     assert ("params, lr_search, controllable, convergence, energy, ablation, radius, frontier, length, width, "
-            "subject_lr_search, subject, edit, multi, claims, all") in bogus.stderr
+            "subject_lr_search, subject, encoder_search, edit, multi, claims, all") in bogus.stderr
     assert no_jobs.returncode != 0 and "jobs=0" in no_jobs.stderr
 
 
@@ -93,6 +93,7 @@ def assert_multi_table(reports):
 def test_all_tables_on_a_two_step_schedule(shapes_root, tmp_path):
     fixture = [f"data.train.root={shapes_root}", "model.val_steps=2", "data.val_batch_size=4"]
     methods = ("coft", "lora", "controlnet")
+    encoder_fixture = ["trainer.max_steps=2", "trainer.val_check_interval=2", "data.num_val=4", "model.val_steps=2"]
     schedule = ["methods=[coft,lora,controlnet]", "controls=[canny,seg]", "seeds=[0,1]", "schedule.steps=2",
                 "schedule.val_every=1", "schedule.other_steps=2", "schedule.val_items=4", "schedule.batch_size=4",
                 f"train_overrides=[{quoted(fixture)}]"]
@@ -110,6 +111,9 @@ def test_all_tables_on_a_two_step_schedule(shapes_root, tmp_path):
         "subject.methods=[coft,textual_inversion,perfusion]", "subject.subjects=[badge_circle]", "subject.seeds=[0,1]",
         f"subject.train_overrides=[{quoted(subject_fixture(tmp_path))}]", "subject.lr_search_methods=[textual_inversion]",
         "subject.lrs=[1e-3,1e-2]", "claims.subject_baselines=[textual_inversion]",
+        "~encoder_search.variants", "+encoder_search.variants={shipped: [], lr: ['module.optimizer.lr=0.003']}",
+        f"encoder_search.pretrain_overrides=[{quoted(encoder_fixture)}]",
+        "encoder_search.tune_steps=[0,1]",
         "edit.steps=3", "edit.seeds=2", "edit.learn_seeds=1", "edit.real_images=1", "edit.iterations=1",
         "edit.null_iterations=1", "edit.cap=1", "edit.pair_seeds=1", "edit.pairs=[]",
         "multi.methods=[coft,controlnet]", "multi.pairs=[[canny,seg]]", "multi.mean_methods=[coft]", "multi.scenes=2",
@@ -241,6 +245,10 @@ def test_all_tables_on_a_two_step_schedule(shapes_root, tmp_path):
     assert [row["method"] for row in searched] == ["textual_inversion"] and searched[0]["best lr"] in ("0.001", "0.01")
     assert (runs / "subject-badge_circle-textual_inversion-lr0.01-s0").is_dir()
     subject_claims = [row for row in read_csv(reports / "claims.csv") if row["from"] == "table=subject"]
+    encoder = read_csv(reports / "encoder_search.csv")  # two pretrainings, each with two tune-step counts
+    assert [(r["variant"], r["tune steps"]) for r in encoder] == [("shipped", "0"), ("shipped", "1"), ("lr", "0"), ("lr", "1")]
+    assert (runs / "subject-encoder-pretrain-lr" / "subject_encoder").is_dir()
+    assert all(float(r["share of textual_inversion's"]) > 0 for r in encoder)
     assert len(subject_claims) == 2 * 3  # coft and oft against textual_inversion, three claims each
     decided_rows = [row for row in subject_claims if row["claim"].startswith("coft ")]
     assert all(row["n"] == "2/2" and row["verdict"] in VERDICTS for row in decided_rows), decided_rows

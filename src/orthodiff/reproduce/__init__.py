@@ -10,7 +10,8 @@ settings, so `table=all` trains each cell once.
     report.py        the report writer: .csv, stamped .md, settings lines
     paper.py         the OFT paper's published figures the tables compare with
     params.py  lr_search.py  controllable.py  convergence.py  energy.py  ablation.py  radius.py
-    frontier.py  length.py  width.py  subject.py (also subject_lr_search)  edit.py  multi.py
+    frontier.py  length.py  width.py  subject.py (also subject_lr_search, encoder_search)  edit.py
+                     multi.py
                      one module per table, each a `table(cfg) -> Path` (the .md written)
                      (params.py also holds the SD 1.5 parameter counts ablation and claims read)
     stats.py         how two groups of seeds are compared: Welch CI, Holm, equivalence
@@ -49,7 +50,8 @@ log = logging.getLogger(__name__)
 TABLES = {"params": params.table, "lr_search": lr_search.table, "controllable": controllable.table,
           "convergence": convergence.table, "energy": energy.table, "ablation": ablation.table,
           "radius": radius.table, "frontier": frontier.table, "length": length.table, "width": width.table,
-          "subject_lr_search": subject.lr_search_table, "subject": subject.table, "edit": edit.table,
+          "subject_lr_search": subject.lr_search_table, "subject": subject.table,
+          "encoder_search": subject.encoder_search_table, "edit": edit.table,
           "multi": multi.table, "claims": claims.table}
 
 

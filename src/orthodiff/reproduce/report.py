@@ -50,6 +50,12 @@ def subject_lr_search_settings(cfg: DictConfig) -> str:
                      cfg.subject.train_overrides)
 
 
+def encoder_search_settings(cfg: DictConfig) -> str:
+    return _settings(f"seed: {cfg.subject.seeds[0]}; subjects: {list(cfg.subject.subjects)}; method.tune_steps in "
+                     f"{list(cfg.encoder_search.tune_steps)}; otherwise each method's own settings",
+                     cfg.subject.train_overrides)
+
+
 def coft_note(runs: list[dict]) -> list[str]:
     """A note giving each COFT row's eps and its convention (BRIEF.md, COFT: the same eps means different
     bounds), read from its cells' own configs; a run from before coft_norm existed has OFTConfig's default."""

@@ -28,6 +28,7 @@ from orthodiff.reproduce.cells import cell_config, run_all, train_cell
 from orthodiff.reproduce.lr_search import best_lr
 from orthodiff.reproduce.report import (
     coft_note,
+    encoder_search_settings,
     finite_mean,
     fmt,
     labelled_grid,
@@ -267,3 +268,69 @@ def lr_search_table(cfg: DictConfig) -> Path:
              "pretraining (experiment=subject_encoder) is tuned apart."]
     return write_report(cfg, "subject_lr_search", "Subject-driven learning-rate search (equal budget)", rows, notes,
                         settings=subject_lr_search_settings(cfg))
+
+
+def encoder_pretraining(cfg: DictConfig, name: str, overrides: list[str]) -> dict:
+    """One pretraining of the subject encoder (experiment=subject_encoder) with `overrides`, a cell
+    of its own; its run directory holds the encoder it wrote (subject_encoder/)."""
+    return train_cell(cfg, f"subject-encoder-pretrain-{name}",
+                      ["experiment=subject_encoder", "logger=csv", "callbacks.progress_bar.refresh_rate=0",
+                       *cfg.encoder_search.pretrain_overrides, *overrides])
+
+
+def encoder_search_table(cfg: DictConfig) -> Path:
+    """table=encoder_search: the subject encoder retuned on the current base model. Each of
+    encoder_search.variants pretrains an encoder (experiment=subject_encoder with its overrides);
+    each is scored on every subject at the first seed with each of encoder_search.tune_steps
+    (method.tune_steps: E4T-style steps of its word at dreambooth time), against the reference
+    method's mean subject fidelity (the target share of it) and the base model on each subject."""
+    search, settings = cfg.encoder_search, cfg.subject
+    seed, subjects = settings.seeds[0], list(settings.subjects)
+    pretrained = dict(zip(search.variants, run_all(cfg, [(name, list(o)) for name, o in search.variants.items()],
+                                                   "encoder pretraining", cell=encoder_pretraining)))
+    first = settings.methods[0]  # its step 0 is the base model (table=subject's convention)
+    arms = {m: (m, []) for m in dict.fromkeys([first, search.reference])}  # row: (method, extra overrides)
+    for name, run in pretrained.items():
+        for t in search.tune_steps:
+            arms[name, t] = ("encoder", [f"embedding.encoder={Path(run['run_dir']) / 'subject_encoder'}",
+                                         f"method.tune_steps={t}"])
+    cells = [(method, s, seed, extra, "" if not extra else f"-{arm[0]}-tune{arm[1]}")
+             for arm, (method, extra) in arms.items() for s in subjects]
+    runs = iter(run_all(cfg, cells, "encoder search", cell=subject_cell))
+    found = {arm: {s: next(runs) for s in subjects} for arm in arms}
+    base = {s: found[first][s]["step0"]["subject_fidelity"] for s in subjects}
+    reference = finite_mean([found[search.reference][s]["final"].get("subject_fidelity", math.nan) for s in subjects])
+    share = f"share of {search.reference}'s"
+    rows = []
+    for arm, by_subject in found.items():
+        if not isinstance(arm, tuple):
+            continue
+        finals = {s: run["final"] for s, run in by_subject.items()}
+        fidelity = finite_mean([f.get("subject_fidelity", math.nan) for f in finals.values()])
+        rows.append({"variant": arm[0], "tune steps": arm[1], "subject_fidelity": fidelity,
+                     share: round(fidelity / reference, 3),
+                     **{f"{s} (base {base[s]:.3f})": fmt(finals[s].get("subject_fidelity", math.nan)) for s in subjects},
+                     "above the base on every subject": all(finals[s].get("subject_fidelity", -1) > base[s]
+                                                             for s in subjects),
+                     "prompt_fidelity": finite_mean([f.get("prompt_fidelity", math.nan) for f in finals.values()]),
+                     "no_token_kind": finite_mean([f.get("no_token_kind", math.nan) for f in finals.values()]),
+                     "pretraining minutes": round(pretrained[arm[0]]["wall_seconds"] / 60, 1)})
+    met = [f"{r['variant']} (tune steps {r['tune steps']})" for r in rows
+           if r[share] >= search.target and r["above the base on every subject"]]
+    best = max(rows, key=lambda r: r["subject_fidelity"])
+    below = "" if best["above the base on every subject"] else ", below the base model on some subject"
+    verdict = (f"Met by {', '.join(met)}." if met else
+               f"Not met: the best is {best['variant']} with {best['tune steps']} tune steps, {best[share]:.0%} of "
+               f"{search.reference}'s mean subject fidelity{below}.")
+    notes = [f"Each variant pretrains the encoder once (experiment=subject_encoder plus its overrides: "
+             f"{dict((k, list(v)) for k, v in search.variants.items())}; encoder_search.pretrain_overrides "
+             f"{list(search.pretrain_overrides)}), then encodes each subject (seed {seed}) and, with tune steps, "
+             "optimises the word as Textual Inversion does from there (conf/task_method/subject_encoder.yaml). "
+             f"subject_fidelity: the mean over subjects {subjects}; {search.reference}: its subject cells at its own "
+             f"settings, mean {reference:.4f}; base: step 0 of {first}'s cell on that subject.",
+             f"Target: at least {search.target:.0%} of {search.reference}'s mean subject fidelity and above the base "
+             f"model on every subject. {verdict}",
+             "To apply: copy the chosen run's subject_encoder/ to assets/subject-encoder and its tune steps to "
+             "conf/method/encoder.yaml (a person does this after the run)."]
+    return write_report(cfg, "encoder_search", "The subject encoder retuned", rows, notes,
+                        settings=encoder_search_settings(cfg))
