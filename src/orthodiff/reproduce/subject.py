@@ -272,10 +272,11 @@ def lr_search_table(cfg: DictConfig) -> Path:
 
 def encoder_pretraining(cfg: DictConfig, name: str, overrides: list[str]) -> dict:
     """One pretraining of the subject encoder (experiment=subject_encoder) with `overrides`, a cell
-    of its own; its run directory holds the encoder it wrote (subject_encoder/)."""
+    of its own; its run directory holds the encoder it wrote (subject_encoder/).
+    encoder_search.pretrain_overrides come last: they apply to every variant (a test's short run)."""
     return train_cell(cfg, f"subject-encoder-pretrain-{name}",
                       ["experiment=subject_encoder", "logger=csv", "callbacks.progress_bar.refresh_rate=0",
-                       *cfg.encoder_search.pretrain_overrides, *overrides])
+                       *overrides, *cfg.encoder_search.pretrain_overrides])
 
 
 def encoder_search_table(cfg: DictConfig) -> Path:
