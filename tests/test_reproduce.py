@@ -415,6 +415,7 @@ def test_a_cell_killed_after_a_validation_resumes_to_the_uninterrupted_curve(sha
 
 
 
+@pytest.mark.slow
 def test_a_cell_continued_from_another_cells_validation_is_the_longer_run(shapes_root, tmp_path, monkeypatch):
     """Real train.py runs: a 4-step cell validated every 2, continued to 8 steps validated every 4,
     against one uninterrupted 8-step run validated every 2 (table=length on table=frontier's cells)."""
