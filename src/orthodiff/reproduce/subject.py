@@ -290,32 +290,28 @@ def encoder_search_table(cfg: DictConfig) -> Path:
     pretrained = dict(zip(search.variants, run_all(cfg, [(name, list(o)) for name, o in search.variants.items()],
                                                    "encoder pretraining", cell=encoder_pretraining)))
     first = settings.methods[0]  # its step 0 is the base model (table=subject's convention)
-    arms = {m: (m, []) for m in dict.fromkeys([first, search.reference])}  # row: (method, extra overrides)
-    for name, run in pretrained.items():
-        for t in search.tune_steps:
-            arms[name, t] = ("encoder", [f"embedding.encoder={Path(run['run_dir']) / 'subject_encoder'}",
-                                         f"method.tune_steps={t}"])
-    cells = [(method, s, seed, extra, "" if not extra else f"-{arm[0]}-tune{arm[1]}")
-             for arm, (method, extra) in arms.items() for s in subjects]
+    references = list(dict.fromkeys([first, search.reference]))  # their plain subject cells
+    encoders = [(name, t) for name in pretrained for t in search.tune_steps]
+    cells = [(m, s, seed) for m in references for s in subjects] + [
+        ("encoder", s, seed, [f"embedding.encoder={Path(pretrained[name]['run_dir']) / 'subject_encoder'}",
+                              f"method.tune_steps={t}"], f"-{name}-tune{t}") for name, t in encoders for s in subjects]
     runs = iter(run_all(cfg, cells, "encoder search", cell=subject_cell))
-    found = {arm: {s: next(runs) for s in subjects} for arm in arms}
+    found = {arm: {s: next(runs) for s in subjects} for arm in [*references, *encoders]}
     base = {s: found[first][s]["step0"]["subject_fidelity"] for s in subjects}
     reference = finite_mean([found[search.reference][s]["final"].get("subject_fidelity", math.nan) for s in subjects])
     share = f"share of {search.reference}'s"
     rows = []
-    for arm, by_subject in found.items():
-        if not isinstance(arm, tuple):
-            continue
-        finals = {s: run["final"] for s, run in by_subject.items()}
+    for name, t in encoders:
+        finals = {s: run["final"] for s, run in found[name, t].items()}
         fidelity = finite_mean([f.get("subject_fidelity", math.nan) for f in finals.values()])
-        rows.append({"variant": arm[0], "tune steps": arm[1], "subject_fidelity": fidelity,
+        rows.append({"variant": name, "tune steps": t, "subject_fidelity": fidelity,
                      share: round(fidelity / reference, 3),
                      **{f"{s} (base {base[s]:.3f})": fmt(finals[s].get("subject_fidelity", math.nan)) for s in subjects},
                      "above the base on every subject": all(finals[s].get("subject_fidelity", -1) > base[s]
                                                              for s in subjects),
                      "prompt_fidelity": finite_mean([f.get("prompt_fidelity", math.nan) for f in finals.values()]),
                      "no_token_kind": finite_mean([f.get("no_token_kind", math.nan) for f in finals.values()]),
-                     "pretraining minutes": round(pretrained[arm[0]]["wall_seconds"] / 60, 1)})
+                     "pretraining minutes": round(pretrained[name]["wall_seconds"] / 60, 1)})
     met = [f"{r['variant']} (tune steps {r['tune steps']})" for r in rows
            if r[share] >= search.target and r["above the base on every subject"]]
     best = max(rows, key=lambda r: r["subject_fidelity"])
