@@ -314,6 +314,75 @@ def test_a_finished_cell_is_reused_until_its_overrides_or_base_weights_change(tm
     assert cells.train_cell(cfg, "cell", ["method=lora", "method.tiny_control_lr=0.03"])["run"] == 5
 
 
+def test_a_finished_cell_is_read_from_the_archive_once_runs_dir_is_gone(tmp_path, monkeypatch):
+    """cells_archive keeps a finished cell's record, metrics, config and checkpoint names: a new
+    machine (no runs_dir) reuses it; a table that reads adapters (archived=False) trains it again."""
+    from orthodiff.reproduce import cells
+
+    launches = []
+    train = fake_train(launches)
+
+    def train_and_checkpoint(script, args, **kwargs):
+        done = train(script, args, **kwargs)
+        run_dir = Path(args[-1].split("=", 1)[1])
+        (run_dir / ".hydra").mkdir(exist_ok=True)
+        (run_dir / ".hydra" / "config.yaml").write_text("adapter: null\n")
+        (run_dir / "checkpoints").mkdir(exist_ok=True)
+        for name in ("epoch=0-step=2.ckpt", "epoch=0-step=4.ckpt"):
+            (run_dir / "checkpoints" / name).write_bytes(b"weights")
+        return done
+
+    monkeypatch.setattr(cells, "run_script", train_and_checkpoint)
+    archive = tmp_path / "reports" / "cells"
+    cfg = OmegaConf.create({"runs_dir": str(tmp_path / "runs"), "jobs": 1, "cells_archive": str(archive)})
+    trained = cells.train_cell(cfg, "cell", ["method=oft"])
+    assert sorted(p.name for p in (archive / "cell").rglob("*") if p.is_file()) == [
+        "checkpoints.json", "config.yaml", "metrics.json", "overrides.json"]
+    shutil.rmtree(tmp_path / "runs")  # a new machine
+    again = cells.train_cell(cfg, "cell", ["method=oft"])
+    assert len(launches) == 1 and again["run"] == trained["run"] and again["run_dir"] == str(archive / "cell")
+    assert cells.cell_config(again["run_dir"]).adapter is None
+    # Its checkpoints' names (a continuing cell's record holds one) without the files.
+    checkpoint = cells.step_checkpoint(again["run_dir"], 2)
+    assert checkpoint.name == "epoch=0-step=2.ckpt" and not checkpoint.exists()
+    with pytest.raises(FileNotFoundError, match="cells_archive"):
+        cells.run_file(again, "adapter.safetensors")
+    with pytest.raises(FileNotFoundError, match="no checkpoint of step 3"):
+        cells.step_checkpoint(again["run_dir"], 3)
+    # Other overrides are another cell; a table that reads the adapter trains the cell again in runs_dir.
+    assert cells.train_cell(cfg, "cell", ["method=lora"], cached_only=True) is None
+    assert cells.train_cell(cfg, "cell", ["method=oft"], archived=False)["run"] == 2
+    assert cells.train_cell(OmegaConf.merge(cfg, {"cells_archive": None}), "cell", ["method=oft"])["run"] == 2
+
+
+def test_a_length_run_continues_an_archived_cell_after_training_it_again_for_its_checkpoint(tmp_path, monkeypatch):
+    from hydra import compose, initialize_config_dir
+
+    from orthodiff.reproduce import cells, length
+
+    launches = []
+    train = fake_train(launches)
+
+    def train_and_checkpoint(script, args, **kwargs):
+        done = train(script, args, **kwargs)
+        (Path(args[-1].split("=", 1)[1]) / "checkpoints").mkdir(exist_ok=True)
+        (Path(args[-1].split("=", 1)[1]) / "checkpoints" / "epoch=0-step=4.ckpt").write_bytes(b"weights")
+        return done
+
+    monkeypatch.setattr(cells, "run_script", train_and_checkpoint)
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
+        cfg = compose("reproduce", overrides=["table=length", f"runs_dir={tmp_path / 'runs'}", f"out_dir={tmp_path}",
+                                              "schedule.steps=4", "length.steps=8"])
+    first = length.continued_cell(cfg, "oft", 0)
+    assert len(launches) == 2 and f"resume='{tmp_path / 'runs'}" in " ".join(launches[-1])
+    shutil.rmtree(tmp_path / "runs")  # a new machine: both cells are in the archive
+    assert length.continued_cell(cfg, "oft", 0)["run"] == first["run"] and len(launches) == 2
+    shutil.rmtree(tmp_path / "cells" / first["run_dir"].split("/")[-1])  # only the plain cell is
+    assert length.continued_cell(cfg, "oft", 0, cached_only=True) is None and len(launches) == 2
+    assert length.continued_cell(cfg, "oft", 0)["run"] == 4  # the plain cell trained again for its checkpoint
+    assert "resume=" not in " ".join(launches[2]) and "resume='" in " ".join(launches[3])
+
+
 def test_a_cell_on_another_base_model_is_keyed_on_that_models_weights(tmp_path, monkeypatch):
     """A width-ladder rung (model=tiny_w2) or any model.pretrained folder: pretraining it again
     retrains its cells; the embedded model's digest does not move them."""
@@ -612,6 +681,17 @@ def test_the_lr_search_picks_the_best_finite_score():
     assert best_lr({3e-4: 0.1, 1e-3: 0.2, 3e-3: math.nan}, higher=True) == 1e-3  # 3e-3 diverged
     assert best_lr({3e-4: 0.1, 1e-3: 0.2}, higher=False) == 3e-4
     assert best_lr({1e-3: math.nan}, higher=True) is None
+
+
+def test_the_lr_search_carries_the_rows_of_an_earlier_report_it_does_not_search_again(tmp_path):
+    from orthodiff.reproduce.lr_search import carried_rows
+
+    earlier = tmp_path / "lr_search.csv"
+    earlier.write_text("method,searches,lr 0.001,best lr\nhint,module.hint_lr,0.17,0.001\n"
+                       "controlnet,method.tiny_control_lr,0.3,0.001\n")
+    cfg = OmegaConf.create({"methods": ["oft"], "lr_search": {"methods": ["controlnet"], "carry_from": str(earlier)}})
+    assert carried_rows(cfg) == [{"method": "hint", "searches": "module.hint_lr", "lr 0.001": "0.17", "best lr": "0.001"}]
+    assert carried_rows(OmegaConf.merge(cfg, {"lr_search": {"carry_from": None}})) == []
 
 
 def test_ablation_rows_and_the_largest_move(tmp_path):

@@ -6,6 +6,10 @@ a later table asking for the same cell gets the finished run's metrics.json back
 training it again, so `table=all` trains each cell once. A cell that died part-way (a killed job, a session's end) resumes from the
 checkpoint its last validation wrote. Config-file edits are not part of the record: delete
 a run directory to retrain it.
+
+runs_dir lives on one machine; `cells_archive` (default: out_dir/cells, committed with the
+reports) keeps a few KB of every finished cell (archive_cell), so a table is written again on a
+machine whose runs_dir is gone without training the cells it already has.
 """
 
 from __future__ import annotations
@@ -93,17 +97,22 @@ def base_model_digest(overrides: list[str]) -> str:
 
 def run_cell(cfg: DictConfig, method: str, control: str, seed: int, extra=(), tag: str = "", steps: int | None = None,
              curve: bool | None = None, step0: bool | None = None, val_every: int | None = None,
-             cached_only: bool = False, start_from: Path | None = None) -> dict | None:
+             cached_only: bool = False, start_from: Path | None = None, archived: bool = True) -> dict | None:
     """One controllable-generation cell (see run_overrides and train_cell)."""
     return train_cell(cfg, f"{control}-{method}{tag}-s{seed}",
                       run_overrides(cfg, method, control, seed, extra, steps, curve, step0, val_every), cached_only,
-                      start_from)
+                      start_from, archived)
 
 
 def step_checkpoint(run_dir: str | Path, step: int) -> Path:
     """The checkpoint a finished cell wrote at its validation of `step`: a mid-run checkpoint, so a run
-    continued from it takes the path a longer run of the same cell would have taken."""
-    found = sorted((Path(run_dir) / "checkpoints").glob(f"epoch=*-step={step}.ckpt"))
+    continued from it takes the path a longer run of the same cell would have taken. For an archived
+    cell, the path it had (its name is part of the continuing cell's record; the file is absent)."""
+    checkpoints = Path(run_dir) / "checkpoints"
+    names = [p.name for p in checkpoints.glob("*.ckpt")]
+    if not names and (Path(run_dir) / CHECKPOINT_NAMES).is_file():
+        names = json.loads((Path(run_dir) / CHECKPOINT_NAMES).read_text())
+    found = sorted(checkpoints / n for n in names if re.fullmatch(rf"epoch=\d+-step={step}\.ckpt", n))
     if not found:
         raise FileNotFoundError(f"{Path(run_dir) / 'checkpoints'} holds no checkpoint of step {step} to continue "
                                 f"from; delete {run_dir} to train that cell again")
@@ -115,25 +124,29 @@ NON_FINITE_LOSS = re.compile(r"loss is (nan|-?inf) at step \d+")
 
 
 def train_cell(cfg: DictConfig, name: str, overrides: list[str], cached_only: bool = False,
-               start_from: Path | None = None) -> dict | None:
+               start_from: Path | None = None, archived: bool = True) -> dict | None:
     """Train one cell in runs_dir/name (or reuse its finished run with identical
     overrides and base weights) and return its metrics.json plus "run_dir".
     cached_only: return the finished run or None, never train (table=claims).
     start_from: another cell's checkpoint (step_checkpoint) that this one continues rather
     than training from step 0 (table=length); its curve starts with that cell's validations.
     A run whose loss became non-finite is a result, not an error (too high an lr in
-    table=lr_search): it is kept with empty "final" metrics and "diverged" saying where."""
+    table=lr_search): it is kept with empty "final" metrics and "diverged" saying where.
+    archived: also reuse the cell from cells_archive (False: only a run in runs_dir, whose
+    adapter and checkpoints are there)."""
     run_dir = Path(cfg.runs_dir).expanduser() / name
     record = run_dir / "overrides.json"
     metrics_path = run_dir / "metrics.json"
     checkpoint = run_dir / "checkpoints" / "last.ckpt"
     identity = cell_identity(overrides, continues=continued_record(start_from))
     same_cell = record.is_file() and cell_identity(**json.loads(record.read_text())) == identity
-    if same_cell and metrics_path.is_file():
-        metrics = json.loads(metrics_path.read_text())
-        if "final" in metrics:
-            log.info("cell %s: reused %s", name, run_dir)
-            return {**metrics, "run_dir": str(run_dir)}
+    archive = archive_folder(cfg) if archived else None
+    for folder in (run_dir, *([archive / name] if archive else [])):
+        done = finished(folder, identity)
+        if done:
+            log.info("cell %s: reused %s", name, folder)
+            archive_cell(cfg, folder)  # a cell trained before the archive existed
+            return done
     if cached_only:
         return None
     resume = same_cell and checkpoint.is_file()
@@ -169,7 +182,58 @@ def train_cell(cfg: DictConfig, name: str, overrides: list[str], cached_only: bo
     if resume:
         metrics["resumed"] = True
     metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
+    archive_cell(cfg, run_dir)
     return {**metrics, "run_dir": str(run_dir)}
+
+
+def finished(run_dir: Path, identity: dict) -> dict | None:
+    """The metrics of a finished run of this cell in run_dir, plus "run_dir" (None: none there)."""
+    record, metrics_path = run_dir / "overrides.json", run_dir / "metrics.json"
+    if not (record.is_file() and metrics_path.is_file()) or cell_identity(**json.loads(record.read_text())) != identity:
+        return None
+    metrics = json.loads(metrics_path.read_text())
+    return {**metrics, "run_dir": str(run_dir)} if "final" in metrics else None
+
+
+# What the tables read of a finished cell, besides its adapter, samples and checkpoints
+# (radius.py writes blocks.json, run_eval eval/); the checkpoints' names, which a cell
+# continuing one records (table=length).
+ARCHIVED = ("overrides.json", "metrics.json", "blocks.json", ".hydra/config.yaml", "eval/eval.json",
+            "eval/overrides.json")
+CHECKPOINT_NAMES = "checkpoints.json"
+
+
+def archive_folder(cfg: DictConfig) -> Path | None:
+    return Path(cfg.cells_archive).expanduser() if cfg.get("cells_archive") else None
+
+
+def archive_cell(cfg: DictConfig, run_dir: Path) -> None:
+    """Copy a finished cell's ARCHIVED files and its checkpoints' names to cells_archive/<name>
+    (a no-op without an archive, or for a cell read from it)."""
+    archive = archive_folder(cfg)
+    if archive is None or run_dir.parent.resolve() == archive.resolve():
+        return
+    target = archive / run_dir.name
+    for name in ARCHIVED:
+        if (run_dir / name).is_file():
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            partial = target / f"{name}.partial"
+            shutil.copyfile(run_dir / name, partial)
+            os.replace(partial, target / name)  # a reader never sees half a file
+    names = sorted(p.name for p in (run_dir / "checkpoints").glob("epoch=*.ckpt"))
+    if names:
+        (target / CHECKPOINT_NAMES).write_text(json.dumps(names) + "\n")
+
+
+def run_file(run: dict, name: str) -> Path:
+    """A file of a finished cell's run (its adapter, samples), with an error that says what to do
+    when the cell was read from cells_archive, which keeps no such files."""
+    path = Path(run["run_dir"]) / name
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is absent: cell {Path(run['run_dir']).name} was read from cells_archive, "
+                                "which keeps its metrics but not its files; delete that folder (or pass "
+                                "cells_archive=null) to train the cell again")
+    return path
 
 
 # A checkpoint at the end of every validation (save_last=link: last.ckpt points at it), so a
@@ -217,10 +281,12 @@ def run_eval(cfg: DictConfig, run: dict) -> dict:
     record = out / "overrides.json"
     if (out / "eval.json").is_file() and record.is_file() and json.loads(record.read_text()) == overrides:
         return json.loads((out / "eval.json").read_text())
+    run_file(run, "adapter.safetensors")  # an archived cell: say so rather than let eval.py fail
     result = run_script("eval.py", [*overrides, f"hydra.run.dir={out.resolve()}"])
     if result.returncode != 0:
         raise RuntimeError(f"eval of {run['run_dir']} failed:\n{result.stderr[-2000:]}")
     record.write_text(json.dumps(overrides))
+    archive_cell(cfg, Path(run["run_dir"]))
     return json.loads((out / "eval.json").read_text())
 
 
@@ -234,12 +300,13 @@ def cell_env(cfg: DictConfig) -> dict:
     return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONPATH": path}
 
 
-def run_all(cfg: DictConfig, cells: list[tuple], desc: str, cell=run_cell) -> list[dict]:
+def run_all(cfg: DictConfig, cells: list[tuple], desc: str, cell=run_cell, archived: bool = True) -> list[dict]:
     """cells: the arguments of `cell` after cfg (run_cell: method, control, seed[, extra
     overrides, tag]), trained `cfg.jobs` at a time; results in the cells' order, a
-    progress bar over finished cells."""
+    progress bar over finished cells. archived=False: a table that reads the runs' files
+    (adapters, samples), which cells_archive does not keep."""
     with ThreadPoolExecutor(cfg.jobs) as pool, tqdm(total=len(cells), desc=desc) as bar:
-        futures = {pool.submit(cell, cfg, *args): i for i, args in enumerate(cells)}
+        futures = {pool.submit(cell, cfg, *args, archived=archived): i for i, args in enumerate(cells)}
         results = [None] * len(cells)
         for future in as_completed(futures):
             results[futures[future]] = future.result()

@@ -68,7 +68,7 @@ def cells(cfg: DictConfig) -> list[tuple]:
 
 
 def table(cfg: DictConfig) -> Path:
-    runs = run_all(cfg, cells(cfg), "energy")
+    runs = run_all(cfg, cells(cfg), "energy", archived=False)
     rows = [{"method": method, **row} for method, row in energy_by_method(dict(zip(cfg.methods, runs))).items()]
     notes = ["HE(W) = Σ_{i≠j} ‖ŵ_i − ŵ_j‖⁻¹ over unit-normalized neurons (rows), float64; effective weights "
              "read off the trained layers. OFT/COFT rotate every neuron by the same R, so their change "

@@ -51,23 +51,31 @@ def cells(cfg: DictConfig) -> list[tuple]:
             for m in n.methods for s in seeds(cfg, m)]
 
 
-def continued_cell(cfg: DictConfig, method: str, seed: int, cached_only: bool = False) -> dict | None:
+def continued_cell(cfg: DictConfig, method: str, seed: int, cached_only: bool = False,
+                   archived: bool = True) -> dict | None:
     """The method's plain cell (table=frontier's, trained here if absent) continued from its last
     validation to length.steps, validated every length.val_every: a run's path depends on neither its
     length nor its validations (no lr schedule; validation samples from its own generator), so this
     is the long run itself, up to the plain cell's finer validations before schedule.steps."""
     control, n = cfg.controls[0], cfg.length
-    plain = run_cell(cfg, method, control, seed, cached_only=cached_only)
+    plain = run_cell(cfg, method, control, seed, cached_only=cached_only, archived=archived)
     if plain is None:
         return None
-    return run_cell(cfg, method, control, seed, [], f"-len{n.steps}", n.steps, True, True, n.val_every,
-                    cached_only=cached_only, start_from=step_checkpoint(plain["run_dir"], cfg.schedule.steps))
+    longer = (cfg, method, control, seed, [], f"-len{n.steps}", n.steps, True, True, n.val_every)
+    start = step_checkpoint(plain["run_dir"], cfg.schedule.steps)
+    if not start.is_file():  # the plain cell came from cells_archive, without its checkpoints
+        done = run_cell(*longer, cached_only=True, start_from=start, archived=archived)
+        if done or cached_only:
+            return done
+        plain = run_cell(cfg, method, control, seed, archived=False)  # trained again here for its checkpoint
+        start = step_checkpoint(plain["run_dir"], cfg.schedule.steps)
+    return run_cell(*longer, cached_only=cached_only, start_from=start, archived=archived)
 
 
-def length_cell(cfg: DictConfig, *args, cached_only: bool = False) -> dict | None:
+def length_cell(cfg: DictConfig, *args, cached_only: bool = False, archived: bool = True) -> dict | None:
     """The run of one of cells(cfg)'s entries (cached_only: never train; table=claims)."""
     cell = continued_cell if cfg.length.steps > cfg.schedule.steps else run_cell
-    return cell(cfg, *args, cached_only=cached_only)
+    return cell(cfg, *args, cached_only=cached_only, archived=archived)
 
 
 def figure_at(run: dict, key: str, step: int) -> float:

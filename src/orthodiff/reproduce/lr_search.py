@@ -56,12 +56,23 @@ def earlier_bests(cfg: DictConfig) -> dict[str, str]:
         return {row["method"]: row["best lr"] for row in csv.DictReader(file)}
 
 
+def carried_rows(cfg: DictConfig) -> list[dict]:
+    """The rows of lr_search.carry_from (an earlier report of this table, same settings) for
+    methods this run does not search: a search finished part by part, on machines whose cells are gone."""
+    path = cfg.lr_search.get("carry_from")
+    if not path:
+        return []
+    with open(ROOT / path, newline="") as file:
+        return [row for row in csv.DictReader(file) if row["method"] not in methods(cfg)]
+
+
 def table(cfg: DictConfig) -> Path:
     control, search = cfg.controls[0], cfg.lr_search
     key, higher = headline_metric(control), higher_is_better(control)
     runs = iter(run_all(cfg, cells(cfg), "lr_search"))
     earlier = earlier_bests(cfg)
-    rows = []
+    rows = carried_rows(cfg)
+    carried = [row["method"] for row in rows]
     for method in methods(cfg):
         scores = {float(lr): final_figure(next(runs), key) for lr in search.lrs}
         best = best_lr(scores, higher)
@@ -76,6 +87,9 @@ def table(cfg: DictConfig) -> Path:
                 "encoder trained at each method's own lr, on that report's grid and seed. Where the two differ the "
                 "best moved once the encoder kept an lr of its own; compare the rows' scores above 3e-3 to see "
                 "whose cliff it was (one seed each)."] if earlier else []),
+             *([f"Rows {', '.join(carried)}: carried from {search.carry_from} (lr_search.carry_from), the same "
+                "search written earlier from cells this run did not have; the settings line is this run's."]
+               if carried else []),
              "To apply: commit hint's best as `module.hint_lr` in conf/experiment/base/tiny_control.yaml before the "
              "other rows run, and each other method's best as `method.tiny_control_lr` in conf/method/<method>.yaml (a "
              "person does this after the run). Cells are keyed on their overrides, not on config files: cells "

@@ -283,7 +283,7 @@ def condition_tile(array: np.ndarray) -> np.ndarray:
 
 def table(cfg: DictConfig) -> Path:
     settings = cfg.multi
-    runs = dict(zip(cells(cfg), run_all(cfg, cells(cfg), "multi")))
+    runs = dict(zip(cells(cfg), run_all(cfg, cells(cfg), "multi", archived=False)))
     rows, decisions, conflict_rows, plots = [], [], [], []
     for pair in map(list, settings.pairs):
         figures, scenes, tiles, margins, base = measure_pair(cfg, runs, pair)

@@ -44,14 +44,14 @@ SUBJECT_SCORES = ("subject_fidelity", "prompt_fidelity", "background_accuracy", 
 
 
 def subject_cell(cfg: DictConfig, method: str, subject: str, seed: int, extra=(), tag: str = "",
-                 cached_only: bool = False) -> dict | None:
+                 cached_only: bool = False, archived: bool = True) -> dict | None:
     """One subject-driven cell: experiment=dreambooth with the method's own settings
     (conf/task_method/subject_<method>.yaml) and `extra` overrides. The first method also
     validates at step 0: with its adapter still the identity, that is the base model."""
     overrides = ["experiment=dreambooth", f"method={method}", f"data.subject={subject}", f"seed={seed}",
                  f"validate_at_start={method == cfg.subject.methods[0]}", "logger=csv",
                  "callbacks.progress_bar.refresh_rate=0", *cfg.subject.train_overrides, *extra]
-    return train_cell(cfg, f"subject-{subject}-{method}{tag}-s{seed}", overrides, cached_only)
+    return train_cell(cfg, f"subject-{subject}-{method}{tag}-s{seed}", overrides, cached_only, archived=archived)
 
 
 def on_embedded_default(cfg: DictConfig) -> bool:
@@ -173,7 +173,7 @@ def table(cfg: DictConfig) -> Path:
     settings = cfg.subject
     seeds = list(settings.seeds)
     cells = [(m, s, seed) for s in settings.subjects for m in settings.methods for seed in seeds]
-    runs = dict(zip(cells, run_all(cfg, cells, "subject", cell=subject_cell)))
+    runs = dict(zip(cells, run_all(cfg, cells, "subject", cell=subject_cell, archived=False)))
     embedded = on_embedded_default(cfg)
     vae = load_base_model(str(TINY_SD_PATH)).vae.eval() if embedded else None
     ceilings = {s: subject_ceiling(s, vae) for s in settings.subjects} if embedded else {}
@@ -270,13 +270,13 @@ def lr_search_table(cfg: DictConfig) -> Path:
                         settings=subject_lr_search_settings(cfg))
 
 
-def encoder_pretraining(cfg: DictConfig, name: str, overrides: list[str]) -> dict:
+def encoder_pretraining(cfg: DictConfig, name: str, overrides: list[str], archived: bool = False) -> dict:
     """One pretraining of the subject encoder (experiment=subject_encoder) with `overrides`, a cell
     of its own; its run directory holds the encoder it wrote (subject_encoder/).
     encoder_search.pretrain_overrides come last: they apply to every variant (a test's short run)."""
     return train_cell(cfg, f"subject-encoder-pretrain-{name}",
                       ["experiment=subject_encoder", "logger=csv", "callbacks.progress_bar.refresh_rate=0",
-                       *overrides, *cfg.encoder_search.pretrain_overrides])
+                       *overrides, *cfg.encoder_search.pretrain_overrides], archived=archived)
 
 
 def encoder_search_table(cfg: DictConfig) -> Path:
@@ -288,7 +288,8 @@ def encoder_search_table(cfg: DictConfig) -> Path:
     search, settings = cfg.encoder_search, cfg.subject
     seed, subjects = settings.seeds[0], list(settings.subjects)
     pretrained = dict(zip(search.variants, run_all(cfg, [(name, list(o)) for name, o in search.variants.items()],
-                                                   "encoder pretraining", cell=encoder_pretraining)))
+                                                   "encoder pretraining", cell=encoder_pretraining,
+                                                   archived=False)))
     first = settings.methods[0]  # its step 0 is the base model (table=subject's convention)
     references = list(dict.fromkeys([first, search.reference]))  # their plain subject cells
     encoders = [(name, t) for name in pretrained for t in search.tune_steps]
