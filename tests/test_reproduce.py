@@ -50,13 +50,22 @@ def subject_fixture(tmp_path) -> list[str]:
 
 @pytest.mark.slow
 def test_unknown_table_lists_the_valid_ones(tmp_path):
-    with ThreadPoolExecutor(2) as pool:  # both start-ups at once
-        bogus, no_jobs = pool.map(lambda args: reproduce(*args, f"out_dir={tmp_path}"), [["table=bogus"],
-                                                                                          ["table=params", "jobs=0"]])
+    # A copy of the tree whose `import orthodiff` finds this checkout (a frozen worktree beside an
+    # editable install): refused, since its cells would train this checkout's code.
+    clone = tmp_path / "clone"
+    shutil.copytree(ROOT / "conf", clone / "conf")
+    shutil.copy(ROOT / "reproduce.py", clone)
+    with ThreadPoolExecutor(3) as pool:  # the start-ups at once
+        bogus, no_jobs, other_tree = pool.map(
+            lambda args: run_script(args[0], [*args[1:], f"out_dir={tmp_path}"], env={**os.environ, "OMP_NUM_THREADS": "1"}),
+            [["reproduce.py", "table=bogus"], ["reproduce.py", "table=params", "jobs=0"],
+             [clone / "reproduce.py", "table=params"]])
     assert bogus.returncode != 0
     assert ("params, lr_search, controllable, convergence, energy, ablation, radius, frontier, length, width, "
             "subject_lr_search, subject, encoder_search, edit, multi, claims, all") in bogus.stderr
     assert no_jobs.returncode != 0 and "jobs=0" in no_jobs.stderr
+    assert other_tree.returncode != 0 and f"PYTHONPATH={clone.resolve() / 'src'}" in other_tree.stderr
+    assert not (tmp_path / "params.md").exists()
 
 
 @pytest.mark.slow
