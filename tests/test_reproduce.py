@@ -332,8 +332,13 @@ def test_a_finished_cell_is_read_from_the_archive_once_runs_dir_is_gone(tmp_path
     train = fake_train(launches)
 
     def train_and_checkpoint(script, args, **kwargs):
+        if script == "eval.py":
+            Path(args[-1].split("=", 1)[1]).mkdir()
+            Path(args[-1].split("=", 1)[1], "eval.json").write_text(json.dumps({"fid": 12.5}))
+            return subprocess.CompletedProcess(args, 0, "", "")
         done = train(script, args, **kwargs)
         run_dir = Path(args[-1].split("=", 1)[1])
+        (run_dir / "adapter.safetensors").write_bytes(b"adapter")
         (run_dir / ".hydra").mkdir(exist_ok=True)
         (run_dir / ".hydra" / "config.yaml").write_text("adapter: null\n")
         (run_dir / "checkpoints").mkdir(exist_ok=True)
@@ -343,14 +348,20 @@ def test_a_finished_cell_is_read_from_the_archive_once_runs_dir_is_gone(tmp_path
 
     monkeypatch.setattr(cells, "run_script", train_and_checkpoint)
     archive = tmp_path / "reports" / "cells"
-    cfg = OmegaConf.create({"runs_dir": str(tmp_path / "runs"), "jobs": 1, "cells_archive": str(archive)})
+    cfg = OmegaConf.create({"runs_dir": str(tmp_path / "runs"), "jobs": 1, "cells_archive": str(archive),
+                            "eval_samples": 8, "eval_overrides": []})
     trained = cells.train_cell(cfg, "cell", ["method=oft"])
-    assert sorted(p.name for p in (archive / "cell").rglob("*") if p.is_file()) == [
-        "checkpoints.json", "config.yaml", "metrics.json", "overrides.json"]
+    assert cells.run_eval(cfg, trained) == {"fid": 12.5}
+    assert sorted(p.relative_to(archive / "cell").as_posix() for p in (archive / "cell").rglob("*") if p.is_file()) == [
+        ".hydra/config.yaml", "checkpoints.json", "eval/eval.json", "eval/overrides.json", "metrics.json",
+        "overrides.json"]
     shutil.rmtree(tmp_path / "runs")  # a new machine
     again = cells.train_cell(cfg, "cell", ["method=oft"])
     assert len(launches) == 1 and again["run"] == trained["run"] and again["run_dir"] == str(archive / "cell")
     assert cells.cell_config(again["run_dir"]).adapter is None
+    assert cells.run_eval(cfg, again) == {"fid": 12.5} and len(launches) == 1  # its FID too
+    with pytest.raises(FileNotFoundError, match="cells_archive"):  # evaluated with other settings: no adapter here
+        cells.run_eval(OmegaConf.merge(cfg, {"eval_samples": 16}), again)
     # Its checkpoints' names (a continuing cell's record holds one) without the files.
     checkpoint = cells.step_checkpoint(again["run_dir"], 2)
     assert checkpoint.name == "epoch=0-step=2.ckpt" and not checkpoint.exists()

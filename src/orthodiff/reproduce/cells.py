@@ -279,7 +279,11 @@ def run_eval(cfg: DictConfig, run: dict) -> dict:
     out = Path(run["run_dir"]) / "eval"
     overrides = [f"ckpt={run['run_dir']}", f"num_samples={cfg.eval_samples}", *cfg.eval_overrides]
     record = out / "overrides.json"
-    if (out / "eval.json").is_file() and record.is_file() and json.loads(record.read_text()) == overrides:
+
+    def settings(recorded: list[str]) -> list[str]:  # less the run's path: an archived copy's eval is the same
+        return [o for o in recorded if not o.startswith("ckpt=")]
+
+    if (out / "eval.json").is_file() and record.is_file() and settings(json.loads(record.read_text())) == settings(overrides):
         return json.loads((out / "eval.json").read_text())
     run_file(run, "adapter.safetensors")  # an archived cell: say so rather than let eval.py fail
     result = run_script("eval.py", [*overrides, f"hydra.run.dir={out.resolve()}"])
