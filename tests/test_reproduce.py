@@ -373,6 +373,11 @@ def test_a_finished_cell_is_read_from_the_archive_once_runs_dir_is_gone(tmp_path
     assert cells.train_cell(cfg, "cell", ["method=lora"], cached_only=True) is None
     assert cells.train_cell(cfg, "cell", ["method=oft"], archived=False)["run"] == 2
     assert cells.train_cell(OmegaConf.merge(cfg, {"cells_archive": None}), "cell", ["method=oft"])["run"] == 2
+    # A run replaced by another cell of the same name leaves no file of the old one, here or archived.
+    for folder in (tmp_path / "runs" / "cell", archive / "cell"):
+        (folder / "blocks.json").write_text("{}")
+    assert cells.train_cell(cfg, "cell", ["method=lora"])["run"] == 3
+    assert not (tmp_path / "runs" / "cell" / "blocks.json").exists() and not (archive / "cell" / "blocks.json").exists()
 
 
 def test_a_length_run_continues_an_archived_cell_after_training_it_again_for_its_checkpoint(tmp_path, monkeypatch):

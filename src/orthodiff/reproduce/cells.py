@@ -156,6 +156,7 @@ def train_cell(cfg: DictConfig, name: str, overrides: list[str], cached_only: bo
         log.info("cell %s: training in %s", name, run_dir)
         for stale in ("eval", "checkpoints"):  # a replaced run's score and checkpoints
             shutil.rmtree(run_dir / stale, ignore_errors=True)
+        (run_dir / "blocks.json").unlink(missing_ok=True)  # ... and where its blocks sat
         metrics_path.unlink(missing_ok=True)  # a replaced run's, or a dead run's step 0
         run_dir.mkdir(parents=True, exist_ok=True)
         record.write_text(json.dumps(identity))  # now: a run that dies part-way is resumed as this cell
@@ -220,9 +221,10 @@ def archive_cell(cfg: DictConfig, run_dir: Path) -> None:
             partial = target / f"{name}.partial"
             shutil.copyfile(run_dir / name, partial)
             os.replace(partial, target / name)  # a reader never sees half a file
+        else:  # a file of a replaced run of this name
+            (target / name).unlink(missing_ok=True)
     names = sorted(p.name for p in (run_dir / "checkpoints").glob("epoch=*.ckpt"))
-    if names:
-        (target / CHECKPOINT_NAMES).write_text(json.dumps(names) + "\n")
+    (target / CHECKPOINT_NAMES).write_text(json.dumps(names) + "\n")
 
 
 def run_file(run: dict, name: str) -> Path:
