@@ -715,7 +715,7 @@ def test_the_lr_search_carries_the_rows_of_an_earlier_report_it_does_not_search_
     earlier.write_text("method,searches,lr 0.001,best lr\nhint,module.hint_lr,0.17,0.001\n"
                        "controlnet,method.tiny_control_lr,0.3,0.001\n")
     cfg = OmegaConf.create({"methods": ["oft"], "lr_search": {"methods": ["controlnet"], "carry_from": str(earlier)}})
-    assert carried_rows(cfg) == [{"method": "hint", "searches": "module.hint_lr", "lr 0.001": "0.17", "best lr": "0.001"}]
+    assert carried_rows(cfg) == [{"method": "hint", "searches": "module.hint_lr", "lr 0.001": 0.17, "best lr": 0.001}]
     assert carried_rows(OmegaConf.merge(cfg, {"lr_search": {"carry_from": None}})) == []
 
 

@@ -63,7 +63,16 @@ def carried_rows(cfg: DictConfig) -> list[dict]:
     if not path:
         return []
     with open(ROOT / path, newline="") as file:
-        return [row for row in csv.DictReader(file) if row["method"] not in methods(cfg)]
+        rows = [row for row in csv.DictReader(file) if row["method"] not in methods(cfg)]
+    return [{k: number(v) for k, v in row.items()} for row in rows]
+
+
+def number(text: str) -> float | str:
+    """A csv cell as the float it was written from (formatted as this run's figures), else as is."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def table(cfg: DictConfig) -> Path:
