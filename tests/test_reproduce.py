@@ -134,7 +134,8 @@ def test_all_tables_on_a_two_step_schedule(shapes_root, tmp_path):
     width = {(row["method"], row["width"]): row for row in read_csv(reports / "width.csv")}
     assert set(width) == {(m, w) for m in ("coft", "lora_matched") for w in ("1.0", "2.0")}
     assert "±" not in width["coft", "2.0"]["canny_iou [95 % CI]"] and "[" in width["coft", "2.0"]["canny_iou [95 % CI]"]
-    assert width["coft", "2.0"]["lr check (seed 0)"].startswith("0.001: ")  # the lr grid's neighbours of 3e-3
+    # the lr grid's neighbours of COFT's tiny_control_lr (1e-3)
+    assert width["coft", "2.0"]["lr check (seed 0)"].startswith("0.0001: ") and "; 0.01: " in width["coft", "2.0"]["lr check (seed 0)"]
     assert (runs / "canny-lora-rank3-w2-s1").is_dir() and (reports / "width.png").is_file()
     assert len(read_csv(reports / "width_comparisons.csv")) == 2 and "extrapolat" in (reports / "width.md").read_text()
     assert (runs / "canny_seg-coft-s1").is_dir()  # the joint cells, named as table=controllable's
