@@ -493,8 +493,9 @@ def test_reproduce_table_edit_writes_the_report(tmp_path):
 
 @pytest.mark.slow
 def test_table_edit_run_again_learns_and_inverts_nothing_and_gives_the_same_rows(tmp_path, monkeypatch):
-    """table=edit keeps its learned schedules and inversions in runs_dir/edit: run again (a
-    killed table resumed), it learns and inverts nothing and every score row is the same."""
+    """table=edit keeps its learned schedules in cells_archive/edit (committed: a new machine
+    resumes too) and its inversion in runs_dir/edit: run again (a killed table resumed), it
+    learns and inverts nothing and every score row is the same."""
     import csv
 
     from hydra import compose, initialize_config_dir
@@ -515,7 +516,9 @@ def test_table_edit_run_again_learns_and_inverts_nothing_and_gives_the_same_rows
 
     edit.table(cfg)
     first = rows("edit.csv"), rows("edit_pairs.csv")
-    assert len(list((tmp_path / "runs" / "edit").glob("*.pt"))) == 4  # inversion, transfer, learned, the pair's
+    assert [p.name.split("-")[0] for p in (tmp_path / "runs" / "edit").glob("*.pt")] == ["inversion"]
+    kept = list((tmp_path / "cells" / "edit").glob("*.pt"))  # transfer, learned, the pair's: small enough for git
+    assert len(kept) == 3 and all(p.stat().st_size < 64_000 for p in kept), [(p.name, p.stat().st_size) for p in kept]
     for slow in ("learn", "invert"):
         monkeypatch.setattr(Edit, slow, lambda *a, **k: pytest.fail("learned or inverted again"))
     edit.table(cfg)

@@ -13,10 +13,11 @@ each, with the success rate per kind of edit. Scores (ShapesObjective): attribut
 (classifier), content kept (IoU of the segmenter's foreground masks, neutral vs edited;
 the real image itself for inverted edits), shape count kept.
 
-The slow parts (each learned schedule, the real images' inversion) are kept in
-runs_dir/edit/, keyed on the model's weights and every setting that shapes them, so a
-table=edit killed part-way (a session's end) resumes without learning them again; rendering
-and scoring are redone (seconds).
+The slow parts are kept, keyed on the model's weights and every setting that shapes them, so
+a table=edit killed part-way (a session's end) resumes without learning them again: the
+learned schedules (a few KB each) in cells_archive/edit/ (committed with the reports, so a new
+machine resumes too; runs_dir/edit/ without an archive), the real images' inversion (MBs) in
+runs_dir/edit/. Rendering and scoring are redone (seconds).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from orthodiff.eval.control_metrics import to_uint8
 from orthodiff.eval.image_metrics import parse_caption
 from orthodiff.eval.oracles import images_to_tensor
 from orthodiff.files import atomic_path
+from orthodiff.reproduce.cells import archive_folder
 from orthodiff.reproduce.report import labelled_grid, markdown_table, out_dir, write_csv, write_report
 
 log = logging.getLogger(__name__)
@@ -160,7 +162,8 @@ def table(cfg: DictConfig) -> Path:
     for attribute in settings.attributes.values():
         edit_kind(settings.prompt, attribute)
     model = load_edit_model(settings.base)
-    cache = Path(cfg.runs_dir).expanduser() / "edit"
+    cache = Path(cfg.runs_dir).expanduser() / "edit"  # the inversion
+    schedules_cache = (archive_folder(cfg) or Path(cfg.runs_dir).expanduser()) / "edit"  # the learned schedules
     steps, guidance = settings.steps, settings.guidance
     seeds = list(range(1, settings.seeds + 1))
     noise, noise0 = torch.cat([model.noise(s) for s in seeds]), model.noise(0)
@@ -201,10 +204,10 @@ def table(cfg: DictConfig) -> Path:
         neutral_ok = float(objective.scores(neutral)["neutral_ok"].mean())
         generated = {"neutral (lambda = 1)": neutral, **{m: _render(edit, noise, s) for m, s in schedules.items()}}
         # Seed 0's schedule, learned alone (what one edit costs), then transferred to the other seeds.
-        transfer = cached(cache, "transfer", learn_key(model, settings, settings.prompt, attribute, [0]), edit.learn,
+        transfer = cached(schedules_cache, "transfer", learn_key(model, settings, settings.prompt, attribute, [0]), edit.learn,
                           noise0, objective, settings.cap, settings.lr, adaptive=True, switches=switches)
         generated[TRANSFERRED] = _render(edit, noise, transfer.lambdas)
-        paper, own = cached(cache, "learned", learn_key(model, settings, settings.prompt, attribute, seeds[:n_learn]),
+        paper, own = cached(schedules_cache, "learned", learn_key(model, settings, settings.prompt, attribute, seeds[:n_learn]),
                             learn_both, edit, noise[:n_learn], objective, settings, neutral[:n_learn], switches)
         generated[PAPER] = _render(edit, noise[:n_learn], paper.lambdas)
         generated[LEARNED] = _render(edit, noise[:n_learn], own.lambdas)
@@ -259,7 +262,7 @@ def table(cfg: DictConfig) -> Path:
                               for c in real_columns])
             grid_labels.append(f"{name}, real image 0")
 
-    pair_rows = [untuned_pair(model, settings, prompt, attribute, kind, switches, schedules, cache)
+    pair_rows = [untuned_pair(model, settings, prompt, attribute, kind, switches, schedules, schedules_cache)
                  for prompt, attribute, kind in pairs]
     out = out_dir(cfg)
     if pair_rows:
