@@ -181,6 +181,10 @@ def test_all_tables_on_a_two_step_schedule(shapes_root, tmp_path):
     assert float(radius["coft_matched"]["budget per plane (deg)"]) == pytest.approx(106.1, abs=1.0)  # eps to 2 figures
     assert 0 <= float(radius["coft eps 0.001"]["share on radius"]) <= 1 and math.isnan(float(radius["hint"]["share on radius"]))
     assert not list(runs.glob("canny-coft-eps*"))  # the eps 1e-3 row is coft's own cell
+    # Where the blocks sit is kept as each cell finishes (the archive keeps no adapters); none for LoRA.
+    kept = json.loads((reports / "cells" / "canny-coft-s0" / "blocks.json").read_text())
+    assert kept == json.loads((runs / "canny-coft-s0" / "blocks.json").read_text()) and 0 <= kept["share on radius"] <= 1
+    assert json.loads((reports / "cells" / "canny-lora-s0" / "blocks.json").read_text()) == {}
     compared = read_csv(reports / "radius_comparisons.csv")
     assert [(r["ours"], r["against"], r["n"]) for r in compared] == [("coft eps 0.001", "hint", "2/2"),
                                                                      ("coft_matched", "hint", "2/2")]

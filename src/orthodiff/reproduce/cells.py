@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import shutil
+import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
@@ -27,7 +28,10 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from orthodiff.adapter import load_adapter
 from orthodiff.models.tiny_sd import TINY_SD_PATH
+from orthodiff.oft import oft_layers
+from orthodiff.oft.scale import plane_angle_budget, rotation_stats
 from orthodiff.warm import ROOT, run_script
 
 log = logging.getLogger(__name__)
@@ -183,8 +187,30 @@ def train_cell(cfg: DictConfig, name: str, overrides: list[str], cached_only: bo
     if resume:
         metrics["resumed"] = True
     metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
+    if not diverged:
+        blocks_of(run_dir)  # now, while the adapter is at hand: the archive keeps none
     archive_cell(cfg, run_dir)
     return {**metrics, "run_dir": str(run_dir)}
+
+
+def blocks_of(run_dir: Path) -> dict | None:
+    """Where a finished cell's OFT blocks sit: orthodiff.oft.scale.rotation_stats of its adapter, and
+    for COFT in the paper convention the median per-plane budget of its eps ({} without OFT layers:
+    LoRA, the control networks, the hint encoder alone). Kept in run_dir/blocks.json, which
+    cells_archive keeps; None when neither that file nor the adapter is there."""
+    saved, adapter_file = run_dir / "blocks.json", run_dir / "adapter.safetensors"
+    if saved.is_file():
+        return json.loads(saved.read_text())
+    if not adapter_file.is_file():
+        return None
+    adapter = cell_config(run_dir).get("adapter")
+    layers = oft_layers(load_adapter(adapter_file).unet) if adapter is not None else []
+    found = rotation_stats(layers) if layers else {}
+    if layers and adapter.get("coft") and adapter.get("coft_norm") == "paper":
+        found["budget per plane (deg)"] = statistics.median(
+            plane_angle_budget(adapter.eps, layer.block_size, layer.num_blocks, layer.block_share) for layer in layers)
+    saved.write_text(json.dumps(found) + "\n")
+    return found
 
 
 def finished(run_dir: Path, identity: dict) -> dict | None:

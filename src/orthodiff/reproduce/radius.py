@@ -10,18 +10,14 @@ row is compared with each reference (reproduce.stats: Welch CI, Holm over the ta
 
 from __future__ import annotations
 
-import json
-import statistics
+import logging
 from pathlib import Path
 
 from omegaconf import DictConfig
 
-from orthodiff.adapter import load_adapter
 from orthodiff.eval.control_metrics import headline_metric
-from orthodiff.oft import oft_layers
-from orthodiff.oft.scale import plane_angle_budget, rotation_stats
 from orthodiff.reproduce import controllable, stats
-from orthodiff.reproduce.cells import archive_cell, cell_config, method_setting, run_all, run_file
+from orthodiff.reproduce.cells import blocks_of, method_setting, run_all
 from orthodiff.reproduce.report import (
     coft_note,
     control_settings,
@@ -32,6 +28,8 @@ from orthodiff.reproduce.report import (
     write_csv,
     write_report,
 )
+
+log = logging.getLogger(__name__)
 
 
 def arms(cfg: DictConfig) -> dict[str, tuple[str, list[str], str]]:
@@ -48,25 +46,16 @@ def cells(cfg: DictConfig) -> list[tuple]:
     return [(method, cfg.controls[0], s, extra, tag) for method, extra, tag in arms(cfg).values() for s in cfg.seeds]
 
 
-def where_blocks_sit(cfg: DictConfig, run: dict) -> dict:
-    """The trained adapter's rotation_stats and the median per-plane budget of its eps (COFT only),
-    kept in the run's blocks.json (and so in cells_archive, which keeps no adapters)."""
+def where_blocks_sit(run: dict) -> dict:
+    """cells.blocks_of the run ({} for a diverged run; {} and a warning for a cell archived
+    before cells wrote blocks.json as it finished: its figure is kept, its block columns are not)."""
     if "diverged" in run:
         return {}
-    saved = Path(run["run_dir"]) / "blocks.json"
-    if saved.is_file():
-        return json.loads(saved.read_text())
-    adapter = cell_config(run["run_dir"]).get("adapter")
-    if adapter is None:  # the hint encoder alone: no rotation
-        return {}
-    layers = oft_layers(load_adapter(run_file(run, "adapter.safetensors")).unet)
-    found = rotation_stats(layers)
-    if adapter.get("coft") and adapter.get("coft_norm") == "paper":
-        found["budget per plane (deg)"] = statistics.median(
-            plane_angle_budget(adapter.eps, layer.block_size, layer.num_blocks, layer.block_share) for layer in layers)
-    saved.write_text(json.dumps(found) + "\n")
-    archive_cell(cfg, Path(run["run_dir"]))
-    return found
+    found = blocks_of(Path(run["run_dir"]))
+    if found is None:
+        log.warning("cell %s: no blocks.json and no adapter (archived before blocks.json was kept); its block "
+                    "columns are left out", Path(run["run_dir"]).name)
+    return found or {}
 
 
 def table(cfg: DictConfig) -> Path:
@@ -79,7 +68,7 @@ def table(cfg: DictConfig) -> Path:
     margin = controllable.equivalence_margin_of(cfg, [r for rs in runs.values() for r in rs], key)
     rows = []
     for name in names:
-        sits = [where_blocks_sit(cfg, r) for r in runs[name]]
+        sits = [where_blocks_sit(r) for r in runs[name]]
         rows.append({"row": name, f"{key} [95 % CI]": stats.mean_ci_text(figures[name]), "seeds": len(figures[name]),
                      **{k: finite_mean([s.get(k, float("nan")) for s in sits])
                         for k in ("budget per plane (deg)", "share on radius", "median angle per plane (deg)")}})
