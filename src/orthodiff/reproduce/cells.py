@@ -149,7 +149,9 @@ def train_cell(cfg: DictConfig, name: str, overrides: list[str], cached_only: bo
         done = finished(folder, identity)
         if done:
             log.info("cell %s: reused %s", name, folder)
-            archive_cell(cfg, folder)  # a cell trained before the archive existed
+            if folder == run_dir and "diverged" not in done:
+                blocks_of(run_dir)  # a cell trained before blocks.json was kept as a cell finished
+            archive_cell(cfg, folder)  # ... or before the archive existed
             return done
     if cached_only:
         return None
