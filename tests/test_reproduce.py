@@ -358,8 +358,9 @@ def test_a_finished_cell_is_read_from_the_archive_once_runs_dir_is_gone(tmp_path
     trained = cells.train_cell(cfg, "cell", ["method=oft"])
     assert cells.run_eval(cfg, trained) == {"fid": 12.5}
     assert sorted(p.relative_to(archive / "cell").as_posix() for p in (archive / "cell").rglob("*") if p.is_file()) == [
-        ".hydra/config.yaml", "checkpoints.json", "eval/eval.json", "eval/overrides.json", "metrics.json",
+        ".hydra/config.yaml", "blocks.json", "checkpoints.json", "eval/eval.json", "eval/overrides.json", "metrics.json",
         "overrides.json"]
+    assert json.loads((archive / "cell" / "blocks.json").read_text()) == {}  # written as it finished: no OFT layers
     shutil.rmtree(tmp_path / "runs")  # a new machine
     again = cells.train_cell(cfg, "cell", ["method=oft"])
     assert len(launches) == 1 and again["run"] == trained["run"] and again["run_dir"] == str(archive / "cell")
@@ -380,9 +381,12 @@ def test_a_finished_cell_is_read_from_the_archive_once_runs_dir_is_gone(tmp_path
     assert cells.train_cell(OmegaConf.merge(cfg, {"cells_archive": None}), "cell", ["method=oft"])["run"] == 2
     # A run replaced by another cell of the same name leaves no file of the old one, here or archived.
     for folder in (tmp_path / "runs" / "cell", archive / "cell"):
-        (folder / "blocks.json").write_text("{}")
+        (folder / "blocks.json").write_text('{"share on radius": 1.0}')
+        (folder / "eval").mkdir(exist_ok=True)
+        (folder / "eval" / "eval.json").write_text("{}")
     assert cells.train_cell(cfg, "cell", ["method=lora"])["run"] == 3
-    assert not (tmp_path / "runs" / "cell" / "blocks.json").exists() and not (archive / "cell" / "blocks.json").exists()
+    for folder in (tmp_path / "runs" / "cell", archive / "cell"):
+        assert json.loads((folder / "blocks.json").read_text()) == {} and not (folder / "eval" / "eval.json").exists()
 
 
 def test_a_length_run_continues_an_archived_cell_after_training_it_again_for_its_checkpoint(tmp_path, monkeypatch):
