@@ -181,6 +181,7 @@ def test_all_tables_on_a_two_step_schedule(shapes_root, tmp_path):
     assert float(radius["coft_matched"]["budget per plane (deg)"]) == pytest.approx(106.1, abs=1.0)  # eps to 2 figures
     assert 0 <= float(radius["coft eps 0.001"]["share on radius"]) <= 1 and math.isnan(float(radius["hint"]["share on radius"]))
     assert not list(runs.glob("canny-coft-eps*"))  # the eps 1e-3 row is coft's own cell
+    assert "(module.optimizer.lr): coft eps 0.001: 0.001; coft_matched: 0.006." in (reports / "radius.md").read_text()
     # Where the blocks sit is kept as each cell finishes (the archive keeps no adapters); none for LoRA.
     kept = json.loads((reports / "cells" / "canny-coft-s0" / "blocks.json").read_text())
     assert kept == json.loads((runs / "canny-coft-s0" / "blocks.json").read_text()) and 0 <= kept["share on radius"] <= 1

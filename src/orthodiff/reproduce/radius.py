@@ -13,11 +13,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from orthodiff.eval.control_metrics import headline_metric
 from orthodiff.reproduce import controllable, stats
-from orthodiff.reproduce.cells import blocks_of, method_setting, run_all
+from orthodiff.reproduce.cells import blocks_of, cell_config, method_setting, run_all
 from orthodiff.reproduce.report import (
     coft_note,
     control_settings,
@@ -58,6 +58,16 @@ def where_blocks_sit(run: dict) -> dict:
     return found or {}
 
 
+def lr_note(names: list[str], runs: dict) -> str:
+    """Each row's UNet adapter lr, read from its first cell's config: the eps ladder trains at
+    method=coft's lr, the scale-matched method at its own."""
+    configs = {name: cell_config(runs[name][0]["run_dir"]) for name in names}
+    lrs = [f"{name}: {OmegaConf.select(c, 'module.optimizer.lr'):g}" for name, c in configs.items() if c.get("adapter")]
+    hint_lrs = {OmegaConf.select(c, "module.hint_lr") for c in configs.values()}
+    return (f"UNet adapter lr per row (module.optimizer.lr): {'; '.join(lrs)}. The hint encoder trains at "
+            f"module.hint_lr = {', '.join(f'{lr:g}' for lr in sorted(hint_lrs))} in every row.")
+
+
 def table(cfg: DictConfig) -> Path:
     control = cfg.controls[0]
     key, higher = headline_metric(control), higher_is_better(control)
@@ -83,6 +93,7 @@ def table(cfg: DictConfig) -> Path:
              f"layers; {cfg.radius.matched} is at the scale-matched eps, where that median equals SD 1.5's at the "
              "paper's eps = 1e-3 (orthodiff.oft.scale). Share on radius: blocks whose ||Q_i||_F is within 0.1 % of "
              "the radius after the last step; median angle per plane: over every plane of every block (2 atan q_k).",
+             lr_note(names, runs),
              *coft_note([runs[n][0] for n in names]),
              "", f"Each COFT row against each reference ({key}; radius_comparisons.csv):", "",
              *markdown_table(comparisons), "", *stats.notes(margin, key)]
