@@ -390,6 +390,36 @@ def test_a_finished_cell_is_read_from_the_archive_once_runs_dir_is_gone(tmp_path
         assert json.loads((folder / "blocks.json").read_text()) == {} and not (folder / "eval" / "eval.json").exists()
 
 
+def test_blocks_of_cells_finishing_together_is_each_cells_own(tmp_path):
+    """run_all's threads finish cells together and each writes where its blocks sit: the adapters
+    load one at a time (diffusers' loading patches torch for the whole process; two at once failed
+    with "Unsupported device type 'meta'"), and each run keeps its own figures in blocks.json."""
+    import torch
+
+    from orthodiff.adapter import save_adapter
+    from orthodiff.oft import OFTConfig
+    from orthodiff.reproduce import cells
+    from orthodiff.tasks import ControlTask
+
+    runs = [tmp_path / f"run{k}" for k in range(2)]
+    for k, run in enumerate(runs):
+        module = ControlTask(control="canny", adapter=OFTConfig(num_blocks=4, coft=True, coft_norm="paper"),
+                             method="coft", val_steps=3)
+        with torch.no_grad():
+            for parameter in (p for p in module.parameters() if p.requires_grad):
+                parameter.add_((k + 1) * 0.05 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(k)))
+        (run / ".hydra").mkdir(parents=True)
+        (run / ".hydra" / "config.yaml").write_text("adapter: {coft: true, coft_norm: paper, eps: 0.001}\n")
+        save_adapter(run / "adapter.safetensors", module.eval())
+    with ThreadPoolExecutor(2) as pool:
+        found = list(pool.map(cells.blocks_of, runs))
+    assert found[0]["median angle per plane (deg)"] < found[1]["median angle per plane (deg)"]  # twice the rotation
+    assert all(0 <= f["share on radius"] <= 1 and f["budget per plane (deg)"] == pytest.approx(3.67, abs=0.01) for f in found)
+    assert [json.loads((run / "blocks.json").read_text()) for run in runs] == found
+    (runs[0] / "adapter.safetensors").unlink()
+    assert cells.blocks_of(runs[0]) == found[0] and cells.blocks_of(tmp_path / "archived") is None
+
+
 def test_a_length_run_continues_an_archived_cell_after_training_it_again_for_its_checkpoint(tmp_path, monkeypatch):
     from hydra import compose, initialize_config_dir
 

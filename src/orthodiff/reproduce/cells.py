@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import statistics
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
@@ -195,6 +196,11 @@ def train_cell(cfg: DictConfig, name: str, overrides: list[str], cached_only: bo
     return {**metrics, "run_dir": str(run_dir)}
 
 
+# One model load at a time: run_all's threads finish cells together, and diffusers' loading
+# (accelerate's init_empty_weights) patches torch for the whole process while it runs.
+LOADING = threading.Lock()
+
+
 def blocks_of(run_dir: Path) -> dict | None:
     """Where a finished cell's OFT blocks sit: orthodiff.oft.scale.rotation_stats of its adapter, and
     for COFT in the paper convention the median per-plane budget of its eps ({} without OFT layers:
@@ -206,7 +212,8 @@ def blocks_of(run_dir: Path) -> dict | None:
     if not adapter_file.is_file():
         return None
     adapter = cell_config(run_dir).get("adapter")
-    layers = oft_layers(load_adapter(adapter_file).unet) if adapter is not None else []
+    with LOADING:
+        layers = oft_layers(load_adapter(adapter_file).unet) if adapter is not None else []
     found = rotation_stats(layers) if layers else {}
     if layers and adapter.get("coft") and adapter.get("coft_norm") == "paper":
         found["budget per plane (deg)"] = statistics.median(
