@@ -162,8 +162,8 @@ def table(cfg: DictConfig) -> Path:
     for attribute in settings.attributes.values():
         edit_kind(settings.prompt, attribute)
     model = load_edit_model(settings.base)
-    cache = Path(cfg.runs_dir).expanduser() / "edit"  # the inversion
-    schedules_cache = (archive_folder(cfg) or Path(cfg.runs_dir).expanduser()) / "edit"  # the learned schedules
+    inversion_cache = Path(cfg.runs_dir).expanduser() / "edit"  # MBs: not archived
+    schedules_cache = (archive_folder(cfg) or Path(cfg.runs_dir).expanduser()) / "edit"  # KBs: committed
     steps, guidance = settings.steps, settings.guidance
     seeds = list(range(1, settings.seeds + 1))
     noise, noise0 = torch.cat([model.noise(s) for s in seeds]), model.noise(0)
@@ -188,7 +188,7 @@ def table(cfg: DictConfig) -> Path:
 
         key = {"model": model.digest, "prompt": settings.prompt, "images": settings.real_images,
                **{k: settings[k] for k in ("steps", "guidance", "refine", "null_iterations")}}
-        *inversion, invert_seconds = cached(cache, "inversion", key, invert)
+        *inversion, invert_seconds = cached(inversion_cache, "inversion", key, invert)
         log.info("inverted %d real images: %.1f s each", len(reals), invert_seconds)
 
     rows, detail, grid_rows, grid_labels, curves, mean_lambdas = [], [], [], [], {}, {}
