@@ -299,6 +299,18 @@ def fake_train(launches: list):
     return run
 
 
+def test_the_frontier_runs_seed_major_and_reads_each_row_back():
+    # A grid stopped part way has every row's first seeds; the table still reads each row's own.
+    from orthodiff.reproduce import frontier
+    cfg = OmegaConf.create({"seeds": [0, 1, 2], "controls": ["canny"], "frontier": {
+        "oft_blocks": [1, 4], "lora_ranks": [4], "others": ["hint"], "two_seeds": ["oft_r1"]}})
+    assert frontier.order(cfg) == [("oft_r1", 0), ("oft_r4", 0), ("lora_r4", 0), ("hint", 0),
+                                   ("oft_r1", 1), ("oft_r4", 1), ("lora_r4", 1), ("hint", 1),
+                                   ("oft_r4", 2), ("lora_r4", 2), ("hint", 2)]
+    assert frontier.cells(cfg)[0] == ("oft", "canny", 0, ["adapter.num_blocks=1"], "-num_blocks1")
+    assert frontier.cells(cfg)[1] == ("oft", "canny", 0, [], "")
+
+
 def test_a_finished_cell_is_reused_until_its_overrides_or_base_weights_change(tmp_path, monkeypatch, caplog):
     from orthodiff.reproduce import cells
 

@@ -47,9 +47,15 @@ def seeds(cfg: DictConfig, row: str) -> list[int]:
     return list(cfg.seeds)[:2] if row in cfg.frontier.two_seeds else list(cfg.seeds)
 
 
+def order(cfg: DictConfig) -> list[tuple[str, int]]:
+    """(row, seed), seed-major: a grid stopped part way has every row's first seeds first."""
+    spec = arms(cfg)
+    return [(row, s) for s in cfg.seeds for row in spec if s in seeds(cfg, row)]
+
+
 def cells(cfg: DictConfig) -> list[tuple]:
-    return [(method, cfg.controls[0], s, extra, tag) for row, (method, extra, tag) in arms(cfg).items()
-            for s in seeds(cfg, row)]
+    spec = arms(cfg)
+    return [(spec[row][0], cfg.controls[0], s, spec[row][1], spec[row][2]) for row, s in order(cfg)]
 
 
 def parameters(run: dict) -> tuple[int, int]:
@@ -97,8 +103,8 @@ def table(cfg: DictConfig) -> Path:
     control = cfg.controls[0]
     key, higher = headline_metric(control), higher_is_better(control)
     spec = arms(cfg)
-    results = iter(run_all(cfg, cells(cfg), "frontier"))
-    runs = {row: [next(results) for _ in seeds(cfg, row)] for row in spec}
+    done = dict(zip(order(cfg), run_all(cfg, cells(cfg), "frontier")))
+    runs = {row: [done[row, s] for s in seeds(cfg, row)] for row in spec}
     figures = {row: [final_figure(r, key) for r in rs] for row, rs in runs.items()}
     margin = controllable.equivalence_margin_of(cfg, [r for rs in runs.values() for r in rs], key)
     rows, points = [], {}
