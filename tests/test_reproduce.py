@@ -421,7 +421,8 @@ def test_blocks_of_cells_finishing_together_is_each_cells_own(tmp_path):
             for parameter in (p for p in module.parameters() if p.requires_grad):
                 parameter.add_((k + 1) * 0.05 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(k)))
         (run / ".hydra").mkdir(parents=True)
-        (run / ".hydra" / "config.yaml").write_text("adapter: {coft: true, coft_norm: paper, eps: 0.001}\n")
+        (run / ".hydra" / "config.yaml").write_text(
+            "adapter: {_target_: orthodiff.oft.OFTConfig, coft: true, coft_norm: paper, eps: 0.001}\n")
         save_adapter(run / "adapter.safetensors", module.eval())
     with ThreadPoolExecutor(2) as pool:
         found = list(pool.map(cells.blocks_of, runs))
@@ -430,6 +431,11 @@ def test_blocks_of_cells_finishing_together_is_each_cells_own(tmp_path):
     assert [json.loads((run / "blocks.json").read_text()) for run in runs] == found
     (runs[0] / "adapter.safetensors").unlink()
     assert cells.blocks_of(runs[0]) == found[0] and cells.blocks_of(tmp_path / "archived") is None
+    lora = tmp_path / "lora"  # no OFT layers: {} without loading its adapter (this one is no safetensors file)
+    (lora / ".hydra").mkdir(parents=True)
+    (lora / ".hydra" / "config.yaml").write_text("adapter: {_target_: orthodiff.models.LoRAConfig, rank: 4}\n")
+    (lora / "adapter.safetensors").write_text("not read")
+    assert cells.blocks_of(lora) == {}
 
 
 def test_a_length_run_continues_an_archived_cell_after_training_it_again_for_its_checkpoint(tmp_path, monkeypatch):

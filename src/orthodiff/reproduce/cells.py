@@ -150,9 +150,7 @@ def train_cell(cfg: DictConfig, name: str, overrides: list[str], cached_only: bo
         done = finished(folder, identity)
         if done:
             log.info("cell %s: reused %s", name, folder)
-            if folder == run_dir and "diverged" not in done:
-                blocks_of(run_dir)  # a cell trained before blocks.json was kept as a cell finished
-            archive_cell(cfg, folder)  # ... or before the archive existed
+            keep_cell(cfg, folder, done)  # a cell finished before blocks.json or the archive existed
             return done
     if cached_only:
         return None
@@ -190,10 +188,16 @@ def train_cell(cfg: DictConfig, name: str, overrides: list[str], cached_only: bo
     if resume:
         metrics["resumed"] = True
     metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
-    if not diverged:
-        blocks_of(run_dir)  # now, while the adapter is at hand: the archive keeps none
-    archive_cell(cfg, run_dir)
+    keep_cell(cfg, run_dir, metrics)
     return {**metrics, "run_dir": str(run_dir)}
+
+
+def keep_cell(cfg: DictConfig, run_dir: Path, metrics: dict) -> None:
+    """What a finished cell leaves behind: blocks.json while its adapter is at hand (the archive
+    keeps no adapter), then its copy in cells_archive."""
+    if "diverged" not in metrics:
+        blocks_of(run_dir)
+    archive_cell(cfg, run_dir)
 
 
 # One model load at a time: run_all's threads finish cells together, and diffusers' loading
@@ -212,8 +216,10 @@ def blocks_of(run_dir: Path) -> dict | None:
     if not adapter_file.is_file():
         return None
     adapter = cell_config(run_dir).get("adapter")
-    with LOADING:
-        layers = oft_layers(load_adapter(adapter_file).unet) if adapter is not None else []
+    layers = []
+    if adapter is not None and adapter.get("_target_") == "orthodiff.oft.OFTConfig":  # not LoRA's: no load
+        with LOADING:
+            layers = oft_layers(load_adapter(adapter_file).unet)
     found = rotation_stats(layers) if layers else {}
     if layers and adapter.get("coft") and adapter.get("coft_norm") == "paper":
         found["budget per plane (deg)"] = statistics.median(
@@ -232,7 +238,7 @@ def finished(run_dir: Path, identity: dict) -> dict | None:
 
 
 # What the tables read of a finished cell, besides its adapter, samples and checkpoints
-# (radius.py writes blocks.json, run_eval eval/); the checkpoints' names, which a cell
+# (keep_cell writes blocks.json, run_eval eval/); the checkpoints' names, which a cell
 # continuing one records (table=length).
 ARCHIVED = ("overrides.json", "metrics.json", "blocks.json", ".hydra/config.yaml", "eval/eval.json",
             "eval/overrides.json")
