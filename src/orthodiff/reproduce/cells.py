@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -220,7 +221,8 @@ def blocks_of(run_dir: Path) -> dict | None:
     if adapter is not None and adapter.get("_target_") == "orthodiff.oft.OFTConfig":  # not LoRA's: no load
         with LOADING:
             layers = oft_layers(load_adapter(adapter_file).unet)
-    found = rotation_stats(layers) if layers else {}
+    # Without a figure (OFT has no radius) a key is left out: strict JSON has no NaN.
+    found = {k: v for k, v in rotation_stats(layers).items() if not math.isnan(v)} if layers else {}
     if layers and adapter.get("coft") and adapter.get("coft_norm") == "paper":
         found["budget per plane (deg)"] = statistics.median(
             plane_angle_budget(adapter.eps, layer.block_size, layer.num_blocks, layer.block_share) for layer in layers)
