@@ -54,6 +54,7 @@ def check_metrics(metrics: dict, keys=("step0", "final"), final_step: int = 3):
         assert steps == sorted(steps) and steps[-1] == final_step and CANNY_KEYS <= set(metrics["history"][-1])
         cost = metrics["cost"]
         assert cost["seconds_per_step"] > 0 and cost["peak_memory_mb"] > 100 and cost["trainable_parameters"] > 0
+        assert cost["torch_threads"] >= 1  # on record: CPU runs are bit-identical only at the same count
         assert metrics["skipped"]["train"] == {"skipped": 0, "drawn": 4 * final_step, "first": []}
     for values in (metrics[key] for key in keys):
         assert set(values) == CANNY_KEYS, values

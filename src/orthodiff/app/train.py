@@ -68,6 +68,9 @@ class TrainingCost(pl.Callback):
                 # the control network's share (the hint encoder, a ControlNet, a T2I-Adapter): the rest is the UNet adapter
                 "control_network_parameters": sum(p.numel() for p in getattr(module, "control_network", torch.nn.Module()).parameters()
                                                   if p.requires_grad),
+                # on record because CPU kernels' summation order follows it: the same run at another
+                # thread count differs in its last bits after one step, then drifts apart (docs/reliability.md)
+                "torch_threads": torch.get_num_threads(),
                 **getattr(module, "extra_cost", {})}  # e.g. method=encoder's encode_seconds
 
 
