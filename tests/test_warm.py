@@ -3,6 +3,8 @@
 import os
 import signal
 import subprocess
+import sys
+import time
 
 import pytest
 
@@ -19,6 +21,8 @@ if sys.argv[1] == "kill":
     os.kill(os.getpid(), signal.SIGKILL)
 if sys.argv[1] == "sleep":
     import time; time.sleep(60)
+if sys.argv[1] == "pidfile":
+    import pathlib, time; pathlib.Path(sys.argv[2]).write_text(str(os.getpid())); time.sleep(60)
 atexit.register(lambda: print("atexit ran"))
 """
 
@@ -51,3 +55,26 @@ def test_a_refusal_a_signal_and_a_timeout_end_as_they_would_in_a_fresh_process(s
 def test_an_environment_libraries_read_at_import_starts_a_fresh_interpreter(script, tmp_path):
     result = run_script(script, ["ok"], env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=tmp_path)
     assert result.returncode == 0 and "preloaded False" in result.stderr
+
+
+def test_a_run_ends_when_the_process_that_started_it_is_killed(script, tmp_path):
+    # The run is the forkserver's child: killing its caller (a grid's reproduce.py) must not
+    # leave it training unseen.
+    pidfile = tmp_path / "pid"
+    caller = subprocess.Popen([sys.executable, "-c", "import sys; from orthodiff.warm import run_script; "
+                               f"run_script({str(script)!r}, ['pidfile', {str(pidfile)!r}], cwd={str(tmp_path)!r})"])
+    deadline = time.time() + 60
+    while not (pidfile.is_file() and pidfile.read_text()) and time.time() < deadline:
+        time.sleep(0.2)
+    run = int(pidfile.read_text())
+    os.kill(run, 0)  # running
+    caller.kill()
+    caller.wait()
+    while time.time() < deadline:
+        try:
+            os.kill(run, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail(f"the run (pid {run}) outlived its caller by a minute")

@@ -20,10 +20,12 @@ import atexit
 import multiprocessing
 import os
 import runpy
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]  # where train.py and eval.py are
@@ -66,7 +68,7 @@ def run_script(script: str | Path, args: list[str], env: dict | None = None, cwd
         out, err = Path(tmp, "stdout"), Path(tmp, "stderr")
         for path in (out, err):  # a child that dies before it opens them leaves them empty
             path.touch()
-        child = context().Process(target=_run, args=(script, args, env, str(cwd), str(out), str(err)))
+        child = context().Process(target=_run, args=(script, args, env, str(cwd), str(out), str(err), os.getpid()))
         child.start()
         child.join(timeout)
         if child.is_alive():
@@ -79,8 +81,9 @@ def run_script(script: str | Path, args: list[str], env: dict | None = None, cwd
                                            err.read_text(errors="replace"))
 
 
-def _run(script: str, args: list[str], env: dict, cwd: str, out: str, err: str):
-    """In the child: become `python script *args`."""
+def _run(script: str, args: list[str], env: dict, cwd: str, out: str, err: str, caller: int):
+    """In the child: become `python script *args`, for as long as the caller lives."""
+    threading.Thread(target=_end_with, args=(caller,), daemon=True).start()
     for fd, path in ((1, out), (2, err)):
         file = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         os.dup2(file, fd)
@@ -101,3 +104,16 @@ def _run(script: str, args: list[str], env: dict, cwd: str, out: str, err: str):
         runpy.run_path(script, run_name="__main__")
     finally:
         atexit._run_exitfuncs()  # multiprocessing ends a child with os._exit, which skips them
+
+
+def _end_with(caller: int, every_s: float = 2.0):
+    """End this run when the process that started it is gone. The run is the forkserver's child,
+    not the caller's, so killing the caller (a grid's reproduce.py) would otherwise leave it
+    training unseen, listed by ps as a forkserver. Checkpoints are written atomically, so
+    ending between two writes loses at most the steps since the last."""
+    while True:
+        time.sleep(every_s)
+        try:
+            os.kill(caller, 0)
+        except ProcessLookupError:
+            os._exit(128 + signal.SIGTERM)  # as if SIGTERM had ended it
