@@ -21,7 +21,8 @@ def main(cfg: DictConfig):
         paths = reproduce(cfg)
     except ValueError as error:  # an unknown table: the list of valid ones
         raise SystemExit(f"reproduce.py: {error}") from None
-    print("reports: " + " ".join(map(str, paths)))
+    if paths:  # none under plan=true, which prints its plan instead
+        print("reports: " + " ".join(map(str, paths)))
 
 
 if __name__ == "__main__":

@@ -299,6 +299,33 @@ def fake_train(launches: list):
     return run
 
 
+def test_plan_lists_done_part_trained_and_untrained_cells_and_trains_nothing(tmp_path, monkeypatch):
+    from orthodiff.reproduce import cells, plan
+
+    launches = []
+    monkeypatch.setattr(cells, "run_script", fake_train(launches))
+    cfg = OmegaConf.create({"runs_dir": str(tmp_path / "runs"), "cells_archive": str(tmp_path / "archive"), "jobs": 1})
+    cells.train_cell(cfg, "done", ["method=coft"])
+    part = tmp_path / "runs" / "part"  # a cell killed after its step-400 checkpoint
+    (part / "checkpoints").mkdir(parents=True)
+    (part / "overrides.json").write_text(json.dumps(cells.cell_identity(["method=lora"])))
+    for name in ("epoch=0-step=200.ckpt", "epoch=0-step=400.ckpt", "last.ckpt"):
+        (part / "checkpoints" / name).write_bytes(b"")
+    specs = [("done", ["method=coft"]), ("part", ["method=lora"]), ("new", ["method=oft"])]
+    with pytest.raises(cells.Planned) as planned:
+        cells.run_all(OmegaConf.merge(cfg, {"plan": True}), specs, "stage",
+                      cell=lambda cfg, name, overrides, archived: cells.train_cell(cfg, name, overrides, archived=archived))
+    assert len(launches) == 1  # the first cell's own run, before the plan
+    assert planned.value.lines()[:3] == ["  done: done (runs_dir)", "  part: resumes at step 400", "  new: to train"]
+    assert planned.value.lines()[3].startswith("  stage: 3 cells; 1 done (runs_dir), 1 resumes, 1 to train, ~0.0 h")
+    shutil.rmtree(tmp_path / "runs")
+    with pytest.raises(cells.Planned) as planned:
+        cells.run_all(OmegaConf.merge(cfg, {"plan": True}), specs[:1], "stage",
+                      cell=lambda cfg, name, overrides, archived: cells.train_cell(cfg, name, overrides, archived=archived))
+    assert planned.value.lines()[0] == "  done: done (cells_archive)"
+    assert plan(OmegaConf.merge(cfg, {"plan": True}), "edit")[0].startswith("table=edit: trains no cell")
+
+
 def test_the_frontier_runs_seed_major_and_reads_each_row_back():
     # A grid stopped part way has every row's first seeds; the table still reads each row's own.
     from orthodiff.reproduce import frontier

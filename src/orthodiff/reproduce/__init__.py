@@ -42,6 +42,7 @@ from orthodiff.reproduce import (
     subject,
     width,
 )
+from orthodiff.reproduce.cells import Planned
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,30 @@ def reproduce(cfg: DictConfig) -> list[Path]:
     names = list(TABLES) if cfg.table == "all" else [cfg.table]
     if "ablation" in names:
         ablation.variants(cfg)  # a misspelt ablation.three_seeds fails now, not after hours of other tables
+    if cfg.get("plan"):
+        print("\n".join(line for name in names for line in plan(cfg, name)))
+        return []
     started = time.time()
     paths = [TABLES[name](cfg) for name in names]
     log.info("reproduce %s: %.0f s", cfg.table, time.time() - started)
     return paths
+
+
+# Tables that plan=true does not list: they train no cell of their own.
+NOT_PLANNED = {"params": "trains nothing", "claims": "trains nothing: it reads the other tables' cells",
+               "edit": "trains no cell: it learns its schedules itself (kept in runs_dir/edit and cells_archive/edit)"}
+
+
+def plan(cfg: DictConfig, name: str) -> list[str]:
+    """plan=true: the lines saying what table `name` would train, and train nothing: the table
+    runs up to its first set of cells (cells.Planned), the only one for all but
+    encoder_search, whose scoring cells need its pretrained encoders."""
+    if name in NOT_PLANNED:
+        return [f"table={name}: {NOT_PLANNED[name]}"]
+    try:
+        TABLES[name](cfg)
+    except Planned as planned:
+        return [f"table={name}, stage {planned.stage}:", *planned.lines()]
+    except FileNotFoundError as error:  # e.g. a width-ladder rung not built yet
+        return [f"table={name}: cannot be planned yet: {error}"]
+    raise AssertionError(f"table={name} returned under plan=true without reaching cells.run_all")

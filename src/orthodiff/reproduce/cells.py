@@ -125,6 +125,13 @@ def step_checkpoint(run_dir: str | Path, step: int) -> Path:
     return found[-1]
 
 
+def last_step(run_dir: Path) -> int:
+    """The step of a part-trained cell's newest checkpoint (its resume point)."""
+    steps = [int(m.group(1)) for p in (run_dir / "checkpoints").glob("epoch=*.ckpt")
+             if (m := re.search(r"-step=(\d+)\.ckpt$", p.name))]
+    return max(steps, default=0)
+
+
 # How train.py ends a run whose loss stopped being finite (tasks.base.NonFiniteLossError).
 NON_FINITE_LOSS = re.compile(r"loss is (nan|-?inf) at step \d+")
 
@@ -156,6 +163,8 @@ def train_cell(cfg: DictConfig, name: str, overrides: list[str], cached_only: bo
     if cached_only:
         return None
     resume = same_cell and checkpoint.is_file()
+    if cfg.get("plan"):
+        return {"planned": name, "resumes_at": last_step(run_dir) if resume else None}
     if resume:
         log.info("cell %s: resuming %s", name, checkpoint)
     else:
@@ -354,6 +363,8 @@ def run_all(cfg: DictConfig, cells: list[tuple], desc: str, cell=run_cell, archi
     overrides, tag]), trained `cfg.jobs` at a time; results in the cells' order, a
     progress bar over finished cells. archived=False: a table that reads the runs' files
     (adapters, samples), which cells_archive does not keep."""
+    if cfg.get("plan"):
+        raise Planned(desc, [cell(cfg, *args, archived=archived) for args in cells], archive_folder(cfg))
     with ThreadPoolExecutor(cfg.jobs) as pool, tqdm(total=len(cells), desc=desc) as bar:
         futures = {pool.submit(cell, cfg, *args, archived=archived): i for i, args in enumerate(cells)}
         results = [None] * len(cells)
@@ -362,3 +373,32 @@ def run_all(cfg: DictConfig, cells: list[tuple], desc: str, cell=run_cell, archi
             bar.set_postfix_str("done: " + " ".join(map(str, cells[futures[future]][:3])))
             bar.update()
     return results
+
+
+class Planned(Exception):
+    """plan=true: the state of each cell of a table's first run_all, raised in place of training
+    them (a later run_all's cells may depend on these, so the table stops here)."""
+
+    def __init__(self, stage: str, states: list[dict], archive: Path | None):
+        self.stage, self.states, self.archive = stage, states, archive
+        super().__init__(stage)
+
+    def state(self, run: dict) -> str:
+        if "planned" in run:
+            return "to train" if run["resumes_at"] is None else f"resumes at step {run['resumes_at']}"
+        where = Path(run["run_dir"]).parent
+        return "done (cells_archive)" if self.archive and where.resolve() == self.archive.resolve() else "done (runs_dir)"
+
+    def lines(self) -> list[str]:
+        """One line per cell, then the counts and, from the finished cells' wall time, the hours
+        left on one lane (a part-trained cell counted whole: an upper bound)."""
+        names = [run.get("planned") or Path(run["run_dir"]).name for run in self.states]
+        states = [self.state(run) for run in self.states]
+        walls = [run["wall_seconds"] for run in self.states if "wall_seconds" in run and not run.get("resumed")]
+        left = sum(not state.startswith("done") for state in states)
+        kinds = [state.split(" at step")[0] for state in states]  # "resumes at step 400": "resumes"
+        counts = {kind: kinds.count(kind) for kind in dict.fromkeys(kinds)}
+        hours = (f", ~{left * statistics.median(walls) / 3600:.1f} h of one lane at its finished cells' median "
+                 f"{statistics.median(walls) / 60:.0f} min" if walls and left else "")
+        return [f"  {name}: {state}" for name, state in zip(names, states)] + [
+            f"  {self.stage}: {len(states)} cells; " + ", ".join(f"{n} {k}" for k, n in counts.items()) + hours]

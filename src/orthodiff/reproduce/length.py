@@ -59,8 +59,8 @@ def continued_cell(cfg: DictConfig, method: str, seed: int, cached_only: bool = 
     is the long run itself, up to the plain cell's finer validations before schedule.steps."""
     control, n = cfg.controls[0], cfg.length
     plain = run_cell(cfg, method, control, seed, cached_only=cached_only, archived=archived)
-    if plain is None:
-        return None
+    if plain is None or "planned" in plain:  # plan=true: the plain cell comes first
+        return plain
     longer = (cfg, method, control, seed, [], f"-len{n.steps}", n.steps, True, True, n.val_every)
     start = step_checkpoint(plain["run_dir"], cfg.schedule.steps)
     if not start.is_file():  # the plain cell came from cells_archive, without its checkpoints
@@ -68,6 +68,8 @@ def continued_cell(cfg: DictConfig, method: str, seed: int, cached_only: bool = 
         if done or cached_only:
             return done
         plain = run_cell(cfg, method, control, seed, archived=False)  # trained again here for its checkpoint
+        if "planned" in plain:
+            return plain
         start = step_checkpoint(plain["run_dir"], cfg.schedule.steps)
     return run_cell(*longer, cached_only=cached_only, start_from=start, archived=archived)
 
