@@ -323,7 +323,7 @@ def test_plan_lists_done_part_trained_and_untrained_cells_and_trains_nothing(tmp
         cells.run_all(OmegaConf.merge(cfg, {"plan": True}), specs[:1], "stage",
                       cell=lambda cfg, name, overrides, archived: cells.train_cell(cfg, name, overrides, archived=archived))
     assert planned.value.lines()[0] == "  done: done (cells_archive)"
-    assert plan(OmegaConf.merge(cfg, {"plan": True}), "edit")[0].startswith("table=edit: trains no cell")
+    assert plan(OmegaConf.merge(cfg, {"plan": True}), "edit")[0][0].startswith("table=edit: trains no cell")
 
 
 def test_the_frontier_runs_seed_major_and_reads_each_row_back():

@@ -66,7 +66,17 @@ def reproduce(cfg: DictConfig) -> list[Path]:
     if "ablation" in names:
         ablation.variants(cfg)  # a misspelt ablation.three_seeds fails now, not after hours of other tables
     if cfg.get("plan"):
-        print("\n".join(line for name in names for line in plan(cfg, name)))
+        planned = {name: plan(cfg, name) for name in names}
+        lines = [line for table_lines, _ in planned.values() for line in table_lines]
+        stages = [stage for _, stage in planned.values() if stage is not None]
+        if len(stages) > 1:  # tables share cells (a frontier's plain cells are controllable's canny ones)
+            wall = {}
+            for stage in stages:
+                wall.update({name: stage.median_wall() for name in stage.left() if name not in wall})
+            known = [w for w in wall.values() if w is not None]
+            lines.append(f"all: {len(wall)} distinct cells to train; ~{sum(known) / 3600:.0f} h of one lane for the "
+                         f"{len(known)} whose table has a finished cell to time")
+        print("\n".join(lines))
         return []
     started = time.time()
     paths = [TABLES[name](cfg) for name in names]
@@ -79,16 +89,16 @@ NOT_PLANNED = {"params": "trains nothing", "claims": "trains nothing: it reads t
                "edit": "trains no cell: it learns its schedules itself (kept in runs_dir/edit and cells_archive/edit)"}
 
 
-def plan(cfg: DictConfig, name: str) -> list[str]:
-    """plan=true: the lines saying what table `name` would train, and train nothing: the table
-    runs up to its first set of cells (cells.Planned), the only one for all but
-    encoder_search, whose scoring cells need its pretrained encoders."""
+def plan(cfg: DictConfig, name: str) -> tuple[list[str], Planned | None]:
+    """plan=true: the lines saying what table `name` would train, and its cells' states; trains
+    nothing. The table runs up to its first set of cells (cells.Planned), the only one for all
+    but encoder_search, whose scoring cells need its pretrained encoders."""
     if name in NOT_PLANNED:
-        return [f"table={name}: {NOT_PLANNED[name]}"]
+        return [f"table={name}: {NOT_PLANNED[name]}"], None
     try:
         TABLES[name](cfg)
     except Planned as planned:
-        return [f"table={name}, stage {planned.stage}:", *planned.lines()]
+        return [f"table={name}, stage {planned.stage}:", *planned.lines()], planned
     except FileNotFoundError as error:  # e.g. a width-ladder rung not built yet
-        return [f"table={name}: cannot be planned yet: {error}"]
+        return [f"table={name}: cannot be planned yet: {error}"], None
     raise AssertionError(f"table={name} returned under plan=true without reaching cells.run_all")

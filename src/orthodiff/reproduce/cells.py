@@ -389,16 +389,26 @@ class Planned(Exception):
         where = Path(run["run_dir"]).parent
         return "done (cells_archive)" if self.archive and where.resolve() == self.archive.resolve() else "done (runs_dir)"
 
-    def lines(self) -> list[str]:
-        """One line per cell, then the counts and, from the finished cells' wall time, the hours
-        left on one lane (a part-trained cell counted whole: an upper bound)."""
-        names = [run.get("planned") or Path(run["run_dir"]).name for run in self.states]
-        states = [self.state(run) for run in self.states]
+    def names(self) -> list[str]:
+        return [run.get("planned") or Path(run["run_dir"]).name for run in self.states]
+
+    def left(self) -> list[str]:
+        """The cells still to train, part-trained ones included."""
+        return [name for name, run in zip(self.names(), self.states) if "planned" in run]
+
+    def median_wall(self) -> float | None:
+        """Seconds of one lane a cell of this table takes: its finished cells' median (None: none yet)."""
         walls = [run["wall_seconds"] for run in self.states if "wall_seconds" in run and not run.get("resumed")]
-        left = sum(not state.startswith("done") for state in states)
+        return statistics.median(walls) if walls else None
+
+    def lines(self) -> list[str]:
+        """One line per cell, then the counts and the hours left on one lane at the median wall
+        time of the finished cells (a part-trained cell counted whole: an upper bound)."""
+        states = [self.state(run) for run in self.states]
         kinds = [state.split(" at step")[0] for state in states]  # "resumes at step 400": "resumes"
         counts = {kind: kinds.count(kind) for kind in dict.fromkeys(kinds)}
-        hours = (f", ~{left * statistics.median(walls) / 3600:.1f} h of one lane at its finished cells' median "
-                 f"{statistics.median(walls) / 60:.0f} min" if walls and left else "")
-        return [f"  {name}: {state}" for name, state in zip(names, states)] + [
+        wall, left = self.median_wall(), len(self.left())
+        hours = (f", ~{left * wall / 3600:.1f} h of one lane at its finished cells' median {wall / 60:.0f} min"
+                 if wall is not None and left else "")
+        return [f"  {name}: {state}" for name, state in zip(self.names(), states)] + [
             f"  {self.stage}: {len(states)} cells; " + ", ".join(f"{n} {k}" for k, n in counts.items()) + hours]
