@@ -75,9 +75,9 @@ def scale_matched_eps(widths: list[int], reference_widths: list[int], num_blocks
 @torch.no_grad()
 def rotation_stats(layers: list) -> dict[str, float]:
     """Where trained OFT layers' blocks sit: the share of blocks on their paper-convention radius
-    (COFT layers only; nan without any: cells.blocks_of leaves it out) and the median rotation angle per plane (degrees) over
-    every plane of every block. A skew Q's eigenvalues are +-i q_k, one pair per plane, and the
-    Cayley transform turns plane k by 2 atan(q_k)."""
+    (COFT layers only; nan without any: cells.blocks_of leaves it out) and the median rotation
+    angle per plane (degrees) over every plane of every block. A skew Q's eigenvalues are +-i q_k,
+    one pair per plane, and the Cayley transform turns plane k by 2 atan(q_k)."""
     on_radius, blocks, angles = 0, 0, []
     for layer in layers:
         q = skew_from_triangle(layer.oft_generator.detach().double(), layer.block_size)

@@ -158,7 +158,8 @@ def train_cell(cfg: DictConfig, name: str, overrides: list[str], cached_only: bo
         done = finished(folder, identity)
         if done:
             log.info("cell %s: reused %s", name, folder)
-            keep_cell(cfg, folder, done)  # a cell finished before blocks.json or the archive existed
+            if not cfg.get("plan"):  # a plan looks and writes nothing
+                keep_cell(cfg, folder, done)  # a cell finished before blocks.json or the archive existed
             return done
     if cached_only:
         return None
