@@ -316,7 +316,7 @@ def test_plan_lists_done_part_trained_and_untrained_cells_and_trains_nothing(tmp
         cells.run_all(OmegaConf.merge(cfg, {"plan": True}), specs, "stage",
                       cell=lambda cfg, name, overrides, archived: cells.train_cell(cfg, name, overrides, archived=archived))
     assert len(launches) == 1  # the first cell's own run, before the plan
-    archived = sorted(p.name for p in (tmp_path / "archive").rglob("*"))
+    archived = sorted((p.name, p.stat().st_mtime_ns) for p in (tmp_path / "archive").rglob("*"))
     assert planned.value.lines()[:3] == ["  done: done (runs_dir)", "  part: resumes at step 400", "  new: to train"]
     assert planned.value.lines()[3].startswith("  stage: 3 cells; 1 done (runs_dir), 1 resumes, 1 to train, ~0.0 h")
     shutil.rmtree(tmp_path / "runs")
@@ -324,7 +324,7 @@ def test_plan_lists_done_part_trained_and_untrained_cells_and_trains_nothing(tmp
         cells.run_all(OmegaConf.merge(cfg, {"plan": True}), specs[:1], "stage",
                       cell=lambda cfg, name, overrides, archived: cells.train_cell(cfg, name, overrides, archived=archived))
     assert planned.value.lines()[0] == "  done: done (cells_archive)"
-    assert sorted(p.name for p in (tmp_path / "archive").rglob("*")) == archived  # a plan writes nothing
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in (tmp_path / "archive").rglob("*")) == archived  # nothing written
     assert plan(OmegaConf.merge(cfg, {"plan": True}), "edit")[0][0].startswith("table=edit: trains no cell")
 
 
