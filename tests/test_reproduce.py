@@ -312,11 +312,11 @@ def test_plan_lists_done_part_trained_and_untrained_cells_and_trains_nothing(tmp
     for name in ("epoch=0-step=200.ckpt", "epoch=0-step=400.ckpt", "last.ckpt"):
         (part / "checkpoints" / name).write_bytes(b"")
     specs = [("done", ["method=coft"]), ("part", ["method=lora"]), ("new", ["method=oft"])]
+    archived = sorted((p.name, p.stat().st_mtime_ns) for p in (tmp_path / "archive").rglob("*"))
     with pytest.raises(cells.Planned) as planned:
         cells.run_all(OmegaConf.merge(cfg, {"plan": True}), specs, "stage",
                       cell=lambda cfg, name, overrides, archived: cells.train_cell(cfg, name, overrides, archived=archived))
     assert len(launches) == 1  # the first cell's own run, before the plan
-    archived = sorted((p.name, p.stat().st_mtime_ns) for p in (tmp_path / "archive").rglob("*"))
     assert planned.value.lines()[:3] == ["  done: done (runs_dir)", "  part: resumes at step 400", "  new: to train"]
     assert planned.value.lines()[3].startswith("  stage: 3 cells; 1 done (runs_dir), 1 resumes, 1 to train, ~0.0 h")
     shutil.rmtree(tmp_path / "runs")
