@@ -118,18 +118,23 @@ def step_checkpoint(run_dir: str | Path, step: int) -> Path:
     names = [p.name for p in checkpoints.glob("*.ckpt")]
     if not names and (Path(run_dir) / CHECKPOINT_NAMES).is_file():
         names = json.loads((Path(run_dir) / CHECKPOINT_NAMES).read_text())
-    found = sorted(checkpoints / n for n in names if re.fullmatch(rf"epoch=\d+-step={step}\.ckpt", n))
+    found = sorted(checkpoints / n for n in names if checkpoint_step(n) == step)
     if not found:
         raise FileNotFoundError(f"{Path(run_dir) / 'checkpoints'} holds no checkpoint of step {step} to continue "
                                 f"from; delete {run_dir} to train that cell again")
     return found[-1]
 
 
+def checkpoint_step(name: str) -> int | None:
+    """The step of a checkpoint named as Lightning names them, "epoch=E-step=S.ckpt" (None: another name)."""
+    match = re.fullmatch(r"epoch=\d+-step=(\d+)\.ckpt", name)
+    return int(match.group(1)) if match else None
+
+
 def last_step(run_dir: Path) -> int:
     """The step of a part-trained cell's newest checkpoint (its resume point)."""
-    steps = [int(m.group(1)) for p in (run_dir / "checkpoints").glob("epoch=*.ckpt")
-             if (m := re.search(r"-step=(\d+)\.ckpt$", p.name))]
-    return max(steps, default=0)
+    steps = [checkpoint_step(p.name) for p in (run_dir / "checkpoints").glob("epoch=*.ckpt")]
+    return max((s for s in steps if s is not None), default=0)
 
 
 # How train.py ends a run whose loss stopped being finite (tasks.base.NonFiniteLossError).
